@@ -1,0 +1,1 @@
+"""sparsetrace.evaluate"""
