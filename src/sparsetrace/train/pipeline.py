@@ -1,0 +1,118 @@
+"""The training job end to end: model -> corpus -> windows -> harvest -> train -> save."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from ..data.store import harvest
+from ..data.tokens import split_windows, tokenize_windows
+from ..errors import ConfigError
+from ..model.adapter import LanguageModel
+from ..model.hookpoints import Hookpoint
+from .config import TrainConfig
+from .trainer import train_dictionaries, world_from_env, write_run_json
+
+HELDOUT = "heldout_tokens.safetensors"
+
+
+def load_corpus_windows(lm: LanguageModel, tcfg: TrainConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """Train and held-out token windows for a config (deterministic in corpus + seed)."""
+    from ..data.corpus import load_texts
+
+    texts = load_texts(tcfg.corpus)
+    per_window = tcfg.context - 1
+    n_train_windows = -(-tcfg.n_tokens // per_window)
+    n_total = int(n_train_windows / (1 - tcfg.eval_fraction)) + 2
+    windows = tokenize_windows(lm.tokenizer, texts, tcfg.context, max_windows=n_total)
+    train, heldout = split_windows(windows, tcfg.eval_fraction, seed=tcfg.seed)
+    return train[:n_train_windows], heldout
+
+
+def check_layers(lm: LanguageModel, layers: list[int]) -> None:
+    for layer in layers:
+        if not 0 <= layer < lm.n_layers:
+            raise ConfigError(f"layer {layer} is out of range for '{lm.model_id}'; expected 0..{lm.n_layers - 1}")
+
+
+def run_training(
+    tcfg: TrainConfig,
+    out_dir: str | Path,
+    *,
+    resume: bool = False,
+    lm: LanguageModel | None = None,
+    progress: bool = True,
+    cache_dir: Path | None = None,
+    stop_at_step: int | None = None,
+) -> dict:
+    tcfg.validate()
+    world_from_env()
+    out_dir = Path(out_dir)
+    if resume and not (out_dir / "train_config.json").exists():
+        raise ConfigError(f"--resume: '{out_dir}' has no train_config.json; nothing to resume")
+    if resume:
+        saved = TrainConfig.from_dict(json.loads((out_dir / "train_config.json").read_text()))
+        if saved.to_dict() != tcfg.to_dict():
+            tcfg = saved  # resuming always continues the saved configuration
+    _check_writable(out_dir)
+    t0 = time.time()
+    lm = lm or LanguageModel.load(tcfg.model, device=tcfg.device)
+    check_layers(lm, tcfg.layers)
+    train_windows, heldout = load_corpus_windows(lm, tcfg)
+    from ..dictionary.io import atomic_write_text
+
+    atomic_write_text(out_dir / "train_config.json", json.dumps(tcfg.to_dict(), indent=2))
+    save_file({"tokens": heldout.contiguous()}, str(out_dir / HELDOUT))
+    hp_in, hp_out = tcfg.hookpoints
+    hookpoints = sorted({Hookpoint(h, layer) for layer in tcfg.layers for h in (hp_in, hp_out)}, key=str)
+    cache = harvest(lm, train_windows, hookpoints, cache_dir=cache_dir, progress=progress, dtype=tcfg.dtype)
+    t_harvest = time.time() - t0
+    dictionaries = train_dictionaries(
+        tcfg,
+        cache,
+        out_dir,
+        d_model=lm.d_model,
+        model_id=lm.model_id,
+        resume=resume,
+        progress=progress,
+        stop_at_step=stop_at_step,
+    )
+    info = {
+        "model": lm.model_id,
+        "layers": tcfg.layers,
+        "kind": tcfg.kind,
+        "activation": tcfg.activation,
+        "target_l0": tcfg.target_l0,
+        "corpus": tcfg.corpus,
+        "n_tokens": cache.n_tokens,
+        "seconds_harvest": round(t_harvest, 1),
+        "seconds_total": round(time.time() - t0, 1),
+    }
+    if stop_at_step is None:
+        write_run_json(out_dir, info)
+    info["dictionaries"] = dictionaries
+    return info
+
+
+def load_heldout(run_dir: Path) -> torch.Tensor | None:
+    p = Path(run_dir) / HELDOUT
+    if p.exists():
+        return load_file(str(p))["tokens"]
+    return None
+
+
+def _check_writable(out_dir: Path) -> None:
+    import os
+    import tempfile
+
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(dir=out_dir)
+        os.close(fd)
+        os.unlink(name)
+    except OSError as e:
+        raise ConfigError(f"output directory '{out_dir}' is not writable ({e.strerror}); choose another --out") from None

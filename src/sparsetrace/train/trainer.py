@@ -1,0 +1,472 @@
+"""Training sparse dictionaries on harvested activations.
+
+One harvest feeds every layer: the model runs once over the corpus, stopping after the deepest layer
+needed, and each layer's dictionary is trained on its own hookpoints from the shared cache.
+
+Sparsity: TopK/BatchTopK fix L0 = k. ReLU+L1 and JumpReLU+L0 have a penalty λ, which is tuned
+*automatically and per layer* by :class:`L0Controller`: a log-space integral controller that raises λ
+when the (smoothed) L0 is above ``target_l0`` and lowers it when below. It starts from a small λ and
+approaches the target from the dense side, so features are not killed by an early overshoot, and
+dead features are resampled so an undershoot can recover.
+
+Distributed: under ``torchrun`` with ``parallel="data"`` each dictionary is wrapped in
+``DistributedDataParallel`` and each rank takes a disjoint slice of every global batch; with
+``parallel="layer"`` rank r trains ``layers[r::world_size]``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from ..data.store import ActivationCache, BatchSchedule
+from ..dictionary.io import atomic_write_text, save_dictionary, verify_manifest, write_folder_atomically
+from ..dictionary.model import Code, DictionaryConfig, SparseDictionary
+from ..errors import ConfigError, TrainingDiverged
+from .config import TrainConfig
+
+
+def dictionary_dirname(layer: int, kind: str) -> str:
+    return f"L{layer:02d}_{kind}"
+
+
+class L0Controller:
+    """Integral control of log λ towards a target L0."""
+
+    def __init__(self, target: float, log_lambda: float, gain: float, smoothing: float = 0.8):
+        self.target = float(target)
+        self.log_lambda = float(log_lambda)
+        self.gain = float(gain)
+        self.smoothing = smoothing
+        self.ema_l0: float | None = None
+
+    @property
+    def value(self) -> float:
+        return math.exp(self.log_lambda)
+
+    def update(self, l0: float) -> float:
+        self.ema_l0 = l0 if self.ema_l0 is None else self.smoothing * self.ema_l0 + (1 - self.smoothing) * l0
+        err = math.log((self.ema_l0 + 1.0) / (self.target + 1.0))
+        self.log_lambda += self.gain * max(-1.0, min(1.0, err))
+        self.log_lambda = max(-30.0, min(10.0, self.log_lambda))
+        return self.value
+
+    def state(self) -> dict:
+        return {"log_lambda": self.log_lambda, "ema_l0": self.ema_l0}
+
+    def load(self, s: dict) -> None:
+        self.log_lambda, self.ema_l0 = s["log_lambda"], s["ema_l0"]
+
+
+class _Objective(nn.Module):
+    """Computes one step's loss inside ``forward`` so DDP sees every parameter use."""
+
+    def __init__(self, dictionary: SparseDictionary, aux_k_coef: float):
+        super().__init__()
+        self.dictionary = dictionary
+        self.aux_k_coef = aux_k_coef
+
+    def forward(self, x: Tensor, y: Tensor, lam: Tensor, dead: Tensor) -> tuple[Tensor, Tensor, Code, Tensor]:
+        d = self.dictionary
+        code = d.encode(x)
+        y_hat = d.decode(code, x)
+        err = y_hat - y
+        mse = err.pow(2).sum(-1).mean() / y.shape[-1]
+        loss = mse
+        act = d.cfg.activation
+        if act == "relu":
+            loss = loss + lam * d.l1_penalty(code) / y.shape[-1]
+        elif act == "jumprelu":
+            loss = loss + lam * d.l0_penalty(code) / y.shape[-1]
+        elif self.aux_k_coef > 0 and bool(dead.any()):
+            # AuxK: the top dead features must explain what the live ones missed
+            n_dead = int(dead.sum())
+            k_aux = min(n_dead, max(1, y.shape[-1] // 2))
+            pre = x @ d.W_enc[dead].t() + d.b_enc[dead]
+            vals, idx = pre.relu().topk(k_aux, dim=-1)
+            resid = (y - y_hat).detach()
+            recon = torch.nn.functional.embedding_bag(idx, d.W_dec[dead], per_sample_weights=vals, mode="sum")
+            denom = (resid - resid.mean(0)).pow(2).sum(-1).mean().clamp_min(1e-8)
+            aux = (recon - resid).pow(2).sum(-1).mean() / denom
+            loss = loss + self.aux_k_coef * torch.nan_to_num(aux, nan=0.0)
+        return loss, mse, code, err
+
+
+@dataclass
+class StepStats:
+    loss: float
+    mse: float
+    fvu: float
+    l0: float
+    lam: float
+    dead_frac: float
+
+
+class LayerTrainer:
+    """Everything needed to train one layer's dictionary."""
+
+    def __init__(self, tcfg: TrainConfig, layer: int, d_model: int, model_id: str, in_scale: float, out_scale: float):
+        self.tcfg, self.layer = tcfg, layer
+        hp_in, hp_out = tcfg.hookpoints
+        n_features = tcfg.n_features or tcfg.expansion * d_model
+        k = tcfg.k if tcfg.k is not None else max(1, round(tcfg.target_l0))
+        if tcfg.activation in ("topk", "batchtopk") and k > n_features:
+            raise ConfigError(f"k={k} is larger than n_features={n_features}; expected k <= n_features")
+        cfg = DictionaryConfig(
+            kind=tcfg.kind,
+            d_in=d_model,
+            d_out=d_model,
+            n_features=n_features,
+            activation=tcfg.activation,
+            k=k if tcfg.activation in ("topk", "batchtopk") else None,
+            layer=layer,
+            hookpoint_in=hp_in,
+            hookpoint_out=hp_out,
+            model_id=model_id,
+        )
+        self.hp_in, self.hp_out = f"{hp_in}.{layer}", f"{hp_out}.{layer}"
+        self.in_scale, self.out_scale = in_scale, out_scale
+        self.dictionary = SparseDictionary(cfg, seed=tcfg.seed * 1000 + layer).to(tcfg.device)
+        if tcfg.activation == "jumprelu":
+            with torch.no_grad():
+                self.dictionary.b_enc.fill_(0.0)
+        self.objective: nn.Module = _Objective(self.dictionary, tcfg.aux_k_coef)
+        if dist.is_available() and dist.is_initialized() and tcfg.parallel == "data" and dist.get_world_size() > 1:
+            self.objective = nn.parallel.DistributedDataParallel(self.objective)
+        self.opt = torch.optim.Adam(self.dictionary.parameters(), lr=tcfg.lr, betas=(0.9, 0.999))
+        init = tcfg.l1_init if tcfg.l1_init is not None else (1e-3 if tcfg.activation == "relu" else 1e-4)
+        self.controller = L0Controller(tcfg.target_l0, math.log(init), tcfg.lambda_gain)
+        self.since_fired = torch.zeros(n_features, dtype=torch.long)
+        self.step = 0
+
+    @property
+    def uses_lambda(self) -> bool:
+        return self.tcfg.activation in ("relu", "jumprelu")
+
+    def lr_at(self, step: int) -> float:
+        total = self.tcfg.total_steps
+        warm = max(1, int(total * self.tcfg.warmup_frac))
+        decay_start = int(total * (1 - self.tcfg.decay_frac))
+        if step < warm:
+            return self.tcfg.lr * (step + 1) / warm
+        if step >= decay_start:
+            return self.tcfg.lr * max(0.0, (total - step) / max(1, total - decay_start))
+        return self.tcfg.lr
+
+    def train_step(self, x: Tensor, y: Tensor) -> StepStats:
+        d = self.dictionary
+        d.train()
+        x = x.to(self.tcfg.device) / self.in_scale
+        y = y.to(self.tcfg.device) / self.out_scale
+        lam = torch.tensor(self.controller.value, device=x.device)
+        dead = self.since_fired.to(x.device) > self.tcfg.dead_window_tokens
+        for g in self.opt.param_groups:
+            g["lr"] = self.lr_at(self.step)
+        loss, mse, code, err = self.objective(x, y, lam, dead)
+        if not torch.isfinite(loss):
+            raise TrainingDiverged(
+                f"loss became {float(loss)} at step {self.step} for layer {self.layer}; "
+                f"expected a finite loss (try a lower --lr)"
+            )
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if d.cfg.activation in ("topk", "batchtopk"):
+            d.remove_parallel_decoder_grad()
+        torch.nn.utils.clip_grad_norm_(d.parameters(), 1.0)
+        self.opt.step()
+        with torch.no_grad():
+            if d.cfg.activation in ("topk", "batchtopk"):
+                d.normalise_decoder()
+            if d.cfg.activation == "batchtopk":
+                dense = code.dense
+                pos = dense[dense > 0]
+                if pos.numel():
+                    m = pos.min()
+                    d.batch_threshold.mul_(0.99).add_(0.01 * m) if self.step > 0 else d.batch_threshold.fill_(m)
+            fired = self._fired(code)
+            l0 = code.l0()
+            var = (y - y.mean(0)).pow(2).sum()
+            fvu = err.pow(2).sum() / var.clamp_min(1e-12)
+            stats = torch.stack([l0, fvu, mse.detach(), loss.detach()])
+            if dist.is_available() and dist.is_initialized() and self.tcfg.parallel == "data":
+                dist.all_reduce(stats)
+                stats /= dist.get_world_size()
+                dist.all_reduce(fired, op=dist.ReduceOp.MAX)
+            l0_v, fvu_v, mse_v, loss_v = stats.tolist()
+            n_tok = x.shape[0] * (dist.get_world_size() if dist.is_initialized() and self.tcfg.parallel == "data" else 1)
+            self.since_fired += n_tok
+            self.since_fired[fired.cpu().bool()] = 0
+        lam_v = self.controller.value
+        if self.uses_lambda:
+            self.controller.update(l0_v)
+        self.step += 1
+        return StepStats(
+            loss=loss_v,
+            mse=mse_v,
+            fvu=fvu_v,
+            l0=l0_v,
+            lam=lam_v,
+            dead_frac=float((self.since_fired > self.tcfg.dead_window_tokens).float().mean()),
+        )
+
+    def _fired(self, code: Code) -> Tensor:
+        n = self.dictionary.n_features
+        if code.dense is not None:
+            return (code.dense > 0).any(0).to(torch.int64)
+        out = torch.zeros(n, dtype=torch.int64, device=code.values.device)
+        out[code.indices[code.values > 0]] = 1
+        return out
+
+    @torch.no_grad()
+    def resample_dead(self, cache: ActivationCache, n_candidates: int = 4096) -> int:
+        """Re-initialise dead features towards inputs the dictionary reconstructs worst (deterministic)."""
+        d = self.dictionary
+        dead = (self.since_fired > self.tcfg.dead_window_tokens).nonzero().squeeze(-1)
+        if dead.numel() == 0:
+            return 0
+        g = torch.Generator().manual_seed(self.tcfg.seed * 7919 + self.step)
+        idx = torch.randint(0, cache.n_tokens, (min(n_candidates, cache.n_tokens),), generator=g)
+        x = cache.get(self.hp_in, idx).to(self.tcfg.device) / self.in_scale
+        y = cache.get(self.hp_out, idx).to(self.tcfg.device) / self.out_scale
+        d.eval()
+        resid = y - d.decode(d.encode(x), x)
+        d.train()
+        weight = resid.pow(2).sum(-1)
+        pick = torch.multinomial(weight.cpu() + 1e-12, dead.numel(), replacement=True, generator=g)
+        alive = self.since_fired <= self.tcfg.dead_window_tokens
+        enc_norm = d.W_enc[alive].norm(dim=-1).mean() if alive.any() else torch.tensor(1.0)
+        r = resid[pick]
+        r = r / r.norm(dim=-1, keepdim=True).clamp_min(1e-8)
+        xi = x[pick]
+        xi = xi / xi.norm(dim=-1, keepdim=True).clamp_min(1e-8)
+        d.W_dec[dead] = r
+        d.W_enc[dead] = xi * enc_norm * 0.2
+        d.b_enc[dead] = 0.0
+        if d.log_threshold is not None:
+            d.log_threshold[dead] = math.log(0.05)
+        for p in (d.W_dec, d.W_enc, d.b_enc, d.log_threshold):
+            if p is None:
+                continue
+            st = self.opt.state.get(p, {})
+            for key in ("exp_avg", "exp_avg_sq"):
+                if key in st:
+                    st[key][dead] = 0.0
+        self.since_fired[dead] = 0
+        return int(dead.numel())
+
+    # ------------------------------------------------------------------ checkpoints
+    def checkpoint_tensors(self) -> dict[str, Tensor]:
+        out: dict[str, Tensor] = {}
+        names = {id(p): n for n, p in self.dictionary.named_parameters()}
+        for n, p in self.dictionary.named_parameters():
+            out[f"param.{n}"] = p.data
+        for n, b in self.dictionary.named_buffers():
+            out[f"buffer.{n}"] = b.reshape(-1) if b.dim() == 0 else b
+        for p, st in self.opt.state.items():
+            n = names[id(p)]
+            for key in ("exp_avg", "exp_avg_sq"):
+                out[f"adam.{n}.{key}"] = st[key]
+            out[f"adam.{n}.step"] = torch.as_tensor(st["step"], dtype=torch.float64).reshape(1)
+        out["since_fired"] = self.since_fired
+        return out
+
+    def checkpoint_json(self) -> dict:
+        return {"step": self.step, "controller": self.controller.state(), "layer": self.layer}
+
+    def load_checkpoint(self, folder: Path) -> None:
+        verify_manifest(folder)
+        try:
+            t = load_file(str(folder / "state.safetensors"))
+            meta = json.loads((folder / "state.json").read_text())
+        except (SafetensorError, OSError, ValueError) as e:
+            raise TrainingDiverged(f"checkpoint {folder} is unreadable ({e}); delete it to start over") from None
+        with torch.no_grad():
+            for n, p in self.dictionary.named_parameters():
+                p.copy_(t[f"param.{n}"])
+            for n, b in self.dictionary.named_buffers():
+                b.copy_(t[f"buffer.{n}"].reshape(b.shape))
+        for n, p in self.dictionary.named_parameters():
+            if f"adam.{n}.exp_avg" in t:
+                self.opt.state[p] = {
+                    "step": torch.tensor(float(t[f"adam.{n}.step"].item())),
+                    "exp_avg": t[f"adam.{n}.exp_avg"].clone(),
+                    "exp_avg_sq": t[f"adam.{n}.exp_avg_sq"].clone(),
+                }
+        self.since_fired = t["since_fired"].clone()
+        self.step = int(meta["step"])
+        self.controller.load(meta["controller"])
+
+
+def _rank_world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def scales_for(cache: ActivationCache, hp_in: str, hp_out: str) -> tuple[float, float]:
+    d = next(iter(cache.meta.d.values()))
+    in_scale = math.sqrt(cache.mean_sq_norm(hp_in) / d)
+    out_scale = math.sqrt(cache.mean_sq_norm(hp_out) / d)
+    return max(in_scale, 1e-8), max(out_scale, 1e-8)
+
+
+def train_dictionaries(
+    tcfg: TrainConfig,
+    cache: ActivationCache,
+    out_dir: Path,
+    *,
+    d_model: int,
+    model_id: str,
+    resume: bool = False,
+    progress: bool = True,
+    stop_at_step: int | None = None,
+) -> dict[int, SparseDictionary]:
+    """Train one dictionary per layer in ``tcfg.layers`` on ``cache``; save them into ``out_dir``."""
+    tcfg.validate()
+    out_dir = Path(out_dir)
+    rank, world = _rank_world()
+    my_layers = tcfg.layers
+    if world > 1 and tcfg.parallel == "layer":
+        my_layers = tcfg.layers[rank::world]
+    trainers: list[LayerTrainer] = []
+    for layer in my_layers:
+        hp_in, hp_out = tcfg.hookpoints
+        s_in, s_out = scales_for(cache, f"{hp_in}.{layer}", f"{hp_out}.{layer}")
+        trainers.append(LayerTrainer(tcfg, layer, d_model, model_id, s_in, s_out))
+    ckpt_root = out_dir / ".checkpoints"
+    start = 0
+    if resume:
+        steps = []
+        for tr in trainers:
+            folder = ckpt_root / dictionary_dirname(tr.layer, tcfg.kind)
+            if folder.exists():
+                tr.load_checkpoint(folder)
+                steps.append(tr.step)
+            else:
+                steps.append(0)
+        if len(set(steps)) > 1:  # layers checkpointed at different steps: restart the laggards' peers too
+            raise TrainingDiverged(f"checkpoints in {ckpt_root} are at different steps {steps}; delete them to restart")
+        start = steps[0] if steps else 0
+        for tr in trainers:
+            _truncate_log(out_dir / dictionary_dirname(tr.layer, tcfg.kind) / "train_log.jsonl", start)
+    else:
+        for tr in trainers:
+            log = out_dir / dictionary_dirname(tr.layer, tcfg.kind) / "train_log.jsonl"
+            if log.exists() and rank == 0:
+                log.unlink()
+    total = tcfg.total_steps
+    sched_world = world if tcfg.parallel == "data" else 1
+    sched_rank = rank if tcfg.parallel == "data" else 0
+    schedule = BatchSchedule(cache.n_tokens, tcfg.batch_size, tcfg.seed, rank=sched_rank, world_size=sched_world)
+    hps = sorted({h for tr in trainers for h in (tr.hp_in, tr.hp_out)})
+    bar = tqdm(total=total, initial=start, desc="train", unit="step", disable=not progress or rank != 0)
+    last_ckpt = start
+    end = total if stop_at_step is None else min(total, stop_at_step)
+    for step, batch in zip(range(start, end), schedule.batches(cache, hps, start, end), strict=True):
+        postfix = {}
+        for tr in trainers:
+            try:
+                st = tr.train_step(batch[tr.hp_in], batch[tr.hp_out])
+            except TrainingDiverged as e:
+                raise TrainingDiverged(
+                    f"{e}; the last good checkpoint (step {last_ckpt}) is kept in {ckpt_root}; rerun with --resume"
+                ) from None
+            postfix[f"L{tr.layer}"] = f"l0={st.l0:.0f} fvu={st.fvu:.2f}"
+            if (step % tcfg.log_every == 0 or step == total - 1) and rank == 0 or (
+                tcfg.parallel == "layer" and step % tcfg.log_every == 0
+            ):
+                _append_log(
+                    out_dir / dictionary_dirname(tr.layer, tcfg.kind) / "train_log.jsonl",
+                    {
+                        "step": step,
+                        "tokens": (step + 1) * tcfg.batch_size,
+                        "loss": st.loss,
+                        "mse": st.mse,
+                        "fvu": st.fvu,
+                        "l0": st.l0,
+                        "lambda": st.lam,
+                        "lr": tr.lr_at(step),
+                        "dead_frac": st.dead_frac,
+                    },
+                )
+            if (
+                tr.uses_lambda
+                and tcfg.resample_every > 0
+                and step > 0
+                and step % tcfg.resample_every == 0
+                and step < total * (1 - tcfg.decay_frac)
+            ):
+                tr.resample_dead(cache)
+        bar.update(1)
+        bar.set_postfix(postfix, refresh=False)
+        if tcfg.checkpoint_every and (step + 1) % tcfg.checkpoint_every == 0 and step + 1 < total:
+            _save_checkpoints(trainers, ckpt_root, tcfg.kind, rank, tcfg.parallel)
+            last_ckpt = step + 1
+    bar.close()
+    if stop_at_step is not None and end < total:
+        _save_checkpoints(trainers, ckpt_root, tcfg.kind, rank, tcfg.parallel)
+        return {tr.layer: tr.dictionary for tr in trainers}
+    result = {}
+    for tr in trainers:
+        d = tr.dictionary
+        d.eval()
+        d.fold_normalisation(tr.in_scale, tr.out_scale)
+        if rank == 0 or tcfg.parallel == "layer":
+            save_dictionary(d, out_dir / dictionary_dirname(tr.layer, tcfg.kind))
+        result[tr.layer] = d
+    if rank == 0 or tcfg.parallel == "layer":
+        import shutil
+
+        for tr in trainers:
+            shutil.rmtree(ckpt_root / dictionary_dirname(tr.layer, tcfg.kind), ignore_errors=True)
+    return result
+
+
+def _save_checkpoints(trainers: list[LayerTrainer], root: Path, kind: str, rank: int, parallel: str) -> None:
+    if rank != 0 and parallel != "layer":
+        return
+    for tr in trainers:
+        write_folder_atomically(
+            root / dictionary_dirname(tr.layer, kind),
+            {
+                "state.safetensors": tr.checkpoint_tensors(),
+                "state.json": json.dumps(tr.checkpoint_json()),
+                "config.json": json.dumps(tr.dictionary.cfg.to_dict()),
+            },
+        )
+
+
+def _append_log(path: Path, row: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(row) + "\n")
+
+
+def _truncate_log(path: Path, step: int) -> None:
+    if not path.exists():
+        return
+    keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) < step]
+    atomic_write_text(path, "".join(k + "\n" for k in keep))
+
+
+def write_run_json(out_dir: Path, info: dict) -> None:
+    atomic_write_text(Path(out_dir) / "run.json", json.dumps(info, indent=2))
+
+
+def world_from_env() -> bool:
+    """Initialise torch.distributed when launched by torchrun (WORLD_SIZE > 1)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and dist.is_available() and not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend)
+        return True
+    return False
