@@ -1,0 +1,335 @@
+"""Drive the built report in real headless Chromium (Debian's /usr/bin/chromium + Playwright).
+
+Install both with ``bash scripts/install_browser.sh``; without them these tests skip with a reason.
+Run only these: ``python -m pytest -m browser tests/test_browser.py``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import re
+import threading
+from pathlib import Path
+
+import pytest
+
+from sparsetrace.report.html import build_report
+from sparsetrace.report.server import make_server
+
+CHROMIUM = os.environ.get("SPARSETRACE_CHROMIUM", "/usr/bin/chromium")
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+FIXTURE = Path(__file__).parent / "fixtures" / "report_run"
+ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"
+
+
+def _missing() -> str | None:
+    if not os.path.exists(CHROMIUM):
+        return f"{CHROMIUM} not found (install it with: bash scripts/install_browser.sh)"
+    if importlib.util.find_spec("playwright") is None:
+        return "the playwright Python package is not installed (install it with: bash scripts/install_browser.sh)"
+    return None
+
+
+pytestmark = [pytest.mark.browser, pytest.mark.skipif(_missing() is not None, reason=_missing() or "")]
+
+VISIBLE_EDGES = "els => els.filter(e => getComputedStyle(e).display !== 'none').length"
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+    out = tmp_path_factory.mktemp("browser_report")
+    return build_report([FIXTURE], out)
+
+
+@pytest.fixture(scope="module")
+def browser():
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as pw:
+        b = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, timeout=30_000)
+        yield b
+        b.close()
+
+
+@pytest.fixture(scope="module")
+def http_root(report):
+    server = make_server(report.parent, "127.0.0.1", 0)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/"
+    server.shutdown()
+    server.server_close()
+    thread.join(timeout=5)
+
+
+class Page:
+    """A fresh page that records console errors, page errors, failed and off-site requests."""
+
+    def __init__(self, browser, allowed_prefix: str):
+        self.context = browser.new_context(viewport={"width": 1440, "height": 960})
+        self.page = self.context.new_page()
+        self.page.set_default_timeout(10_000)
+        self.problems: list[str] = []
+        self.page.on("console", lambda m: m.type == "error" and self.problems.append(f"console: {m.text}"))
+        self.page.on("pageerror", lambda e: self.problems.append(f"pageerror: {e}"))
+        self.page.on("requestfailed", lambda r: self.problems.append(f"request failed: {r.url} {r.failure}"))
+        self.page.on(
+            "request",
+            lambda r: (
+                r.url.startswith((allowed_prefix, "data:"))
+                or self.problems.append(f"off-site request: {r.url}")
+            ),
+        )
+
+    def close(self):
+        self.context.close()
+
+
+@pytest.fixture
+def file_page(browser, report):
+    p = Page(browser, "file://")
+    yield p, report.as_uri()
+    p.close()
+
+
+@pytest.fixture
+def http_page(browser, http_root):
+    p = Page(browser, http_root)
+    yield p, http_root + "index.html"
+    p.close()
+
+
+def visible_edges(page) -> int:
+    return page.eval_on_selector_all("#graph-svg .edge", VISIBLE_EDGES)
+
+
+def visible_nodes(page) -> int:
+    return page.eval_on_selector_all("#graph-svg .node", VISIBLE_EDGES)
+
+
+def viewport_transform(page) -> str:
+    return page.get_attribute("#graph-viewport", "transform")
+
+
+def test_overview_from_file_url(file_page):
+    p, url = file_page
+    page = p.page
+    page.goto(url)
+    page.wait_for_selector("#train-loss svg .series-line")
+    assert page.locator("#train-loss .series-line").count() == 2  # one curve per dictionary
+    assert page.locator("#train-l0 .series-line").count() == 2
+    assert page.locator("#train-lambda .series-line").count() == 2
+    assert page.locator("#metrics-table-0 tbody tr").count() == 2
+    assert page.locator("#l0-vs-ce .series-dot").count() == 2
+    assert page.locator("#substitution-curve .series-dot").count() == 3
+    assert "ioi" in page.locator(".circuit-card").inner_text()
+    assert p.problems == []
+
+
+def test_graph_viewer_from_file_url(file_page):
+    p, url = file_page
+    page = p.page
+    page.goto(url)
+    page.locator("#sidebar a", has_text="ioi").click()
+    page.wait_for_selector("#graph-svg .node")
+    assert page.locator("#graph-svg .node").count() == 28
+    assert page.locator("#graph-svg .edge").count() == 62
+    assert visible_edges(page) == 62
+    assert "0.787" in page.locator("#verify").inner_text()  # verification numbers beside the graph
+
+    # hover: tooltip with label / activation / influence
+    page.hover('[data-node-id="L3/F40@13"] .shape')
+    tip = page.locator("#graph-tooltip")
+    tip.wait_for(state="visible")
+    text = tip.inner_text()
+    assert "indirect object expected" in text and "activation" in text and "influence" in text
+    page.hover('[data-node-id="L3/F12@9"] .shape')
+    page.wait_for_function("document.querySelector('#graph-tooltip').innerText.includes('L3 · F12')")
+    assert "S-inhibition (2)" in tip.inner_text()  # its supernode
+
+    # click a feature node with a dashboard: side panel shows that feature's dashboard
+    assert page.locator("#dashboard").is_hidden()
+    page.click('[data-node-id="L3/F12@9"] .shape')
+    panel = page.locator("#dashboard")
+    panel.wait_for(state="visible")
+    assert panel.get_attribute("data-node") == "L3/F12@9"
+    assert panel.get_attribute("data-feature") == "12"
+    page.wait_for_selector("#dashboard .dash-examples .tok")
+    ptext = panel.inner_text()
+    assert "L3 · F12" in ptext and "S-inhibition" in ptext and "Top activating contexts" in ptext
+    # per-token highlighting: background alpha proportional to activation
+    bgs = page.eval_on_selector_all(
+        "#dashboard .dash-examples .example:first-of-type .tok",
+        "els => els.map(e => getComputedStyle(e).backgroundColor)",
+    )
+    assert "rgb(234, 108, 28)" in bgs  # the max-activating token is fully coloured
+    assert any(b.startswith("rgba(234, 108, 28, 0.") for b in bgs)  # weaker ones are lighter
+    assert "rgba(0, 0, 0, 0)" in bgs  # inactive tokens are not coloured
+    assert page.locator('[data-node-id="L3/F12@9"]').get_attribute("class").count("selected") == 1
+
+    # a feature node without a dashboard: node info + "no dashboard computed"
+    page.click('[data-node-id="L4/F5@13"] .shape')
+    page.wait_for_function("document.querySelector('#dashboard').dataset.node === 'L4/F5@13'")
+    assert "No dashboard computed" in panel.inner_text()
+    assert "name mover" in panel.inner_text()
+
+    # pruning slider: edges with |w| below the fraction of the max disappear, so do orphaned nodes
+    before_e, before_n = visible_edges(page), visible_nodes(page)
+    page.click("#edge-threshold")  # clicking the middle of the range input sets ~0.5
+    value = float(page.input_value("#edge-threshold"))
+    assert 0.2 < value < 0.8
+    after_e, after_n = visible_edges(page), visible_nodes(page)
+    assert after_e < before_e and after_n < before_n
+    assert re.match(rf"{after_e} / 62 edges · {after_n} / 28 nodes", page.inner_text("#graph-stats"))
+    page.keyboard.press("End")  # max threshold: only the strongest edge is left
+    assert visible_edges(page) == 1
+
+    page.keyboard.press("Home")
+    assert visible_edges(page) == 62 and visible_nodes(page) == 28
+
+    # highlight upstream paths into the ' Mary' logit
+    page.select_option("#logit-select", "LOGIT/5335@13")
+    assert "has-path" in page.get_attribute("#graph-svg", "class")
+    on = page.locator("#graph-svg .node.path-on")
+    assert on.count() > 3
+    assert page.locator('[data-node-id="LOGIT/5335@13"].path-on').count() == 1
+    assert page.locator('[data-node-id="L5/F19@13"].path-on').count() == 1  # a direct input of the logit
+    page.select_option("#logit-select", "")
+    assert page.locator("#graph-svg .path-on").count() == 0
+
+    # pan (drag on the background) and zoom (wheel)
+    box = page.locator("#graph-svg").bounding_box()
+    t0 = viewport_transform(page)
+    page.mouse.move(box["x"] + 30, box["y"] + 30)
+    page.mouse.down()
+    page.mouse.move(box["x"] + 130, box["y"] + 90, steps=4)
+    page.mouse.up()
+    t1 = viewport_transform(page)
+    assert t1 != t0 and "scale" in t1
+    scale = lambda t: float(re.search(r"scale\(([-\d.]+)\)", t).group(1))  # noqa: E731
+    page.mouse.move(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)
+    page.mouse.wheel(0, -400)
+    page.wait_for_function(
+        f"!document.querySelector('#graph-viewport').getAttribute('transform').includes('{t1}')"
+    )
+    assert scale(viewport_transform(page)) > scale(t1)
+    page.click("#graph-fit")
+
+    # a screenshot of the viewer with a dashboard open
+    page.click('[data-node-id="L3/F12@9"] .shape')
+    page.wait_for_selector("#dashboard .dash-examples .tok")
+    page.evaluate(
+        "() => { const s = document.querySelector('#edge-threshold'); s.value = '0.15';"
+        " s.dispatchEvent(new Event('input', {bubbles: true})); }"
+    )
+    page.mouse.move(5, 5)  # no tooltip in the picture
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "report.png"))
+
+    # supernodes: features sharing a label collapse into one node with summed edges
+    page.evaluate(
+        "() => { const s = document.querySelector('#edge-threshold'); s.value = '0';"
+        " s.dispatchEvent(new Event('input', {bubbles: true})); }"
+    )
+    page.check("#group-supernodes")
+    supers = page.locator("#graph-svg .node.node-supernode")
+    assert supers.count() == 5
+    assert page.locator("#graph-svg .node").count() == 28 - 11 + 5
+    assert page.locator('[data-node-id="L4/F5@13"]').count() == 0  # merged into the 'name mover' group
+    mover = page.locator("#graph-svg .node-supernode", has_text="name mover")
+    assert mover.locator(".count").text_content() == "3"
+    assert page.locator("#graph-svg .edge").count() < 62
+    mover.locator(".shape").click()
+    page.wait_for_function("document.querySelector('#dashboard').dataset.node.startsWith('SN')")
+    assert "3 member features" in panel.inner_text().lower() and "L4/F5@13" in panel.inner_text()
+    page.uncheck("#group-supernodes")
+    assert page.locator("#graph-svg .node").count() == 28
+    assert page.locator("#graph-svg .edge").count() == 62
+
+    assert p.problems == []
+
+
+def test_feature_pages_from_file_url(file_page):
+    p, url = file_page
+    page = p.page
+    page.goto(url + "#/r/0/features/3")
+    page.wait_for_selector("#feature-table tbody tr")
+    assert page.locator("#feature-table tbody tr").count() == 4
+    page.fill("#feature-filter", "inhibition")
+    assert page.locator("#feature-table tbody tr").count() == 2
+    page.click("#feature-table a >> text=F12")
+    page.wait_for_selector("#feature-page .dash-examples .tok")
+    body = page.locator("#feature-page").inner_text()
+    for needle in (
+        "S-inhibition",
+        "verified",
+        "Quantile samples",
+        "Output logits",
+        "Top input tokens",
+        "Nearest features",
+    ):
+        assert needle in body, needle
+    assert page.locator("#feature-page .histogram .bar").count() == 20
+    page.click("#feature-page .neighbors a >> text=F77")
+    page.wait_for_function(
+        "document.querySelector('#feature-page .dashboard-body')?.dataset.feature === '77'"
+    )
+    page.goto(url + "#/r/0/feature/3/301")  # indexed but no dashboard
+    assert "No dashboard computed" in page.locator("#feature-page").inner_text()
+    assert p.problems == []
+
+
+def test_report_over_http_server(http_page):
+    p, url = http_page
+    page = p.page
+    response = page.goto(url)
+    assert response.status == 200
+    assert "default-src 'self'" in response.headers["content-security-policy"]
+    page.wait_for_selector("#train-loss svg .series-line")
+    page.goto(url + "#/r/0/circuit/ioi")
+    page.wait_for_selector("#graph-svg .node")
+    page.click('[data-node-id="L3/F77@13"] .shape')
+    page.wait_for_selector("#dashboard .dash-examples .tok")
+    assert "S-inhibition" in page.locator("#dashboard").inner_text()
+    before = visible_edges(page)
+    page.click("#edge-threshold")
+    assert visible_edges(page) < before
+    page.check("#group-supernodes")
+    assert page.locator("#graph-svg .node-supernode").count() == 5
+    page.goto(url + "#/r/0/feature/3/40")
+    page.wait_for_selector("#feature-page .dash-examples .tok")
+    assert p.problems == []  # includes CSP violations, which Chromium reports as console errors
+
+
+def test_multi_run_and_partial_run(browser, tmp_path):
+    import shutil
+
+    partial = tmp_path / "eval_only"
+    partial.mkdir()
+    shutil.copy(FIXTURE / "eval.json", partial / "eval.json")
+    index = build_report([FIXTURE, partial], tmp_path / "out")
+    p = Page(browser, "file://")
+    try:
+        page = p.page
+        page.goto(index.as_uri())
+        page.wait_for_selector("#l0-vs-ce .series-dot")
+        assert page.locator("#l0-vs-ce .series-dot").count() == 4  # both runs in one comparison plot
+        page.click("#app a >> text=eval_only")
+        page.wait_for_selector("#metrics-table-1")
+        text = page.locator("#app").inner_text()
+        assert "No training logs" in text and "No circuits" in text and "No feature dashboards" in text
+        page.goto(index.as_uri() + "#/r/7/nowhere")
+        assert "Nothing at this address" in page.locator("#app").inner_text()
+        assert p.problems == []
+    finally:
+        p.close()

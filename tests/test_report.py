@@ -1,0 +1,211 @@
+"""Tests for the static HTML report builder (sparsetrace.report.html)."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+
+from sparsetrace.errors import SparsetraceError
+from sparsetrace.report.html import build_report
+
+FIXTURE = Path(__file__).parent / "fixtures" / "report_run"
+URL = re.compile(
+    r"""(?:src|href|action)\s*=\s*["']?\s*(?:https?:)?//|url\(\s*["']?\s*(?:https?:)?//|@import""", re.I
+)
+
+
+def load_js_payload(path: Path, prefix: str) -> object:
+    text = path.read_text(encoding="utf-8").strip()
+    assert text.startswith(prefix), text[:80]
+    body = text[len(prefix) :].rstrip(";").rstrip()
+    return json.loads(body)
+
+
+def load_data(out: Path) -> dict:
+    return load_js_payload(out / "data" / "report-data.js", "window.SPARSETRACE_DATA=")
+
+
+def load_chunk(out: Path, rel: str) -> tuple[str, object]:
+    text = (out / rel).read_text(encoding="utf-8").strip()
+    m = re.fullmatch(r'SPARSETRACE_LOAD\(("[^"]*"),(.*)\);', text, re.S)
+    assert m, text[:80]
+    return json.loads(m.group(1)), json.loads(m.group(2))
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    out = tmp_path_factory.mktemp("report")
+    index = build_report([FIXTURE], out)
+    return out, index
+
+
+def test_files_exist(built):
+    out, index = built
+    assert index == out / "index.html" and index.is_file()
+    for rel in ("assets/report.js", "assets/report.css", "assets/favicon.svg", "data/report-data.js"):
+        assert (out / rel).is_file(), rel
+    assert (out / "data/r0/circuit-0.js").is_file()
+    assert (out / "data/r0/features-L03-c0.js").is_file()
+
+
+def test_no_network_references(built):
+    out, _ = built
+    html = (out / "index.html").read_text(encoding="utf-8")
+    assert "http://" not in html and "https://" not in html
+    for path in [out / "index.html", *out.glob("assets/*.js"), *out.glob("assets/*.css")]:
+        text = path.read_text(encoding="utf-8")
+        assert not URL.search(text), (path, URL.search(text))
+    js = (out / "assets/report.js").read_text(encoding="utf-8")
+    # data must be embedded as scripts: the report works from file://, where fetch/XHR are blocked
+    assert "fetch(" not in js and "XMLHttpRequest" not in js and "import(" not in js
+    assert 'type="module"' not in html
+
+
+def test_html_references_scripts_and_css(built):
+    out, _ = built
+    html = (out / "index.html").read_text(encoding="utf-8")
+    for ref in re.findall(r'(?:src|href)="([^"#]+)"', html):
+        assert (out / ref).is_file(), ref
+    assert '<script src="data/report-data.js"></script>' in html
+    assert html.index("data/report-data.js") < html.index("assets/report.js")
+
+
+def test_data_is_embedded(built):
+    out, _ = built
+    data = load_data(out)
+    assert data["format"] == "sparsetrace-report/1"
+    (run,) = data["runs"]
+    assert run["run"]["model"] == "tiny-gpt2-synthetic"
+    # training curves for both dictionaries
+    names = sorted(d["name"] for d in run["dictionaries"])
+    assert names == ["L01_transcoder", "L03_transcoder"]
+    for d in run["dictionaries"]:
+        assert len(d["train_log"]) == 41
+        assert {"tokens", "loss", "l0", "lambda"} <= set(d["train_log"][0])
+    # per-layer metrics, substitution curve
+    assert [m["layer"] for m in run["metrics"]] == [1, 3]
+    assert [s["n_layers"] for s in run["substitution"]] == [0, 1, 2]
+    assert run["clean_ce"] == pytest.approx(3.1)
+    # circuit with verification
+    (circuit,) = run["circuits"]
+    assert circuit["name"] == "ioi"
+    assert circuit["verify"]["faithfulness"] == pytest.approx(0.787)
+    assert circuit["summary"]["n_nodes"] == 28 and circuit["summary"]["n_links"] == 62
+    key, graph = load_chunk(out, circuit["graph"]["src"])
+    assert key == circuit["graph"]["key"]
+    ids = {n["node_id"] for n in graph["nodes"]}
+    assert "L3/F12@9" in ids and "LOGIT/5335@13" in ids
+    assert all(lk["source"] in ids and lk["target"] in ids for lk in graph["links"])
+    # features: index entries (incl. one without a dashboard) and chunked dashboards
+    (layer,) = run["features"]
+    assert layer["layer"] == 3
+    assert [e["feature"] for e in layer["entries"]] == [12, 40, 77, 301]
+    assert sorted(layer["chunk_of"]) == ["12", "40", "77"]
+    key, dashboards = load_chunk(out, layer["chunks"]["0"])
+    assert key == "r0/L3/c0"
+    assert dashboards["12"]["label"] == "S-inhibition"
+    assert dashboards["12"]["top_examples"][0]["tokens"]
+    assert run["warnings"] == []
+
+
+def test_only_eval_json_is_tolerated(tmp_path):
+    run = tmp_path / "run_eval_only"
+    run.mkdir()
+    shutil.copy(FIXTURE / "eval.json", run / "eval.json")
+    out = tmp_path / "out"
+    index = build_report([run], out)
+    assert index.is_file()
+    (r,) = load_data(out)["runs"]
+    assert r["run"] is None and r["dictionaries"] == [] and r["circuits"] == [] and r["features"] == []
+    assert len(r["metrics"]) == 2 and len(r["substitution"]) == 3
+    assert not (out / "data" / "r0").exists()
+
+
+def test_empty_run_folder(tmp_path):
+    run = tmp_path / "empty"
+    run.mkdir()
+    index = build_report([run], tmp_path / "out")
+    (r,) = load_data(tmp_path / "out")["runs"]
+    assert index.is_file() and r["metrics"] == [] and r["has_eval"] is False
+
+
+def test_corrupt_and_partial_files_become_warnings(tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(FIXTURE, run)
+    (run / "eval.json").write_text("{not json", encoding="utf-8")
+    (run / "L01_transcoder" / "train_log.jsonl").write_text(
+        '{"step": 0, "loss": 1.0}\ngarbage\n{"step": 1, "loss": NaN}\n'
+    )
+    (run / "features" / "L03" / "f40.json").write_text("[]", encoding="utf-8")  # wrong type
+    (run / "circuits" / "broken").mkdir()
+    (run / "circuits" / "broken" / "graph.json").write_text('{"nodes": "x"}', encoding="utf-8")
+    (run / "circuits" / "verify_only").mkdir()
+    shutil.copy(
+        FIXTURE / "circuits" / "ioi" / "verify.json", run / "circuits" / "verify_only" / "verify.json"
+    )
+    g = json.loads((run / "circuits" / "ioi" / "graph.json").read_text())
+    g["links"].append({"source": "nope", "target": "L3/F12@9", "weight": 1.0})
+    (run / "circuits" / "ioi" / "graph.json").write_text(json.dumps(g))
+    out = tmp_path / "out"
+    build_report([run], out)
+    (r,) = load_data(out)["runs"]
+    text = "\n".join(r["warnings"])
+    assert "eval.json" in text and "train_log.jsonl" in text and "f40.json" in text
+    assert "broken" in text and "ignored 1 malformed" in text
+    # metrics fall back to each dictionary's metrics.json
+    assert [m["layer"] for m in r["metrics"]] == [1, 3]
+    log = next(d for d in r["dictionaries"] if d["name"] == "L01_transcoder")["train_log"]
+    assert log == [{"step": 0.0, "loss": 1.0}, {"step": 1.0, "loss": None}]  # NaN becomes null
+    names = [c["name"] for c in r["circuits"]]
+    assert names == ["ioi", "verify_only"]
+    assert r["circuits"][1]["graph"] is None
+    assert "40" not in r["features"][0]["chunk_of"]  # unreadable dashboard skipped, index entry kept
+    assert any(e["feature"] == 40 for e in r["features"][0]["entries"])
+    # the data file is strict JSON (no NaN/Infinity)
+    assert "NaN" not in (out / "data" / "report-data.js").read_text()
+
+
+def test_multiple_runs_and_rebuild(tmp_path):
+    a = tmp_path / "a" / "tc"
+    b = tmp_path / "b" / "tc"
+    shutil.copytree(FIXTURE, a)
+    b.mkdir(parents=True)
+    shutil.copy(FIXTURE / "eval.json", b / "eval.json")
+    out = tmp_path / "out"
+    (out / "data").mkdir(parents=True)
+    keep = out / "data" / "mine.txt"
+    keep.write_text("user file")  # a data folder we did not write is never wiped
+    build_report([a, b], out)
+    assert keep.is_file()
+    runs = load_data(out)["runs"]
+    assert [r["name"] for r in runs] == ["tc (0)", "tc (1)"]
+    build_report([b], out)  # rebuild into the same folder: stale data files of the old build go away
+    assert not (out / "data" / "r0" / "circuit-0.js").exists()
+    assert len(load_data(out)["runs"]) == 1
+
+
+def test_untrusted_text_cannot_break_out(tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(FIXTURE, run)
+    p = run / "features" / "L03" / "f12.json"
+    d = json.loads(p.read_text())
+    d["label"] = "</script><script>alert(1)</script>"
+    p.write_text(json.dumps(d))
+    out = tmp_path / "out"
+    build_report([run], out)
+    for f in (out / "data").rglob("*.js"):
+        text = f.read_text()
+        assert "</script>" not in text and "<script" not in text
+
+
+def test_bad_arguments(tmp_path):
+    with pytest.raises(SparsetraceError, match="at least one run"):
+        build_report([], tmp_path / "out")
+    with pytest.raises(SparsetraceError, match="does not exist"):
+        build_report([tmp_path / "missing"], tmp_path / "out")
+    with pytest.raises(SparsetraceError, match="must not be the run folder"):
+        build_report([tmp_path], tmp_path)
