@@ -72,13 +72,12 @@ class ActivationCache:
             index = index.numpy()
         if isinstance(index, np.ndarray):
             index = np.sort(index)  # sorted gathers are much faster on a memmap; order is re-shuffled by caller
-        out = torch.from_numpy(np.ascontiguousarray(arr[index]))
-        return out.float()
+        return torch.from_numpy(np.array(arr[index], dtype=np.float32))
 
     def mean_sq_norm(self, hookpoint: Hookpoint | str, n: int = 20000) -> float:
         arr = self.arrays[str(hookpoint)]
         step = max(1, arr.shape[0] // n)
-        x = torch.from_numpy(np.ascontiguousarray(arr[::step])).float()
+        x = torch.from_numpy(np.array(arr[::step], dtype=np.float32))
         return float((x**2).sum(-1).mean())
 
 

@@ -29,7 +29,7 @@ class TrainConfig:
     batch_size: int = 512
     lr: float = 1e-3
     warmup_frac: float = 0.05
-    decay_frac: float = 0.3
+    decay_frac: float = 0.2
     l1_init: float | None = None  # initial lambda; None = automatic
     lambda_gain: float = 0.05  # log-lambda change per step per unit of log-L0 error
     dead_window_tokens: int = 200_000  # a feature silent this long is dead

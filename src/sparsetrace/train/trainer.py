@@ -144,10 +144,12 @@ class LayerTrainer:
         if dist.is_available() and dist.is_initialized() and tcfg.parallel == "data" and dist.get_world_size() > 1:
             self.objective = nn.parallel.DistributedDataParallel(self.objective)
         self.opt = torch.optim.Adam(self.dictionary.parameters(), lr=tcfg.lr, betas=(0.9, 0.999))
-        init = tcfg.l1_init if tcfg.l1_init is not None else (1e-3 if tcfg.activation == "relu" else 1e-4)
+        init = tcfg.l1_init if tcfg.l1_init is not None else (0.05 if tcfg.activation == "relu" else 0.01)
         self.controller = L0Controller(tcfg.target_l0, math.log(init), tcfg.lambda_gain)
         self.since_fired = torch.zeros(n_features, dtype=torch.long)
         self.step = 0
+        total_tokens = tcfg.total_steps * tcfg.batch_size
+        self.dead_window = max(10 * tcfg.batch_size, min(tcfg.dead_window_tokens, total_tokens // 8))
 
     @property
     def uses_lambda(self) -> bool:
@@ -169,7 +171,7 @@ class LayerTrainer:
         x = x.to(self.tcfg.device) / self.in_scale
         y = y.to(self.tcfg.device) / self.out_scale
         lam = torch.tensor(self.controller.value, device=x.device)
-        dead = self.since_fired.to(x.device) > self.tcfg.dead_window_tokens
+        dead = self.since_fired.to(x.device) > self.dead_window
         for g in self.opt.param_groups:
             g["lr"] = self.lr_at(self.step)
         loss, mse, code, err = self.objective(x, y, lam, dead)
@@ -192,7 +194,10 @@ class LayerTrainer:
                 pos = dense[dense > 0]
                 if pos.numel():
                     m = pos.min()
-                    d.batch_threshold.mul_(0.99).add_(0.01 * m) if self.step > 0 else d.batch_threshold.fill_(m)
+                    if self.step == 0:
+                        d.batch_threshold.fill_(m)
+                    else:
+                        d.batch_threshold.mul_(0.99).add_(0.01 * m)
             fired = self._fired(code)
             l0 = code.l0()
             var = (y - y.mean(0)).pow(2).sum()
@@ -216,7 +221,7 @@ class LayerTrainer:
             fvu=fvu_v,
             l0=l0_v,
             lam=lam_v,
-            dead_frac=float((self.since_fired > self.tcfg.dead_window_tokens).float().mean()),
+            dead_frac=float((self.since_fired > self.dead_window).float().mean()),
         )
 
     def _fired(self, code: Code) -> Tensor:
@@ -231,7 +236,7 @@ class LayerTrainer:
     def resample_dead(self, cache: ActivationCache, n_candidates: int = 4096) -> int:
         """Re-initialise dead features towards inputs the dictionary reconstructs worst (deterministic)."""
         d = self.dictionary
-        dead = (self.since_fired > self.tcfg.dead_window_tokens).nonzero().squeeze(-1)
+        dead = (self.since_fired > self.dead_window).nonzero().squeeze(-1)
         if dead.numel() == 0:
             return 0
         g = torch.Generator().manual_seed(self.tcfg.seed * 7919 + self.step)
@@ -243,7 +248,7 @@ class LayerTrainer:
         d.train()
         weight = resid.pow(2).sum(-1)
         pick = torch.multinomial(weight.cpu() + 1e-12, dead.numel(), replacement=True, generator=g)
-        alive = self.since_fired <= self.tcfg.dead_window_tokens
+        alive = self.since_fired <= self.dead_window
         enc_norm = d.W_enc[alive].norm(dim=-1).mean() if alive.any() else torch.tensor(1.0)
         r = resid[pick]
         r = r / r.norm(dim=-1, keepdim=True).clamp_min(1e-8)
@@ -263,6 +268,41 @@ class LayerTrainer:
                     st[key][dead] = 0.0
         self.since_fired[dead] = 0
         return int(dead.numel())
+
+    @torch.no_grad()
+    def calibrate_l0(self, cache: ActivationCache, n_tokens: int = 8192, tolerance: float = 0.05) -> float | None:
+        """Shift every encoder bias by one constant so the mean L0 on a cache sample equals the target.
+
+        The λ controller brings L0 close to the target during training; this final bisection removes
+        the remaining error (it is skipped when L0 is already within ``tolerance``). Returns the shift.
+        """
+        d = self.dictionary
+        if not self.uses_lambda:
+            return None
+        g = torch.Generator().manual_seed(self.tcfg.seed * 31 + 17)
+        idx = torch.randint(0, cache.n_tokens, (min(n_tokens, cache.n_tokens),), generator=g)
+        x = cache.get(self.hp_in, idx).to(self.tcfg.device) / self.in_scale
+        d.eval()
+        pre = d.pre_activations(x)
+        thr = d.threshold if d.threshold is not None else torch.zeros_like(d.b_enc)
+
+        def l0(shift: float) -> float:
+            return float(((pre + shift) > thr).float().sum(-1).mean())
+
+        target = self.tcfg.target_l0
+        if abs(l0(0.0) - target) / target <= tolerance:
+            return 0.0
+        span = float(pre.abs().max()) + 1.0
+        lo, hi = -span, span  # l0 is increasing in shift
+        for _ in range(50):
+            mid = (lo + hi) / 2
+            if l0(mid) < target:
+                lo = mid
+            else:
+                hi = mid
+        shift = (lo + hi) / 2
+        d.b_enc.add_(shift)
+        return shift
 
     # ------------------------------------------------------------------ checkpoints
     def checkpoint_tensors(self) -> dict[str, Tensor]:
@@ -420,6 +460,7 @@ def train_dictionaries(
     for tr in trainers:
         d = tr.dictionary
         d.eval()
+        tr.calibrate_l0(cache)
         d.fold_normalisation(tr.in_scale, tr.out_scale)
         if rank == 0 or tcfg.parallel == "layer":
             save_dictionary(d, out_dir / dictionary_dirname(tr.layer, tcfg.kind))

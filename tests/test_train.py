@@ -1,0 +1,107 @@
+"""Training: automatic λ reaches the target L0; resume (also after kill -9) is bit-identical."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from sparsetrace.errors import ConfigError
+from sparsetrace.train.config import TrainConfig
+from sparsetrace.train.pipeline import run_training
+
+
+@pytest.fixture()
+def corpus_file(tmp_path, texts):
+    p = tmp_path / "corpus.txt"
+    p.write_text("\n\n".join(texts))
+    return p
+
+
+def _cfg(corpus_file, **kw):
+    base = dict(model="tiny-llama", layers=[1, 2], kind="transcoder", corpus=str(corpus_file), context=32,
+                n_tokens=4000, epochs=4.0, batch_size=128, expansion=4, target_l0=8.0, checkpoint_every=20,
+                log_every=10, resample_every=100)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def test_auto_lambda_reaches_target(tmp_path, corpus_file, tiny_llama):
+    from sparsetrace.evaluate.job import evaluate_run
+
+    info = run_training(_cfg(corpus_file), tmp_path / "run", lm=tiny_llama, progress=False, cache_dir=tmp_path / "c")
+    for layer in (1, 2):
+        rows = [json.loads(x) for x in (tmp_path / "run" / f"L{layer:02d}_transcoder" / "train_log.jsonl").open()]
+        assert rows[0]["l0"] > 3 * 8  # starts dense
+        assert rows[-1]["lambda"] > rows[0]["lambda"]  # λ was raised automatically
+        assert rows[-1]["mse"] < rows[0]["mse"]
+    result = evaluate_run(tmp_path / "run", lm=tiny_llama, progress=False, n_windows=8)
+    for row in result["dictionaries"]:
+        assert abs(row["l0"] - 8.0) / 8.0 < 0.25, row  # held-out L0 on target
+        assert row["dead_frac"] < 0.5
+    assert set(info["dictionaries"]) == {1, 2}
+    assert (tmp_path / "run" / "run.json").exists()
+    assert not (tmp_path / "run" / ".checkpoints" / "L01_transcoder").exists()
+
+
+def _weights(run: Path) -> dict:
+    return {layer: load_file(str(run / f"L{layer:02d}_transcoder" / "weights.safetensors")) for layer in (1, 2)}
+
+
+@pytest.mark.parametrize("activation", ["relu", "topk"])
+def test_resume_is_bit_identical(tmp_path, corpus_file, tiny_llama, activation):
+    cfg = _cfg(corpus_file, activation=activation, n_tokens=3000, epochs=4.0)
+    run_training(cfg, tmp_path / "full", lm=tiny_llama, progress=False, cache_dir=tmp_path / "c")
+    run_training(cfg, tmp_path / "cut", lm=tiny_llama, progress=False, cache_dir=tmp_path / "c", stop_at_step=37)
+    assert (tmp_path / "cut" / ".checkpoints" / "L01_transcoder" / "state.safetensors").exists()
+    run_training(cfg, tmp_path / "cut", lm=tiny_llama, progress=False, cache_dir=tmp_path / "c", resume=True)
+    a, b = _weights(tmp_path / "full"), _weights(tmp_path / "cut")
+    for layer in a:
+        for name in a[layer]:
+            assert torch.equal(a[layer][name], b[layer][name]), (layer, name)
+    log = [json.loads(x)["step"] for x in (tmp_path / "cut" / "L01_transcoder" / "train_log.jsonl").open()]
+    assert log == sorted(set(log))  # no duplicated steps after resume
+
+
+def test_kill_9_then_resume(tmp_path, corpus_file):
+    env = {**os.environ, "SPARSETRACE_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1",
+           "SPARSETRACE_NO_PROGRESS": "1"}
+    common = ["--model", "tiny-llama", "--layers", "1,2", "--corpus", str(corpus_file), "--context", "32",
+              "--n-tokens", "4000", "--epochs", "12", "--batch-size", "128", "--expansion", "4",
+              "--target-l0", "8", "--checkpoint-every", "10"]
+    cmd = [sys.executable, "-m", "sparsetrace.cli", "train", *common]
+    subprocess.run([*cmd, "--out", str(tmp_path / "full")], env=env, check=True, capture_output=True)
+    proc = subprocess.Popen([*cmd, "--out", str(tmp_path / "cut")], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    ckpt = tmp_path / "cut" / ".checkpoints" / "L02_transcoder" / "state.json"
+    deadline = time.time() + 120
+    while time.time() < deadline and not ckpt.exists() and proc.poll() is None:
+        time.sleep(0.05)
+    assert ckpt.exists(), "no checkpoint appeared"
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (tmp_path / "cut" / "L01_transcoder" / "weights.safetensors").exists(), "run finished before kill"
+    r = subprocess.run([*cmd, "--out", str(tmp_path / "cut"), "--resume"], env=env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    a, b = _weights(tmp_path / "full"), _weights(tmp_path / "cut")
+    for layer in a:
+        for name in a[layer]:
+            assert torch.equal(a[layer][name], b[layer][name]), (layer, name)
+
+
+def test_config_errors():
+    with pytest.raises(ConfigError, match="target-l0"):
+        TrainConfig(target_l0=0).validate()
+    with pytest.raises(ConfigError, match="λ"):
+        TrainConfig(l1_init=-1.0).validate()
+    with pytest.raises(ConfigError, match="activation"):
+        TrainConfig(activation="gelu").validate()
+    with pytest.raises(ConfigError, match="unknown training config keys"):
+        TrainConfig.from_dict({"layerz": [1]})
