@@ -1,5 +1,6 @@
 """Feature interventions and causal verification on a tiny random model with random dictionaries."""
 
+import json
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -335,8 +336,6 @@ def test_verify_schema_spearman_specificity_edges(lm, dicts):
         "predicted",
         "measured",
     }
-    import json
-
     json.dumps(res, allow_nan=False)
 
 
@@ -346,3 +345,29 @@ def test_patch_mode_verification_runs(lm, dicts):
     assert res["mode"] == "patch"
     with pytest.raises(DataError):
         verify_circuit(lm, dicts, batch, None, ["1:2"], mode="resample")
+
+
+def test_circuit_from_graph_and_write_verify_json(tmp_path):
+    from sparsetrace.intervene import circuit_from_graph, write_verify_json
+
+    graph = {
+        "nodes": [
+            {"node_id": "E@0", "kind": "embedding", "influence": 5.0},
+            {"node_id": "L1/F3@2", "kind": "feature", "influence": 0.2},
+            {"node_id": "L2/F7@4", "kind": "feature", "influence": -0.9},
+            {"node_id": "L2/ERR@4", "kind": "error", "influence": 1.0},
+            {"node_id": "L0/F1@1", "kind": "feature", "influence": 0.01},
+        ]
+    }
+    nodes, scores = circuit_from_graph(graph, min_abs_influence=0.05)
+    assert nodes == ["L2/F7@4", "L1/F3@2"] and scores["L2/F7@4"] == -0.9
+    path = tmp_path / "g.json"
+    path.write_text(json.dumps(graph))
+    assert circuit_from_graph(str(path), top_k=1)[0] == ["L2/F7@4"]
+    with pytest.raises(DataError):
+        circuit_from_graph({"links": []})
+    out = write_verify_json(
+        {"faithfulness": float("nan"), "curve": [{"size": 0, "faithfulness": float("inf")}]},
+        tmp_path / "v.json",
+    )
+    assert json.loads(out.read_text()) == {"faithfulness": None, "curve": [{"size": 0, "faithfulness": None}]}

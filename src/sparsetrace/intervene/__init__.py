@@ -28,7 +28,14 @@ from .ops import (
     steering_vector,
     typical_norm,
 )
-from .verify import edge_checks, label_intervention_check, spearman, verify_circuit
+from .verify import (
+    circuit_from_graph,
+    edge_checks,
+    label_intervention_check,
+    spearman,
+    verify_circuit,
+    write_verify_json,
+)
 
 __all__ = [
     "FeatureNode",
@@ -39,6 +46,7 @@ __all__ = [
     "ablation_interventions",
     "as_layer_map",
     "build_edits",
+    "circuit_from_graph",
     "clamp",
     "edge_checks",
     "feature_acts",
@@ -54,4 +62,5 @@ __all__ = [
     "steering_vector",
     "typical_norm",
     "verify_circuit",
+    "write_verify_json",
 ]

@@ -24,8 +24,10 @@ Ablation ``mode``: ``"mean"`` (default; means over the task's clean prompts unle
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from pathlib import Path
 
 import torch
 from torch import Tensor
@@ -358,6 +360,57 @@ def edge_checks(lm, dictionaries: Dictionaries, task_batch, edges, *, max_checks
             }
         )
     return out
+
+
+def circuit_from_graph(
+    graph: Mapping | str,
+    *,
+    top_k: int | None = None,
+    min_abs_influence: float = 0.0,
+) -> tuple[list[str], dict[str, float]]:
+    """Feature node ids of an attribution graph (``graph.json`` dict or path), most influential first,
+    and their influence scores (for ``verify_circuit(..., circuit_nodes, scores=...)``)."""
+    if isinstance(graph, (str, Path)):
+        try:
+            graph = json.loads(Path(graph).read_text(encoding="utf-8"))
+        except (OSError, ValueError) as e:
+            raise DataError(f"cannot read attribution graph '{graph}': {e}") from e
+    nodes = graph.get("nodes") if isinstance(graph, Mapping) else None
+    if not isinstance(nodes, list):
+        raise DataError("attribution graph has no 'nodes' list")
+    feats = []
+    for n in nodes:
+        if not isinstance(n, Mapping):
+            continue
+        nid = n.get("node_id")
+        if n.get("kind", "feature") != "feature" or not isinstance(nid, str) or not is_feature_node(nid):
+            continue
+        infl = n.get("influence")
+        infl = float(infl) if isinstance(infl, (int, float)) else 0.0
+        if abs(infl) >= min_abs_influence:
+            feats.append((nid, infl))
+    feats.sort(key=lambda t: -abs(t[1]))
+    if top_k is not None:
+        feats = feats[: max(0, int(top_k))]
+    return [f for f, _ in feats], dict(feats)
+
+
+def write_verify_json(result: Mapping, path: str | Path) -> Path:
+    """Write a :func:`verify_circuit` result as strict JSON (NaN/inf become null), atomically."""
+    from ..dictionary.io import atomic_write_text
+
+    def clean(x):
+        if isinstance(x, float):
+            return x if math.isfinite(x) else None
+        if isinstance(x, Mapping):
+            return {str(k): clean(v) for k, v in x.items()}
+        if isinstance(x, (list, tuple)):
+            return [clean(v) for v in x]
+        return x
+
+    path = Path(path)
+    atomic_write_text(path, json.dumps(clean(dict(result)), indent=1, allow_nan=False) + "\n")
+    return path
 
 
 # ---------------------------------------------------------------------------------------------- labels
