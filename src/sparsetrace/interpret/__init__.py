@@ -1,1 +1,47 @@
-"""sparsetrace.interpret"""
+"""sparsetrace.interpret: feature dashboards, labels, causal label verification, cross-run alignment
+and layer importance.
+
+- :mod:`.dashboards`: ``compute_dashboards(lm, dictionary, windows, features)`` (one bounded-memory pass,
+  harvesting only up to the dictionary's layer) and ``write_dashboards(run_dir, layer, dashboards)``.
+- :mod:`.labels`: ``BuiltinLabeler`` (deterministic, no LLM), ``OpenAICompatibleLabeler``,
+  ``TransformersLabeler``, ``LabelCache`` and ``label_features``.
+- :mod:`.verify_labels`: ``verify_labels`` scores each label ``verified`` / ``associative`` / ``failed``
+  with an activation test and an intervention (steering) test; ``summarize_verdicts``.
+- :mod:`.align`: ``align(d1, d2, densities1=...)`` and ``write_alignment`` (``align.json``).
+- :mod:`.importance`: ``layer_importance(verify, graph)`` and ``measure_layer_ablation``.
+"""
+
+from .align import align, write_alignment
+from .dashboards import compute_dashboards, write_dashboards
+from .importance import layer_importance, measure_layer_ablation
+from .labels import (
+    BuiltinLabeler,
+    Label,
+    LabelCache,
+    OpenAICompatibleLabeler,
+    TransformersLabeler,
+    dictionary_sha,
+    label_features,
+)
+from .verify_labels import VERDICTS, LabelVerifier, VerifyConfig, summarize_verdicts, verify_labels
+
+__all__ = [
+    "VERDICTS",
+    "BuiltinLabeler",
+    "Label",
+    "LabelCache",
+    "LabelVerifier",
+    "OpenAICompatibleLabeler",
+    "TransformersLabeler",
+    "VerifyConfig",
+    "align",
+    "compute_dashboards",
+    "dictionary_sha",
+    "label_features",
+    "layer_importance",
+    "measure_layer_ablation",
+    "summarize_verdicts",
+    "verify_labels",
+    "write_alignment",
+    "write_dashboards",
+]

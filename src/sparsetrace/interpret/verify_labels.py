@@ -1,0 +1,328 @@
+"""Causal verification of feature labels.
+
+A label makes two testable predictions:
+
+(a) **activation test**: held-out contexts that end in one of the label's key tokens (preceded by
+    the label's context n-gram, when it names one) activate the feature (at that last token) more than the *same* contexts with the key token swapped for a
+    frequency-matched other token (chosen, with a seeded generator, among the ``n_freq_neighbors``
+    tokens of nearest held-out frequency that are not a case/space variant of a key token). Contexts
+    are natural occurrences in held-out windows; when there are fewer than ``min_natural``, the rest
+    are made by writing the context and key token into random held-out positions. Passed
+    when a one-sided Mann–Whitney U test gives ``p < alpha`` and the rank-biserial effect size is at
+    least ``min_effect``.
+
+(b) **intervention test**: adding ``steer_scale × max_act × W_dec[f]`` to the dictionary's output
+    hookpoint at the last position of those contexts (the real model runs on; nothing is replaced)
+    should raise the logits of the label's promoted tokens more than those of random tokens. The
+    promoted tokens' logit change, averaged over contexts, is ranked among the same average for
+    ``n_random`` random tokens (``percentile``; ``empirical_p`` = (1 + #random ≥ it) / (1 + n_random)),
+    and per context its excess over the random tokens' mean is tested for consistency. Passed when the
+    percentile is at least ``min_percentile`` (default 0.99, i.e. a ~1% false-positive rate for an
+    arbitrary token), the mean change is positive, and a one-sided Wilcoxon signed-rank test of the
+    per-context excess gives ``p < alpha``.
+
+Verdicts: ``verified`` (both pass), ``associative`` (activation passes, intervention fails), ``failed``
+(activation fails).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+import torch
+from scipy import stats
+from torch import Tensor
+
+from ..errors import DataError
+from ..model.hookpoints import Hookpoint
+from .dashboards import encode_subset, harvest, last_logits, steer_last
+from .labels import Label
+
+VERDICTS = ("verified", "associative", "failed")
+
+
+@dataclass
+class VerifyConfig:
+    n_contexts: int = 20
+    context_len: int = 16
+    use_context: bool = True
+    min_natural: int = 8
+    alpha: float = 0.01
+    min_effect: float = 0.3
+    steer_scale: float = 1.0
+    n_random: int = 1000
+    min_percentile: float = 0.99
+    n_freq_neighbors: int = 20
+    seed: int = 0
+
+
+class LabelVerifier:
+    """Runs both tests for labels of one dictionary against held-out token windows [n, ctx]."""
+
+    def __init__(self, lm, dictionary, heldout: Tensor, cfg: VerifyConfig | None = None):
+        self.lm, self.d = lm, dictionary.eval()
+        self.cfg = cfg or VerifyConfig()
+        if heldout.dim() != 2 or heldout.shape[1] <= self.cfg.context_len:
+            raise DataError(
+                f"held-out windows must be [n, ctx] with ctx > context_len={self.cfg.context_len}, "
+                f"got {list(heldout.shape)}"
+            )
+        self.heldout = heldout.cpu()
+        self.vocab = int(lm.vocab_size)
+        self.bos = getattr(lm.tokenizer, "bos_token_id", None)
+        special = set(getattr(lm.tokenizer, "all_special_ids", []) or [])
+        if self.bos is not None:
+            special.add(int(self.bos))
+        self.special = special
+        counts = torch.bincount(self.heldout.flatten(), minlength=self.vocab)[: self.vocab]
+        self.counts = counts
+        pool = (counts > 0).clone()
+        for s in special:
+            if 0 <= s < self.vocab:
+                pool[s] = False
+        self.pool = pool.nonzero().flatten()  # candidate control tokens
+        order = counts[self.pool].argsort(stable=True)
+        self.pool = self.pool[order]
+        self.pool_counts = counts[self.pool].float()
+        self.hp_in = Hookpoint(dictionary.cfg.hookpoint_in, dictionary.cfg.layer)
+        self.hp_out = Hookpoint(dictionary.cfg.hookpoint_out, dictionary.cfg.layer)
+        self._text: dict[int, str] = {}
+
+    # ------------------------------------------------------------------ helpers
+    def _str(self, i: int) -> str:
+        if i not in self._text:
+            self._text[i] = self.lm.tokenizer.decode([i])
+        return self._text[i]
+
+    def contexts(
+        self, key_ids: list[int], gen: torch.Generator, prefix: list[int] | None = None
+    ) -> tuple[Tensor, Tensor, int]:
+        """Contexts [n, L(+1)] ending in a key token (preceded by ``prefix`` when given), the key id of
+        each, and how many are natural occurrences (the rest have the tokens written in)."""
+        cfg = self.cfg
+        L = cfg.context_len
+        prefix = list(prefix or [])
+        if len(prefix) >= L:
+            prefix = prefix[-(L - 1) :]
+        body = self.heldout[:, L:]  # candidate end positions p >= L (never the BOS slot)
+        per_key = []
+        for k in key_ids:
+            hit = body == k
+            for j, c in enumerate(reversed(prefix)):
+                hit &= self.heldout[:, L - 1 - j : self.heldout.shape[1] - 1 - j] == c
+            w, p = hit.nonzero(as_tuple=True)
+            perm = torch.randperm(w.numel(), generator=gen)
+            per_key.append(list(zip(w[perm].tolist(), (p[perm] + L).tolist(), strict=True)))
+        chosen: list[tuple[int, int, int]] = []
+        j = 0
+        while len(chosen) < cfg.n_contexts and any(j < len(x) for x in per_key):
+            for k, occ in zip(key_ids, per_key, strict=True):
+                if j < len(occ) and len(chosen) < cfg.n_contexts:
+                    chosen.append((*occ[j], k))
+            j += 1
+        n_natural = len(chosen)
+        if n_natural < cfg.min_natural:
+            n_fill = cfg.n_contexts - n_natural
+            ws = torch.randint(0, self.heldout.shape[0], (n_fill,), generator=gen).tolist()
+            ps = torch.randint(L, self.heldout.shape[1], (n_fill,), generator=gen).tolist()
+            for i, (w, p) in enumerate(zip(ws, ps, strict=True)):
+                chosen.append((w, p, key_ids[i % len(key_ids)]))
+        rows = []
+        keys = []
+        for w, p, k in chosen:
+            ctx = self.heldout[w, p - L + 1 : p + 1].clone()
+            ctx[-1] = k
+            if prefix:
+                ctx[-1 - len(prefix) : -1] = torch.tensor(prefix)
+            if self.bos is not None:
+                ctx = torch.cat([torch.tensor([self.bos]), ctx])
+            rows.append(ctx)
+            keys.append(k)
+        return torch.stack(rows), torch.tensor(keys), n_natural
+
+    def single_ids(self, tokens: list[str]) -> list[int] | None:
+        """Token ids of strings that are one token each (None if any is not)."""
+        out = []
+        for tok in tokens:
+            ids = self.lm.tokenizer(tok, add_special_tokens=False)["input_ids"]
+            if len(ids) != 1:
+                return None
+            out.append(int(ids[0]))
+        return out
+
+    def control_tokens(self, key_ids: list[int], keys: Tensor, gen: torch.Generator) -> Tensor:
+        """A frequency-matched replacement for each context's key token."""
+        banned = {s.strip().lower() for s in (self._str(k) for k in key_ids)}
+        key_set = set(key_ids)
+        options: dict[int, list[int]] = {}
+        for k in key_ids:
+            c = float(self.counts[k]) if 0 <= k < self.vocab else 0.0
+            pos = int(torch.searchsorted(self.pool_counts, torch.tensor(max(c, 1.0))))
+            want = self.cfg.n_freq_neighbors
+            lo, hi = max(0, pos - 4 * want), min(self.pool.numel(), pos + 4 * want)
+            cand = self.pool[lo:hi]
+            dist = (self.pool_counts[lo:hi].log() - torch.tensor(max(c, 1.0)).log()).abs()
+            ordered = cand[dist.argsort(stable=True)].tolist()
+            ok = [t for t in ordered if t not in key_set and self._str(t).strip().lower() not in banned]
+            options[k] = ok[:want] or [t for t in self.pool.tolist()[-want:] if t not in key_set]
+        out = []
+        for k in keys.tolist():
+            opts = options[k]
+            out.append(opts[int(torch.randint(0, len(opts), (1,), generator=gen))])
+        return torch.tensor(out)
+
+    def _feature_acts(self, x: Tensor, f: int) -> Tensor:
+        with torch.no_grad():
+            return encode_subset(self.d, x[:, -1].to(self.d.W_enc.dtype), torch.tensor([f]))[:, 0].float().cpu()
+
+    # ------------------------------------------------------------------ tests
+    @torch.no_grad()
+    def verify(self, feature: int, label: Label, *, max_act: float | None = None) -> dict:
+        cfg = self.cfg
+        gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + int(feature))
+        key_ids = [int(k) for k in label.key_token_ids if 0 <= int(k) < self.vocab]
+        if not key_ids:  # labels without ids: key strings that are single tokens
+            key_ids = [i for t in label.key_tokens for i in (self.single_ids([t]) or [])]
+        result: dict = {"feature": int(feature), "label": label.text, "labeler": label.labeler}
+        if not key_ids:
+            result.update(
+                verdict="failed",
+                activation_test={"passed": False, "reason": "the label names no key tokens"},
+                intervention_test={"passed": False, "reason": "not run"},
+            )
+            return result
+        dev = self.lm.device
+        prefix = self.single_ids(label.context) if cfg.use_context and label.context else None
+        ctx, keys, n_nat = self.contexts(key_ids, gen, prefix)
+        ctrl = ctx.clone()
+        ctrl[:, -1] = self.control_tokens(key_ids, keys, gen)
+        # clean run on key contexts (full model: its logits are the intervention baseline)
+        logits_clean, acts = last_logits(self.lm, ctx.to(dev), [self.hp_in])
+        a_key = self._feature_acts(acts[self.hp_in], feature)
+        a_ctrl = self._feature_acts(harvest(self.lm, ctrl.to(dev), self.hp_in), feature)
+        act_test = self._activation_stats(a_key, a_ctrl)
+        act_test.update(
+            n_contexts=int(ctx.shape[0]),
+            n_natural=n_nat,
+            key_tokens=[self._str(k) for k in key_ids],
+            context=[self._str(c) for c in prefix] if prefix else [],
+        )
+        act_test["control_tokens"] = sorted({self._str(t) for t in ctrl[:, -1].tolist()})[:10]
+        # steered run
+        scale = float(max_act) if max_act and max_act > 0 else float(a_key.max().clamp_min(1.0))
+        delta = (cfg.steer_scale * scale) * self.d.W_dec[feature].detach()
+        logits_steer, _ = last_logits(self.lm, ctx.to(dev), [], {self.hp_out: steer_last(delta)})
+        iv = self._intervention_stats((logits_steer - logits_clean).cpu(), label, gen)
+        iv["steer"] = {"hookpoint": str(self.hp_out), "scale": cfg.steer_scale * scale}
+        act_ok, iv_ok = act_test["passed"], iv["passed"]
+        result.update(
+            verdict="verified" if act_ok and iv_ok else ("associative" if act_ok else "failed"),
+            activation_test=act_test,
+            intervention_test=iv,
+        )
+        return result
+
+    def _activation_stats(self, a_key: Tensor, a_ctrl: Tensor) -> dict:
+        cfg = self.cfg
+        x, y = a_key.double().numpy(), a_ctrl.double().numpy()
+        if (x == y).all() or (len(set(x.tolist())) == 1 and len(set(y.tolist())) == 1 and x[0] == y[0]):
+            u, p = len(x) * len(y) / 2.0, 1.0
+        else:
+            res = stats.mannwhitneyu(x, y, alternative="greater")
+            u, p = float(res.statistic), float(res.pvalue)
+        effect = 2.0 * u / (len(x) * len(y)) - 1.0
+        passed = bool(p < cfg.alpha and effect >= cfg.min_effect)
+        return {
+            "passed": passed,
+            "p_value": p,
+            "effect_size": round(effect, 4),
+            "mean_key": round(float(a_key.mean()), 5),
+            "mean_control": round(float(a_ctrl.mean()), 5),
+            "fire_rate_key": round(float((a_key > 0).float().mean()), 4),
+            "fire_rate_control": round(float((a_ctrl > 0).float().mean()), 4),
+        }
+
+    def _intervention_stats(self, dlogits: Tensor, label: Label, gen: torch.Generator) -> dict:
+        cfg = self.cfg
+        prom = [int(t) for t in label.promoted_ids if 0 <= int(t) < dlogits.shape[1]]
+        if not prom:
+            return {"passed": False, "reason": "the label names no promoted tokens"}
+        excluded = torch.zeros(dlogits.shape[1], dtype=torch.bool)
+        excluded[prom] = True
+        for s in self.special:
+            if 0 <= s < dlogits.shape[1]:
+                excluded[s] = True
+        allowed = (~excluded).nonzero().flatten()
+        rnd = allowed[torch.randperm(allowed.numel(), generator=gen)[: cfg.n_random]]
+        dP = dlogits[:, prom].mean(1)  # [n contexts]: promoted tokens' mean logit change
+        dR = dlogits[:, rnd]  # [n contexts, n_random]
+        # aggregate: the promoted set's mean change over contexts vs each random token's mean change
+        agg_p, agg_r = float(dP.mean()), dR.mean(0)
+        n_ge = int((agg_r >= agg_p).sum())
+        emp_p = (1 + n_ge) / (1 + agg_r.numel())
+        pct = 1.0 - n_ge / agg_r.numel()
+        per_ctx = (dR < dP.unsqueeze(1)).float().mean(1)
+        excess = (dP - dR.mean(1)).double().numpy()
+        if (excess == 0).all():
+            p = 1.0
+        else:
+            p = float(stats.wilcoxon(excess, alternative="greater").pvalue)
+        passed = bool(pct >= cfg.min_percentile and p < cfg.alpha and agg_p > 0)
+        return {
+            "passed": passed,
+            "percentile": round(pct, 4),
+            "empirical_p": round(emp_p, 5),
+            "p_value": p,
+            "median_percentile": round(float(per_ctx.median()), 4),
+            "promoted_dlogit": round(agg_p, 4),
+            "random_dlogit": round(float(dR.mean()), 4),
+            "random_dlogit_std": round(float(agg_r.std()), 4),
+        }
+
+
+def verify_labels(
+    lm,
+    dictionary,
+    dashboards: dict[int, dict],
+    labels: dict[int, Label],
+    heldout: Tensor,
+    *,
+    cfg: VerifyConfig | None = None,
+    features: list[int] | None = None,
+    update_dashboards: bool = True,
+    progress: Callable[[int, int], None] | None = None,
+) -> dict[int, dict]:
+    """Verify ``labels`` of ``features`` (all labelled ones by default). Sets ``dashboard["verdict"]``
+    and ``dashboard["verification"]`` unless ``update_dashboards`` is False."""
+    verifier = LabelVerifier(lm, dictionary, heldout, cfg)
+    feats = features if features is not None else sorted(labels)
+    out: dict[int, dict] = {}
+    for i, f in enumerate(feats):
+        dash = dashboards.get(f, {})
+        res = verifier.verify(f, labels[f], max_act=dash.get("max_act"))
+        out[f] = res
+        if update_dashboards and f in dashboards:
+            dash["verdict"] = res["verdict"]
+            dash["verification"] = {k: v for k, v in res.items() if k not in ("feature", "label")}
+            dash["verification"]["config"] = asdict(verifier.cfg)
+        if progress is not None:
+            progress(i + 1, len(feats))
+    return out
+
+
+def summarize_verdicts(results: dict[int, dict]) -> dict:
+    """Counts and fractions of each verdict, plus how often each test passed."""
+    n = len(results)
+    counts = {v: sum(1 for r in results.values() if r.get("verdict") == v) for v in VERDICTS}
+    act = sum(1 for r in results.values() if r.get("activation_test", {}).get("passed"))
+    iv = sum(1 for r in results.values() if r.get("intervention_test", {}).get("passed"))
+    return {
+        "n": n,
+        **counts,
+        "verified_fraction": counts["verified"] / n if n else 0.0,
+        "associative_fraction": counts["associative"] / n if n else 0.0,
+        "failed_fraction": counts["failed"] / n if n else 0.0,
+        "activation_pass_fraction": act / n if n else 0.0,
+        "intervention_pass_fraction": iv / n if n else 0.0,
+    }
