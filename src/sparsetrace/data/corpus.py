@@ -455,7 +455,10 @@ def _extract_deb(deb: Path, dest: Path) -> None:
                 if p.is_absolute() or ".." in p.parts or not (m.isfile() or m.isdir()):
                     continue
                 members.append(m)
-            tf.extractall(dest, members=members)
+            if hasattr(tarfile, "data_filter"):  # Python >= 3.11.4 / 3.12: also strips setuid bits and owners
+                tf.extractall(dest, members=members, filter="data")
+            else:  # pragma: no cover - older Pythons: the member checks above are the guard
+                tf.extractall(dest, members=members)
         return
     raise DataError(f"'{deb.name}' has no data.tar member")
 
@@ -853,5 +856,5 @@ def load_texts(spec: str) -> list[str]:
                 "a glob, or hf:<dataset>[:split]"
             )
     if not texts or not any(t.strip() for t in texts):
-        raise DataError(f"corpus '{spec}' contains no text")
+        raise DataError(f"corpus '{spec}' contains no text; expected at least one non-empty document")
     return texts

@@ -12,6 +12,7 @@ Caches are keyed by model, hookpoints and token windows, and reused across runs.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -25,7 +26,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from ..errors import DataError
+from ..errors import ConfigError, DataError
 from ..model.adapter import LanguageModel
 from ..model.hookpoints import Hookpoint
 from .tokens import windows_digest
@@ -55,12 +56,25 @@ class ActivationCache:
         meta_path = self.folder / "meta.json"
         if not meta_path.exists():
             raise DataError(f"'{self.folder}' is not an activation cache (no meta.json)")
-        self.meta = CacheMeta(**json.loads(meta_path.read_text()))
+        try:
+            self.meta = CacheMeta(**json.loads(meta_path.read_text(encoding="utf-8")))
+        except (OSError, ValueError, TypeError, RecursionError) as e:
+            raise DataError(f"activation cache '{self.folder}' has an unreadable meta.json ({e})") from None
         if not self.meta.complete:
             raise DataError(f"activation cache '{self.folder}' is incomplete (harvest was interrupted)")
-        self.arrays = {
-            hp: np.load(self.folder / f"{hp}.npy", mmap_mode="r", allow_pickle=False) for hp in self.meta.hookpoints
-        }
+        try:
+            self.arrays = {
+                hp: np.load(self.folder / f"{Path(hp).name}.npy", mmap_mode="r", allow_pickle=False)
+                for hp in self.meta.hookpoints
+            }
+        except (OSError, ValueError, TypeError) as e:
+            raise DataError(f"activation cache '{self.folder}' is corrupt ({e})") from None
+        for hp, arr in self.arrays.items():
+            if arr.ndim != 2 or arr.shape[0] != self.meta.n_tokens:
+                raise DataError(
+                    f"activation cache '{self.folder}' is corrupt: {hp}.npy has shape {arr.shape}, "
+                    f"expected ({self.meta.n_tokens}, d)"
+                )
 
     @property
     def n_tokens(self) -> int:
@@ -119,13 +133,25 @@ def harvest(
     n_tokens = n_windows * per_window
     tmp = folder.with_name(folder.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
     d = {str(hp): lm.d_model for hp in hookpoints}
     np_dtype = np.float16 if dtype == "float16" else np.float32
-    arrays = {
-        str(hp): np.lib.format.open_memmap(tmp / f"{hp}.npy", mode="w+", dtype=np_dtype, shape=(n_tokens, d[str(hp)]))
-        for hp in hookpoints
-    }
+    try:
+        tmp.mkdir(parents=True)
+        arrays = {
+            str(hp): np.lib.format.open_memmap(
+                tmp / f"{hp}.npy", mode="w+", dtype=np_dtype, shape=(n_tokens, d[str(hp)])
+            )
+            for hp in hookpoints
+        }
+        for hp in hookpoints:
+            _preallocate(tmp / f"{hp}.npy")
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        need = n_tokens * sum(d.values()) * np.dtype(np_dtype).itemsize
+        raise ConfigError(
+            f"cannot write the activation cache in '{root}' ({e.strerror or e}; it needs {need / 1e6:.1f} MB); "
+            f"free some space or set SPARSETRACE_CACHE to another folder"
+        ) from None
     stop = max(h.layer for h in hookpoints)
     row = 0
     bar = tqdm(total=n_tokens, desc=desc, unit="tok", unit_scale=True, disable=not progress, leave=False)
@@ -164,6 +190,21 @@ def harvest(
         shutil.rmtree(folder)
     os.replace(tmp, folder)
     return ActivationCache(folder)
+
+
+def _preallocate(path: Path) -> None:
+    """Reserve a memory-mapped file's blocks now: on a full disk, writing into a sparse memmap later
+    kills the process with SIGBUS instead of raising an error."""
+    if not hasattr(os, "posix_fallocate"):
+        return
+    with open(path, "r+b") as f:
+        size = os.fstat(f.fileno()).st_size
+        try:
+            os.posix_fallocate(f.fileno(), 0, size)
+        except OSError as e:
+            if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+                raise
+            # the file system cannot preallocate (EOPNOTSUPP, EINVAL, ...): go on without it
 
 
 class BatchSchedule:

@@ -17,7 +17,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from ..errors import DictionaryFileError
+from ..errors import ConfigError, DictionaryFileError
 from .model import DictionaryConfig, SparseDictionary
 
 WEIGHTS = "weights.safetensors"
@@ -47,11 +47,22 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def write_failed(path: Path, exc: BaseException) -> ConfigError:
+    why = getattr(exc, "strerror", None) or str(exc)
+    return ConfigError(f"cannot write '{path}' ({why}); free some disk space or choose another output folder")
+
+
 def atomic_write_text(path: Path, text: str) -> None:
-    """Write a text file via temp file + fsync + rename so readers never see half a file."""
+    """Write a text file via temp file + fsync + rename so readers never see half a file.
+
+    Write failures (disk full, read-only file system, ...) raise :class:`ConfigError` naming the path.
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as e:
+        raise write_failed(path, e) from None
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
@@ -59,9 +70,11 @@ def atomic_write_text(path: Path, text: str) -> None:
             os.fsync(f.fileno())
         os.replace(tmp, path)
         _fsync_dir(path.parent)
-    except BaseException:
+    except BaseException as e:
         with _suppress():
             os.unlink(tmp)
+        if isinstance(e, OSError):
+            raise write_failed(path, e) from None
         raise
 
 
@@ -76,11 +89,16 @@ class _suppress:
 def write_folder_atomically(dest: Path, files: dict[str, bytes | dict[str, torch.Tensor] | str]) -> None:
     """Write ``files`` into a temp folder beside ``dest``, fsync, add a manifest, then swap it in.
 
-    Values: bytes or str (written as is), or a tensor dict (written as safetensors).
+    Values: bytes or str (written as is), or a tensor dict (written as safetensors). Write failures
+    (disk full, read-only file system, ...) raise :class:`ConfigError` naming ``dest``; ``dest`` is
+    then left as it was.
     """
     dest = Path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".tmp"))
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".tmp"))
+    except OSError as e:
+        raise write_failed(dest, e) from None
     try:
         sums = {}
         for name, content in files.items():
@@ -112,8 +130,10 @@ def write_folder_atomically(dest: Path, files: dict[str, bytes | dict[str, torch
         else:
             os.replace(tmp, dest)
         _fsync_dir(dest.parent)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, (OSError, SafetensorError)):
+            raise write_failed(dest, e) from None
         raise
 
 
@@ -142,12 +162,18 @@ def verify_manifest(folder: Path) -> None:
     if not man.exists():
         return
     try:
-        sums = json.loads(man.read_text())["files"]
-    except (ValueError, KeyError, TypeError) as e:
+        sums = json.loads(man.read_text(encoding="utf-8"))["files"]
+    except (OSError, ValueError, KeyError, TypeError, RecursionError) as e:
         raise DictionaryFileError(f"manifest {man} is corrupt ({e}); expected JSON with a 'files' map") from None
+    if not isinstance(sums, dict):
+        raise DictionaryFileError(f"manifest {man} is corrupt: 'files' is not a map of file name -> sha256")
     for name, digest in sums.items():
+        if not isinstance(digest, str) or not name or "/" in name or "\\" in name or name in (".", ".."):
+            raise DictionaryFileError(
+                f"manifest {man} is corrupt: entry {name!r}: {digest!r} is not a file name -> sha256 pair"
+            )
         p = folder / name
-        if not p.exists():
+        if not p.is_file():
             raise DictionaryFileError(f"{p} is listed in the manifest but missing")
         if sha256_file(p) != digest:
             raise DictionaryFileError(f"{p} does not match its sha256 in {man}: the file is corrupt or truncated")
@@ -181,13 +207,19 @@ def load_dictionary(path: str | Path, *, device: str | torch.device = "cpu") -> 
         cfg_dict = json.loads((path / CONFIG).read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise DictionaryFileError(f"{path / CONFIG} is missing") from None
-    except (ValueError, UnicodeDecodeError) as e:
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:
         raise DictionaryFileError(f"{path / CONFIG} is not valid JSON ({e})") from None
-    if not isinstance(cfg_dict, dict) or cfg_dict.get("format", "").split("/")[0] != "sparsetrace-dictionary":
-        raise DictionaryFileError(f"{path / CONFIG} is not a sparsetrace dictionary config (no 'format' field)")
+    except OSError as e:
+        raise DictionaryFileError(f"{path / CONFIG} cannot be read ({e.strerror or e})") from None
+    fmt = cfg_dict.get("format") if isinstance(cfg_dict, dict) else None
+    if not isinstance(fmt, str) or fmt.split("/")[0] != "sparsetrace-dictionary":
+        raise DictionaryFileError(
+            f"{path / CONFIG} is not a sparsetrace dictionary config (format={fmt!r}); "
+            f"expected 'sparsetrace-dictionary/1'"
+        )
     try:
         cfg = DictionaryConfig.from_dict(cfg_dict)
-    except TypeError as e:
+    except (ConfigError, TypeError) as e:
         raise DictionaryFileError(f"{path / CONFIG} has invalid fields ({e})") from None
     try:
         tensors = load_file(str(path / WEIGHTS), device="cpu")
@@ -197,7 +229,6 @@ def load_dictionary(path: str | Path, *, device: str | torch.device = "cpu") -> 
 
 
 def from_tensors(cfg: DictionaryConfig, tensors: dict[str, torch.Tensor], *, source: str) -> SparseDictionary:
-    d = SparseDictionary(cfg)
     expected = {
         "W_enc": (cfg.n_features, cfg.d_in),
         "b_enc": (cfg.n_features,),
@@ -216,8 +247,14 @@ def from_tensors(cfg: DictionaryConfig, tensors: dict[str, torch.Tensor], *, sou
             raise DictionaryFileError(
                 f"{source}: tensor '{name}' has shape {list(t.shape)}; expected {list(shape)} from the config"
             )
+        if not t.is_floating_point():
+            raise DictionaryFileError(f"{source}: tensor '{name}' has dtype {t.dtype}; expected a floating-point dtype")
         if not torch.isfinite(t).all():
             raise DictionaryFileError(f"{source}: tensor '{name}' contains NaN or inf")
+    bt = tensors.get("batch_threshold")
+    if bt is not None and (bt.numel() != 1 or not bt.is_floating_point() or not torch.isfinite(bt).all()):
+        raise DictionaryFileError(f"{source}: tensor 'batch_threshold' must be one finite float, got {list(bt.shape)}")
+    d = SparseDictionary(cfg)
     with torch.no_grad():
         d.W_enc.copy_(tensors["W_enc"])
         d.b_enc.copy_(tensors["b_enc"])
@@ -251,8 +288,17 @@ def check_matches_model(d: SparseDictionary, model_id: str, d_model: int, n_laye
 def find_dictionaries(run_dir: str | Path) -> list[Path]:
     """Dictionary folders inside a run folder (or the folder itself if it is one)."""
     run_dir = Path(run_dir)
+    if run_dir.suffix.lower() in PICKLE_SUFFIXES:
+        raise DictionaryFileError(
+            f"refusing to load {run_dir}: pickle-based files can execute code; expected a run folder or a "
+            f"dictionary folder with {CONFIG} + {WEIGHTS} (safetensors)"
+        )
+    if run_dir.is_file() and run_dir.name == WEIGHTS:
+        run_dir = run_dir.parent
     if not run_dir.exists():
         raise DictionaryFileError(f"'{run_dir}' does not exist; expected a run folder or a dictionary folder")
+    if not run_dir.is_dir():
+        raise DictionaryFileError(f"'{run_dir}' is a file; expected a run folder or a dictionary folder")
     if (run_dir / WEIGHTS).exists() or (run_dir / "cfg.json").exists():
         return [run_dir]
     found = sorted(p.parent for p in run_dir.glob(f"*/{WEIGHTS}") if not p.parent.name.startswith("."))

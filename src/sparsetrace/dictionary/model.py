@@ -17,7 +17,7 @@ scales into the weights so a saved dictionary works on raw model activations.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import MISSING, asdict, dataclass, fields
 
 import torch
 import torch.nn.functional as F
@@ -53,19 +53,31 @@ class DictionaryConfig:
     format: str = "sparsetrace-dictionary/1"
 
     def validate(self) -> DictionaryConfig:
+        for name in ("kind", "activation", "hookpoint_in", "hookpoint_out", "model_id", "normalisation", "format"):
+            v = getattr(self, name)
+            if not isinstance(v, str):
+                raise ConfigError(f"{name}={v!r} is invalid; expected a string")
         if self.kind not in KINDS:
             raise ConfigError(f"kind '{self.kind}' is unknown; expected one of {', '.join(KINDS)}")
         if self.activation not in ACTIVATIONS:
             raise ConfigError(f"activation '{self.activation}' is unknown; expected one of {', '.join(ACTIVATIONS)}")
         for name in ("d_in", "d_out", "n_features"):
             v = getattr(self, name)
-            if not isinstance(v, int) or v <= 0:
+            if not _is_int(v) or v <= 0:
                 raise ConfigError(f"{name}={v!r} is invalid; expected a positive integer")
+        if not _is_int(self.layer) or self.layer < 0:
+            raise ConfigError(f"layer={self.layer!r} is invalid; expected an integer >= 0")
+        if self.k is not None and not _is_int(self.k):
+            raise ConfigError(f"k={self.k!r} is invalid; expected an integer or null")
         if self.activation in ("topk", "batchtopk"):
             if self.k is None or not (0 < self.k <= self.n_features):
                 raise ConfigError(
                     f"k={self.k} is invalid for {self.activation}; expected 0 < k <= n_features={self.n_features}"
                 )
+        for name in ("jumprelu_bandwidth", "input_scale", "output_scale"):
+            v = getattr(self, name)
+            if not _is_real(v) or not 0 < v < math.inf:
+                raise ConfigError(f"{name}={v!r} is invalid; expected a finite number > 0")
         if self.kind == "sae" and self.d_in != self.d_out:
             raise ConfigError(f"an SAE needs d_in == d_out, got {self.d_in} and {self.d_out}")
         return self
@@ -75,8 +87,22 @@ class DictionaryConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> DictionaryConfig:
+        if not isinstance(d, dict):
+            raise ConfigError(f"dictionary config is a {type(d).__name__}; expected a JSON object")
         known = {f.name for f in fields(cls)}
+        required = [f.name for f in fields(cls) if f.default is MISSING and f.default_factory is MISSING]
+        missing = [name for name in required if name not in d]
+        if missing:
+            raise ConfigError(f"dictionary config lacks {', '.join(missing)}; expected fields {', '.join(required)}")
         return cls(**{k: v for k, v in d.items() if k in known}).validate()
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_real(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
 @dataclass

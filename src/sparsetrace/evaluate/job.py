@@ -8,7 +8,7 @@ from pathlib import Path
 from ..data.tokens import tokenize_windows
 from ..dictionary.io import atomic_write_text, find_dictionaries, load_dictionary
 from ..dictionary.model import SparseDictionary
-from ..errors import DictionaryFileError
+from ..errors import DataError, DictionaryFileError
 from ..model.adapter import LanguageModel
 from .metrics import evaluate
 
@@ -31,11 +31,23 @@ def model_for(dictionaries: list[SparseDictionary], model: str | None) -> str:
 
 
 def heldout_windows(run_dir: Path, lm: LanguageModel, corpus: str | None, n_windows: int, context: int = 128):
+    import torch
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     p = Path(run_dir) / HELDOUT
     if corpus is None and p.exists():
-        return load_file(str(p))["tokens"][:n_windows]
+        try:
+            tokens = load_file(str(p))["tokens"]
+        except (SafetensorError, OSError, KeyError, ValueError) as e:
+            raise DataError(
+                f"held-out tokens file '{p}' is corrupt ({e}); delete it or pass --corpus for held-out text"
+            ) from None
+        if tokens.dim() != 2 or tokens.dtype != torch.long or tokens.numel() == 0:
+            raise DataError(f"held-out tokens file '{p}' has {tokens.dtype} {list(tokens.shape)}; expected windows of token ids")
+        if int(tokens.min()) < 0 or int(tokens.max()) >= lm.vocab_size:
+            raise DataError(f"held-out tokens in '{p}' are not token ids of '{lm.model_id}' (vocab {lm.vocab_size})")
+        return tokens[:n_windows]
     from ..data.corpus import load_texts
 
     texts = load_texts(corpus or "default")

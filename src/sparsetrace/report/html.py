@@ -64,7 +64,7 @@ class _Reader:
             return None
         try:
             value = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, ValueError) as exc:
+        except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:
             self.warn(path, f"unreadable ({type(exc).__name__}: {str(exc)[:120]})")
             return None
         if not isinstance(value, expect):
@@ -85,7 +85,7 @@ class _Reader:
                         continue
                     try:
                         row = json.loads(line)
-                    except ValueError:
+                    except (ValueError, RecursionError):
                         bad += 1
                         continue
                     if isinstance(row, dict):
@@ -200,8 +200,10 @@ def _valid_graph(reader: _Reader, path: Path, graph: dict) -> dict | None:
         lk
         for lk in links
         if isinstance(lk, dict)
-        and lk.get("source") in ids
-        and lk.get("target") in ids
+        and isinstance(lk.get("source"), str)
+        and isinstance(lk.get("target"), str)
+        and lk["source"] in ids
+        and lk["target"] in ids
         and _num(lk.get("weight")) is not None
     ]
     dropped = (len(nodes) - len(good_nodes)) + (len(links) - len(good_links))

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field, fields
 
 from ..dictionary.model import DEFAULT_HOOKPOINTS, KINDS
 from ..errors import ConfigError
+from ..model.hookpoints import HOOKPOINTS
 
 ACTIVATION_CHOICES = ("relu", "topk", "batchtopk", "jumprelu")
 
@@ -55,34 +57,74 @@ class TrainConfig:
         return max(1, int(self.n_tokens * self.epochs) // self.batch_size)
 
     def validate(self) -> TrainConfig:
+        for name in ("model", "kind", "activation", "corpus", "device", "dtype", "parallel"):
+            v = getattr(self, name)
+            if not isinstance(v, str) or not v.strip():
+                raise ConfigError(f"--{name.replace('_', '-')} {v!r} is invalid; expected a non-empty string")
         if self.kind not in KINDS:
             raise ConfigError(f"--kind '{self.kind}' is unknown; expected one of {', '.join(KINDS)}")
+        if self.hookpoint is not None and (not isinstance(self.hookpoint, str) or self.hookpoint not in HOOKPOINTS):
+            raise ConfigError(f"--hookpoint {self.hookpoint!r} is unknown; expected one of {', '.join(HOOKPOINTS)}")
         if self.activation not in ACTIVATION_CHOICES:
             raise ConfigError(
                 f"--activation '{self.activation}' is unknown; expected one of {', '.join(ACTIVATION_CHOICES)}"
             )
-        if not self.target_l0 > 0:
+        if not _is_real(self.target_l0) or not 0 < self.target_l0 < math.inf:
             raise ConfigError(f"--target-l0 {self.target_l0} is invalid; expected a number > 0")
-        if self.l1_init is not None and not self.l1_init > 0:
-            raise ConfigError(f"λ (l1_init) {self.l1_init} is invalid; expected a number > 0")
+        if self.l1_init is not None and (not _is_real(self.l1_init) or not 0 < self.l1_init < math.inf):
+            raise ConfigError(f"--l1 (initial λ) {self.l1_init} is invalid; expected a number > 0")
+        if not isinstance(self.layers, (list, tuple)) or not all(_is_int(x) for x in self.layers):
+            raise ConfigError(f"--layers {self.layers!r} is invalid; expected a list of layer numbers, e.g. 3,6")
         if not self.layers:
             raise ConfigError("--layers is empty; expected at least one layer, e.g. --layers 3,6")
         if len(set(self.layers)) != len(self.layers):
-            raise ConfigError(f"--layers {self.layers} lists a layer twice")
-        for name in ("n_tokens", "batch_size", "context", "expansion"):
+            raise ConfigError(f"--layers {list(self.layers)} lists a layer twice")
+        if min(self.layers) < 0:
+            raise ConfigError(f"layer {min(self.layers)} is out of range; expected layers >= 0")
+        for name in ("n_tokens", "batch_size", "context", "expansion", "dead_window_tokens", "log_every"):
             v = getattr(self, name)
-            if not isinstance(v, int) or v <= 0:
+            if not _is_int(v) or v <= 0:
                 raise ConfigError(f"--{name.replace('_', '-')} {v!r} is invalid; expected a positive integer")
-        if not self.lr > 0:
-            raise ConfigError(f"--lr {self.lr} is invalid; expected a number > 0")
-        if not self.epochs > 0:
-            raise ConfigError(f"--epochs {self.epochs} is invalid; expected a number > 0")
-        if not 0 < self.eval_fraction < 0.5:
+        if self.context < 2:
+            raise ConfigError(f"--context {self.context} is too short; expected at least 2 tokens")
+        for name in ("checkpoint_every", "resample_every"):
+            v = getattr(self, name)
+            if not _is_int(v) or v < 0:
+                raise ConfigError(f"--{name.replace('_', '-')} {v!r} is invalid; expected an integer >= 0")
+        if not _is_int(self.seed) or not 0 <= self.seed < 2**31:
+            raise ConfigError(f"--seed {self.seed!r} is invalid; expected an integer in 0..{2**31 - 1}")
+        if self.n_features is not None and (not _is_int(self.n_features) or self.n_features <= 0):
+            raise ConfigError(f"--n-features {self.n_features!r} is invalid; expected a positive integer")
+        for name in ("lr", "epochs"):
+            v = getattr(self, name)
+            if not _is_real(v) or not 0 < v < math.inf:
+                raise ConfigError(f"--{name} {v} is invalid; expected a number > 0")
+        if not math.isfinite(self.n_tokens * self.epochs):
+            raise ConfigError(f"--n-tokens {self.n_tokens} × --epochs {self.epochs} is too large; expected a finite product")
+        if not _is_real(self.eval_fraction) or not 0 < self.eval_fraction < 0.5:
             raise ConfigError(f"eval_fraction {self.eval_fraction} is invalid; expected 0 < x < 0.5")
+        for name, hi in (("warmup_frac", 1.0), ("decay_frac", 1.0)):
+            v = getattr(self, name)
+            if not _is_real(v) or not 0 <= v <= hi:
+                raise ConfigError(f"{name} {v!r} is invalid; expected a number in [0, {hi}]")
+        for name in ("lambda_gain", "aux_k_coef"):
+            v = getattr(self, name)
+            if not _is_real(v) or not 0 <= v < math.inf:
+                raise ConfigError(f"{name} {v!r} is invalid; expected a finite number >= 0")
+        if self.max_memory_gb is not None and (not _is_real(self.max_memory_gb) or not self.max_memory_gb > 0):
+            raise ConfigError(f"max_memory_gb {self.max_memory_gb!r} is invalid; expected a number > 0 or null")
+        if self.dtype not in ("float32", "float16"):
+            raise ConfigError(f"dtype '{self.dtype}' is unknown; expected 'float32' or 'float16'")
         if self.parallel not in ("data", "layer"):
             raise ConfigError(f"--parallel '{self.parallel}' is unknown; expected 'data' or 'layer'")
-        if self.activation in ("topk", "batchtopk") and self.k is not None and self.k <= 0:
-            raise ConfigError(f"--k {self.k} is invalid; expected a positive integer")
+        if self.k is not None and not _is_int(self.k):
+            raise ConfigError(f"--k {self.k!r} is invalid; expected a positive integer")
+        if self.activation in ("topk", "batchtopk"):
+            if self.k is not None and self.k <= 0:
+                raise ConfigError(f"--k {self.k} is invalid; expected a positive integer")
+            k = self.k if self.k is not None else max(1, round(self.target_l0))
+            if self.n_features is not None and k > self.n_features:
+                raise ConfigError(f"--k {k} is larger than --n-features {self.n_features}; expected k <= n_features")
         return self
 
     def to_dict(self) -> dict:
@@ -90,8 +132,19 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> TrainConfig:
+        if not isinstance(d, dict):
+            raise ConfigError(f"training config is a {type(d).__name__}; expected a JSON object")
         known = {f.name for f in fields(cls)}
-        unknown = set(d) - known
+        unknown = [k for k in d if k not in known]
         if unknown:
-            raise ConfigError(f"unknown training config keys {sorted(unknown)}; expected some of {sorted(known)}")
+            names = sorted(map(repr, unknown))
+            raise ConfigError(f"unknown training config keys [{', '.join(names)}]; expected some of {sorted(known)}")
         return cls(**d).validate()
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_real(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)

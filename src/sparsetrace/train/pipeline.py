@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from ..data.store import harvest
@@ -20,11 +21,14 @@ from .trainer import train_dictionaries, world_from_env, write_run_json
 HELDOUT = "heldout_tokens.safetensors"
 
 
-def load_corpus_windows(lm: LanguageModel, tcfg: TrainConfig) -> tuple[torch.Tensor, torch.Tensor]:
+def load_corpus_windows(
+    lm: LanguageModel, tcfg: TrainConfig, texts: list[str] | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Train and held-out token windows for a config (deterministic in corpus + seed)."""
     from ..data.corpus import load_texts
 
-    texts = load_texts(tcfg.corpus)
+    if texts is None:
+        texts = load_texts(tcfg.corpus)
     per_window = tcfg.context - 1
     n_train_windows = -(-tcfg.n_tokens // per_window)
     n_total = int(n_train_windows / (1 - tcfg.eval_fraction)) + 2
@@ -55,18 +59,38 @@ def run_training(
     if resume and not (out_dir / "train_config.json").exists():
         raise ConfigError(f"--resume: '{out_dir}' has no train_config.json; nothing to resume")
     if resume:
-        saved = TrainConfig.from_dict(json.loads((out_dir / "train_config.json").read_text()))
+        cfg_path = out_dir / "train_config.json"
+        try:
+            saved_dict = json.loads(cfg_path.read_text(encoding="utf-8"))
+        except (OSError, ValueError, RecursionError) as e:
+            raise ConfigError(
+                f"--resume: '{cfg_path}' is unreadable or not JSON ({e}); delete the run folder to start over"
+            ) from None
+        try:
+            saved = TrainConfig.from_dict(saved_dict)
+        except ConfigError as e:
+            raise ConfigError(f"--resume: '{cfg_path}' is not a valid training config ({e})") from None
         if saved.to_dict() != tcfg.to_dict():
             tcfg = saved  # resuming always continues the saved configuration
     _check_writable(out_dir)
     t0 = time.time()
+    from ..data.corpus import load_texts
+
+    texts = load_texts(tcfg.corpus)  # before the model, so a bad corpus fails fast
     lm = lm or LanguageModel.load(tcfg.model, device=tcfg.device)
     check_layers(lm, tcfg.layers)
-    train_windows, heldout = load_corpus_windows(lm, tcfg)
-    from ..dictionary.io import atomic_write_text
+    n_features = tcfg.n_features or tcfg.expansion * lm.d_model
+    k = tcfg.k if tcfg.k is not None else max(1, round(tcfg.target_l0))
+    if tcfg.activation in ("topk", "batchtopk") and k > n_features:
+        raise ConfigError(f"--k {k} is larger than n_features={n_features}; expected k <= n_features")
+    train_windows, heldout = load_corpus_windows(lm, tcfg, texts)
+    from ..dictionary.io import atomic_write_text, write_failed
 
     atomic_write_text(out_dir / "train_config.json", json.dumps(tcfg.to_dict(), indent=2))
-    save_file({"tokens": heldout.contiguous()}, str(out_dir / HELDOUT))
+    try:
+        save_file({"tokens": heldout.contiguous()}, str(out_dir / HELDOUT))
+    except (OSError, SafetensorError) as e:
+        raise write_failed(out_dir / HELDOUT, e) from None
     hp_in, hp_out = tcfg.hookpoints
     hookpoints = sorted({Hookpoint(h, layer) for layer in tcfg.layers for h in (hp_in, hp_out)}, key=str)
     cache = harvest(lm, train_windows, hookpoints, cache_dir=cache_dir, progress=progress, dtype=tcfg.dtype)
