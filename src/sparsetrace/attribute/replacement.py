@@ -1,0 +1,447 @@
+"""The local replacement model: a prompt-specific, exactly-matching, linearised stand-in for an LM.
+
+Given a prompt and a set of dictionaries, :class:`ReplacementModel`
+
+1. runs the real model once ("clean pass") and records, for every dictionary, its input and the true
+   output it replaces (``mlp_in``/``mlp_out`` for transcoders, the residual for residual SAEs);
+2. computes the feature activations (constants from now on) and the error term
+   ``error = true output - reconstruction``, so the replacement is exact on this prompt;
+3. replaces *every* MLP by a constant: ``decoder write + error`` for MLPs with a transcoder, the
+   MLP's whole clean output (a pure error node) for the others (a skip transcoder keeps its linear
+   ``W_skip @ x_in`` term live); residual SAEs replace the residual by ``decoder write + error``;
+4. freezes attention patterns and normalisation scales (see :class:`FreezeMode`), so the map from
+   the constants (embeddings, decoder writes, errors) to any feature pre-activation or logit is
+   linear.
+
+The constants enter the forward as "leaf" tensors (one per site, ``[batch, seq, d_model]``), which
+is what attribution differentiates with respect to; the values a dictionary reads (its input at the
+site) are returned as "reads".
+
+Sites are keyed by where they write: ``"mlp_out.L"`` for layer L's MLP (with or without a
+transcoder), ``"resid_pre.L"``/``"resid_post.L"`` for residual SAEs, and ``"emb"`` for the residual
+stream entering layer 0 (token + position embeddings, as the model builds it).
+
+Freezing works for any ``transformers`` architecture without per-model code: the forward runs under
+a ``TorchFunctionMode`` that intercepts softmax, ``scaled_dot_product_attention``, ``rsqrt``,
+``layer_norm`` and ``rms_norm``. In ``record`` mode it computes them normally but returns detached
+results and stores them on a tape; in ``replay`` mode it returns the taped values (broadcast to the
+current batch), so the forward is linear in the leaves *in value as well as in gradient* (this is what
+finite-difference checks use). ``mode=None`` runs with live attention and norms ("unfrozen").
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.overrides import TorchFunctionMode
+
+from ..dictionary.model import SparseDictionary
+from ..errors import ConfigError, DataError, DictionaryFileError, ModelError
+from ..model.adapter import LanguageModel
+from ..model.hookpoints import Hookpoint
+
+__all__ = ["FreezeMode", "ReplacementModel", "Site", "ForwardResult"]
+
+_SOFTMAX = {torch.softmax, F.softmax, torch.Tensor.softmax, torch.special.softmax}
+_RSQRT = {torch.rsqrt, torch.Tensor.rsqrt}
+_LAYER_NORM = {F.layer_norm, torch.layer_norm}
+_RMS_NORM = {f for f in (getattr(F, "rms_norm", None), getattr(torch, "rms_norm", None)) if f is not None}
+_SDPA = {F.scaled_dot_product_attention}
+
+
+class FreezeMode(TorchFunctionMode):
+    """Detach (record) or replay attention probabilities and normalisation scales.
+
+    - softmax (``F.softmax``, ``torch.softmax``, ``Tensor.softmax``): output detached;
+    - ``F.scaled_dot_product_attention``: computed explicitly, probabilities detached;
+    - ``torch.rsqrt`` / ``Tensor.rsqrt`` (RMSNorm in Llama/Mistral/Qwen/Gemma): detached;
+    - ``F.layer_norm``: ``(x - mean(x)) * rsqrt(var + eps).detach() * w + b`` (the mean subtraction is
+      linear and keeps its gradient);
+    - ``F.rms_norm``: ``x * rsqrt(mean(x^2) + eps).detach() * w``.
+
+    ``tape=None`` records (``self.tape`` fills up); a tape from an earlier recording replays it, so the
+    constants are those of the recorded run whatever the current input is. Replayed values are
+    broadcast over the batch dimension, so a batch-1 recording serves any batch size.
+    """
+
+    def __init__(self, tape: list | None = None):
+        super().__init__()
+        self.recording = tape is None
+        self.tape: list[tuple[str, Tensor]] = [] if tape is None else tape
+        self.pos = 0
+
+    def _const(self, kind: str, shape: torch.Size, value: Tensor | None = None) -> Tensor:
+        if self.recording:
+            assert value is not None
+            value = value.detach()
+            self.tape.append((kind, value))
+            return value
+        if self.pos >= len(self.tape):
+            raise ModelError(f"frozen replay ran past its tape at a {kind} call; the forward differs from the recorded one")
+        k, v = self.tape[self.pos]
+        self.pos += 1
+        if k != kind:
+            raise ModelError(f"frozen replay expected a {k} call but got {kind}; the forward differs from the recorded one")
+        try:
+            return v.expand(shape)
+        except RuntimeError:
+            raise ModelError(f"frozen replay: recorded {kind} of shape {list(v.shape)} does not fit {list(shape)}") from None
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in _SOFTMAX:
+            x = args[0]
+            if self.recording:
+                return self._const("softmax", x.shape, func(*args, **kwargs))
+            return self._const("softmax", x.shape)
+        if func in _RSQRT:
+            x = args[0]
+            if self.recording:
+                return self._const("rsqrt", x.shape, func(*args, **kwargs))
+            return self._const("rsqrt", x.shape)
+        if func in _LAYER_NORM:
+            return self._layer_norm(*args, **kwargs)
+        if func in _RMS_NORM:
+            return self._rms_norm(*args, **kwargs)
+        if func in _SDPA:
+            return self._sdpa(*args, **kwargs)
+        return func(*args, **kwargs)
+
+    # ------------------------------------------------------------------ replacements
+    def _layer_norm(self, x, normalized_shape, weight=None, bias=None, eps=1e-5, *_, **__):
+        dims = tuple(range(-len(normalized_shape), 0))
+        xc = x - x.mean(dim=dims, keepdim=True)
+        shape = x.shape[: x.dim() - len(dims)] + (1,) * len(dims)
+        if self.recording:
+            with torch.no_grad():
+                inv = torch.rsqrt(xc.pow(2).mean(dim=dims, keepdim=True) + eps)
+            inv = self._const("layer_norm", shape, inv)
+        else:
+            inv = self._const("layer_norm", shape)
+        out = xc * inv
+        if weight is not None:
+            out = out * weight
+        if bias is not None:
+            out = out + bias
+        return out
+
+    def _rms_norm(self, x, normalized_shape, weight=None, eps=None, *_, **__):
+        dims = tuple(range(-len(normalized_shape), 0))
+        shape = x.shape[: x.dim() - len(dims)] + (1,) * len(dims)
+        if eps is None:
+            eps = torch.finfo(x.dtype).eps
+        if self.recording:
+            with torch.no_grad():
+                inv = torch.rsqrt(x.pow(2).mean(dim=dims, keepdim=True) + eps)
+            inv = self._const("rms_norm", shape, inv)
+        else:
+            inv = self._const("rms_norm", shape)
+        out = x * inv
+        if weight is not None:
+            out = out * weight
+        return out
+
+    def _sdpa(self, query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
+              enable_gqa=False, **_):
+        n_q, n_kv = query.size(-3), key.size(-3)
+        if n_q % n_kv:
+            raise ModelError(f"attention with {n_q} query heads and {n_kv} key/value heads is not supported")
+        rep = n_q // n_kv  # grouped-query attention: broadcast rather than copy keys/values
+        L, S = query.size(-2), key.size(-2)
+        shape = (*query.shape[:-1], S)
+        if self.recording:
+            with torch.no_grad():
+                if rep > 1:
+                    key = key.unsqueeze(-3).expand(*key.shape[:-2], rep, *key.shape[-2:]).flatten(-4, -3)
+                s = 1.0 / math.sqrt(query.size(-1)) if scale is None else scale
+                scores = torch.matmul(query, key.transpose(-2, -1)) * s
+                if is_causal:
+                    causal = torch.ones(L, S, dtype=torch.bool, device=query.device).tril(diagonal=0)
+                    scores = scores.masked_fill(~causal, float("-inf"))
+                if attn_mask is not None:
+                    if attn_mask.dtype == torch.bool:
+                        scores = scores.masked_fill(~attn_mask, float("-inf"))
+                    else:
+                        scores = scores + attn_mask
+                probs = torch.softmax(scores if scores.dtype in (torch.float32, torch.float64) else scores.float(), dim=-1).to(query.dtype)
+            probs = self._const("sdpa", shape, probs)
+        else:
+            probs = self._const("sdpa", shape)
+        if rep > 1:  # [.., n_kv, rep * L, S] @ [.., n_kv, S, dh]: no broadcasting, so no reductions in backward
+            out = torch.matmul(probs.reshape(*probs.shape[:-3], n_kv, rep * L, S), value)
+            return out.reshape(*out.shape[:-3], n_q, L, out.shape[-1])
+        return torch.matmul(probs, value)
+
+
+class _SkipLogits(Exception):
+    pass
+
+
+@dataclass
+class Site:
+    """One place where the replacement model substitutes constants.
+
+    ``key`` is the hookpoint written (``mlp_out.L``, ``resid_pre.L``, ``resid_post.L``). For an MLP
+    without a transcoder ``dictionary`` is None and ``error`` is the MLP's whole clean output.
+    """
+
+    key: str
+    kind: str  # "mlp" | "sae"
+    layer: int
+    hookpoint: Hookpoint
+    order: tuple[int, int]
+    dictionary: SparseDictionary | None
+    x_in: Tensor  # [seq, d] the clean input the dictionary reads
+    out: Tensor  # [seq, d] the true output at the site
+    leaf: Tensor  # [seq, d] the constant that replaces it (out minus any live skip term)
+    error: Tensor  # [seq, d] out - reconstruction
+    pos: Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))  # active feature positions
+    feat: Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))  # active feature indices
+    act: Tensor = field(default_factory=lambda: torch.zeros(0))  # their activations
+    W_enc: Tensor | None = None  # [n_features, d] in the model's dtype
+    W_dec: Tensor | None = None
+    W_skip: Tensor | None = None
+
+    @property
+    def n_active(self) -> int:
+        return int(self.pos.numel())
+
+    def activation(self, position: int, feature: int) -> float:
+        hit = ((self.pos == position) & (self.feat == feature)).nonzero()
+        return float(self.act[hit[0, 0]]) if hit.numel() else 0.0
+
+
+@dataclass
+class ForwardResult:
+    logits: Tensor | None  # [batch, seq, vocab] when asked for
+    final: Tensor | None  # [batch, seq, d] the unembedding's input (after the final norm)
+    reads: dict[str, Tensor]  # site key -> the dictionary's input [batch, seq, d]
+    leaves: dict[str, Tensor]  # "emb" and site keys -> constants used [batch, seq, d]
+
+
+_SITE_ORDER = {"resid_pre": 0, "mlp_out": 2, "resid_post": 4}
+
+
+class ReplacementModel:
+    """The local replacement model of ``lm`` on one prompt (``input_ids`` of shape [1, seq] or [seq]).
+
+    ``dictionaries``: transcoders / skip transcoders (``mlp_in`` -> ``mlp_out``) and residual SAEs
+    (``resid_pre``/``resid_post``), at most one per site. After construction, ``exactness`` holds
+    ``max |logits_replacement - logits_real|`` over all positions and the vocabulary.
+    """
+
+    def __init__(self, lm: LanguageModel, input_ids: Tensor, dictionaries: Sequence[SparseDictionary]):
+        ids = torch.as_tensor(input_ids, device=lm.device).long()
+        if ids.dim() == 1:
+            ids = ids[None]
+        if ids.dim() != 2 or ids.shape[0] != 1 or ids.shape[1] == 0:
+            raise DataError(f"expected token ids of shape [1, seq] with seq >= 1, got {list(ids.shape)}")
+        if int(ids.max()) >= lm.vocab_size or int(ids.min()) < 0:
+            raise DataError(f"token ids must lie in 0..{lm.vocab_size - 1}")
+        self.lm = lm
+        self.input_ids = ids
+        self.n_pos = ids.shape[1]
+        self.dtype = lm.dtype
+        dicts = self._check_dictionaries(list(dictionaries))
+
+        reads = {Hookpoint("resid_pre", 0)}
+        for L in range(lm.n_layers):
+            reads |= {Hookpoint("mlp_in", L), Hookpoint("mlp_out", L)}
+        for hp in dicts:
+            if hp.name != "mlp_out":
+                reads.add(hp)
+        clean = lm.run(ids, read=sorted(reads, key=lambda h: (h.layer, h.name)))
+        if clean.logits is None:
+            raise ModelError("the model returned no logits")
+        self.clean_logits = clean.logits[0].detach()
+        acts = {hp: t[0] for hp, t in clean.acts.items()}
+        self.emb = acts[Hookpoint("resid_pre", 0)]
+
+        self.sites: dict[str, Site] = {}
+        for L in range(lm.n_layers):
+            hp = Hookpoint("mlp_out", L)
+            self.sites[str(hp)] = self._make_site(hp, dicts.get(hp), acts[Hookpoint("mlp_in", L)], acts[hp])
+        for hp, d in dicts.items():
+            if hp.name != "mlp_out":
+                self.sites[str(hp)] = self._make_site(hp, d, acts[hp], acts[hp])
+        self.sites = dict(sorted(self.sites.items(), key=lambda kv: kv[1].order))
+
+        # record the frozen constants on the replacement forward itself (same op sequence as later runs)
+        self.tape: list | None = None
+        rec = self.run(1, mode="record", logits=True)
+        assert rec.logits is not None
+        self.replacement_logits = rec.logits[0].detach()
+        self.exactness = float((self.replacement_logits - self.clean_logits).abs().max())
+
+    # ------------------------------------------------------------------ setup
+    def _check_dictionaries(self, dictionaries: list[SparseDictionary]) -> dict[Hookpoint, SparseDictionary]:
+        lm = self.lm
+        out: dict[Hookpoint, SparseDictionary] = {}
+        for d in dictionaries:
+            if not isinstance(d, SparseDictionary):
+                raise ConfigError(f"expected SparseDictionary objects, got {type(d).__name__}")
+            cfg = d.cfg
+            if cfg.d_in != lm.d_model or cfg.d_out != lm.d_model:
+                raise DictionaryFileError(
+                    f"dictionary for layer {cfg.layer} has d_in={cfg.d_in}, d_out={cfg.d_out}; "
+                    f"model '{lm.model_id}' has d_model={lm.d_model}"
+                )
+            if not 0 <= cfg.layer < lm.n_layers:
+                raise DictionaryFileError(
+                    f"dictionary layer {cfg.layer} is out of range for '{lm.model_id}' (0..{lm.n_layers - 1})"
+                )
+            if cfg.kind in ("transcoder", "skip_transcoder"):
+                if (cfg.hookpoint_in, cfg.hookpoint_out) != ("mlp_in", "mlp_out"):
+                    raise ConfigError(
+                        f"transcoder for layer {cfg.layer} maps {cfg.hookpoint_in} -> {cfg.hookpoint_out}; "
+                        "attribution supports transcoders mlp_in -> mlp_out"
+                    )
+                hp = Hookpoint("mlp_out", cfg.layer)
+            else:
+                if cfg.hookpoint_in != cfg.hookpoint_out or cfg.hookpoint_in not in ("resid_pre", "resid_post"):
+                    raise ConfigError(
+                        f"SAE for layer {cfg.layer} at {cfg.hookpoint_in}; attribution supports residual SAEs "
+                        "at resid_pre or resid_post"
+                    )
+                hp = Hookpoint(cfg.hookpoint_in, cfg.layer)
+            if hp in out:
+                raise ConfigError(f"two dictionaries replace {hp}; pass at most one per site")
+            out[hp] = d
+        return out
+
+    def _make_site(self, hp: Hookpoint, d: SparseDictionary | None, x_in: Tensor, out: Tensor) -> Site:
+        dt = self.dtype
+        kind = "mlp" if hp.name == "mlp_out" else "sae"
+        order = (hp.layer, _SITE_ORDER[hp.name])
+        if d is None:
+            return Site(str(hp), kind, hp.layer, hp, order, None, x_in, out, out, out)
+        p = next(d.parameters())
+        with torch.no_grad():
+            x = x_in.to(device=p.device, dtype=p.dtype)
+            acts = d.features(x).to(device=out.device, dtype=dt)
+            W_enc = d.W_enc.detach().to(device=out.device, dtype=dt)
+            W_dec = d.W_dec.detach().to(device=out.device, dtype=dt)
+            b_dec = d.b_dec.detach().to(device=out.device, dtype=dt)
+            W_skip = None if d.W_skip is None else d.W_skip.detach().to(device=out.device, dtype=dt)
+            write = acts @ W_dec + b_dec
+            skip = torch.zeros_like(out) if W_skip is None else x_in @ W_skip.t()
+            error = out - write - skip
+            leaf = out - skip
+        nz = acts.nonzero()
+        pos, feat = nz[:, 0], nz[:, 1]
+        return Site(str(hp), kind, hp.layer, hp, order, d, x_in, out, leaf, error,
+                    pos=pos, feat=feat, act=acts[pos, feat], W_enc=W_enc, W_dec=W_dec, W_skip=W_skip)
+
+    @property
+    def dictionary_sites(self) -> list[Site]:
+        return [s for s in self.sites.values() if s.dictionary is not None]
+
+    # ------------------------------------------------------------------ forward
+    def make_leaves(self, batch: int, *, requires_grad: bool = False) -> dict[str, Tensor]:
+        """Fresh copies of the constants, ``[batch, seq, d]`` each (a leaf tensor when ``requires_grad``)."""
+        out = {"emb": self.emb}
+        out.update({k: s.leaf for k, s in self.sites.items()})
+        return {k: v[None].expand(batch, *v.shape).clone().requires_grad_(requires_grad) for k, v in out.items()}
+
+    def run(self, batch: int = 1, *, mode: str | None = "replay", leaves: dict[str, Tensor] | None = None,
+            requires_grad: bool = False, logits: bool = False, stop_after: int | None = None) -> ForwardResult:
+        """One forward of the replacement model on ``batch`` copies of the prompt.
+
+        mode: ``"replay"`` (frozen, linear in the leaves), ``"record"`` (frozen gradients, records the
+        tape; used once by the constructor) or None (live attention and norms).
+        ``leaves``: the constants to use (default: the clean ones). ``logits=False`` stops before the
+        unembedding (``final`` is still returned). ``stop_after=L`` stops after decoder layer L
+        (``final`` is then None): enough for reading dictionaries up to layer L.
+        """
+        lm = self.lm
+        if leaves is None:
+            leaves = self.make_leaves(batch, requires_grad=requires_grad)
+        reads: dict[str, Tensor] = {}
+        captured: dict[str, Tensor] = {}
+        sae_pre0 = self.sites.get("resid_pre.0")
+
+        def mlp_edit(key: str):
+            site = self.sites[key]
+
+            def fn(x: Tensor) -> Tensor:
+                reads[key] = x
+                if site.W_skip is not None:
+                    return leaves[key] + x @ site.W_skip.t()
+                return leaves[key]
+
+            return fn
+
+        def resid_edit(key: str):
+            def fn(x: Tensor) -> Tensor:
+                reads[key] = x
+                return leaves[key]
+
+            return fn
+
+        def emb_edit(x: Tensor) -> Tensor:
+            if sae_pre0 is not None:
+                reads[sae_pre0.key] = leaves["emb"]
+                return leaves[sae_pre0.key]
+            return leaves["emb"]
+
+        edits = {Hookpoint("resid_pre", 0): emb_edit}
+        for key, site in self.sites.items():
+            if site.kind == "mlp":
+                edits[site.hookpoint] = mlp_edit(key)
+            elif key != "resid_pre.0":
+                edits[site.hookpoint] = resid_edit(key)
+
+        def capture(_mod, args):
+            captured["final"] = args[0]
+            if not logits:
+                raise _SkipLogits
+
+        freeze: contextlib.AbstractContextManager
+        if mode == "record":
+            freeze = FreezeMode(None)
+        elif mode == "replay":
+            if self.tape is None:
+                raise ModelError("replacement model has no recorded tape")
+            freeze = FreezeMode(self.tape)
+        elif mode is None:
+            freeze = contextlib.nullcontext()
+        else:
+            raise ConfigError(f"mode={mode!r}; expected 'replay', 'record' or None")
+        ids = self.input_ids.expand(batch, -1).contiguous()
+        def stop(_mod, _inp, _out):
+            raise _SkipLogits
+
+        handles = [lm.arch.unembed.register_forward_pre_hook(capture)]
+        if stop_after is not None:
+            handles.append(lm.arch.layer(stop_after).register_forward_hook(stop))
+        out_logits = None
+        grad_ctx = torch.enable_grad() if requires_grad or any(v.requires_grad for v in leaves.values()) else torch.no_grad()
+        try:
+            with grad_ctx, lm.hooks(edit=edits, replace_mlp=True):
+                with freeze:
+                    try:
+                        out_logits = lm.model(input_ids=ids, use_cache=False).logits
+                    except _SkipLogits:
+                        pass
+        finally:
+            for h in handles:
+                h.remove()
+        if mode == "record":
+            self.tape = freeze.tape  # type: ignore[union-attr]
+        elif mode == "replay" and stop_after is None and freeze.pos != len(self.tape):  # type: ignore[union-attr,arg-type]
+            raise ModelError("frozen replay used fewer constants than were recorded; the forward differs")
+        if "final" not in captured and stop_after is None:
+            raise ModelError("the unembedding was never called; cannot read the final residual stream")
+        return ForwardResult(logits=out_logits, final=captured.get("final"), reads=reads, leaves=leaves)
+
+    # ------------------------------------------------------------------ helpers
+    def logit_direction(self, token_id: int) -> Tensor:
+        """``W_U[t] - mean_v W_U[v]``: the direction read by ``logit_t - mean(logits)``."""
+        W_U = self.lm.arch.unembed.weight.detach().to(self.dtype)
+        return W_U[token_id] - W_U.mean(0)
