@@ -370,3 +370,13 @@ def test_steered_logits_and_labels(lm, dictionary, windows, dashboards):
         lab = BuiltinLabeler(promoted_from="steered").label(sub[f])
         assert lab.promoted_source == "steered" and lab.promoted_ids == sub[f]["steered_logit_ids"][:2]
         assert BuiltinLabeler().label(sub[f]).promoted_source == "direct"
+
+
+def test_align_quantile_buckets(dictionary):
+    other = SparseDictionary(dictionary.cfg, seed=7)
+    dens = torch.cat([torch.zeros(8), torch.rand(N_FEAT - 8, generator=torch.Generator().manual_seed(1)) * 0.1 + 1e-6])
+    res = align(dictionary, other, densities1=dens, bucket_edges="quantiles", n_quantile_buckets=4)
+    buckets = res["by_density"]
+    assert [b["label"] for b in buckets][0] == "dead" and buckets[0]["n"] == 8
+    assert len(buckets) == 5 and sum(b["n"] for b in buckets) == N_FEAT
+    assert all(abs(b["n"] - (N_FEAT - 8) / 4) <= 1 for b in buckets[1:])

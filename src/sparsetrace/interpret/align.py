@@ -44,10 +44,10 @@ def _unit(w: Tensor) -> Tensor:
 
 def _bucket_label(lo: float, hi: float) -> str:
     if lo == 0:
-        return f"<{hi:g}"
+        return f"<{hi:.3g}"
     if math.isinf(hi):
-        return f">={lo:g}"
-    return f"{lo:g}-{hi:g}"
+        return f">={lo:.3g}"
+    return f"{lo:.3g}-{hi:.3g}"
 
 
 def align(
@@ -58,10 +58,15 @@ def align(
     densities2: Sequence[float] | Tensor | None = None,
     threshold: float = 0.7,
     enc_weight: float = 0.5,
-    bucket_edges: Sequence[float] = (1e-4, 1e-3, 1e-2),
+    bucket_edges: Sequence[float] | str = (1e-4, 1e-3, 1e-2),
+    n_quantile_buckets: int = 4,
     chunk: int = 2048,
 ) -> dict:
-    """Match the features of ``d1`` to those of ``d2`` (SparseDictionary or {"W_enc", "W_dec"} dicts)."""
+    """Match the features of ``d1`` to those of ``d2`` (SparseDictionary or {"W_enc", "W_dec"} dicts).
+
+    ``bucket_edges``: density edges of the run-1 buckets, or ``"quantiles"`` for ``n_quantile_buckets``
+    equal-count buckets of the live (density > 0) features. Dead features always get their own bucket.
+    """
     E1, D1 = _weights(d1)
     E2, D2 = _weights(d2)
     if D1.shape[1] != D2.shape[1] or E1.shape[1] != E2.shape[1]:
@@ -108,6 +113,7 @@ def align(
 
     result: dict = {
         "format": "sparsetrace-align/1",
+        "bucket_edges": bucket_edges if isinstance(bucket_edges, str) else [float(e) for e in bucket_edges],
         "n_features": [int(n1), int(n2)],
         "threshold": threshold,
         "enc_weight": enc_weight,
@@ -120,7 +126,15 @@ def align(
         dens1 = np.asarray(torch.as_tensor(densities1, dtype=torch.float64).cpu().numpy(), dtype=np.float64)
         if dens1.shape != (n1,):
             raise DataError(f"densities1 has shape {list(dens1.shape)}; expected [{n1}]")
-        edges = [0.0, *[float(e) for e in bucket_edges], math.inf]
+        if isinstance(bucket_edges, str):
+            if bucket_edges != "quantiles":
+                raise DataError(f"bucket_edges={bucket_edges!r}; expected a list of densities or 'quantiles'")
+            live = dens1[dens1 > 0]
+            qs = np.quantile(live, np.linspace(0, 1, n_quantile_buckets + 1)[1:-1]) if live.size else []
+            inner = sorted({float(q) for q in qs if q > 0})
+        else:
+            inner = [float(e) for e in bucket_edges]
+        edges = [0.0, *inner, math.inf]
         buckets = [{"label": "dead", "range": [0.0, 0.0], **summary(dens1 <= 0)}]
         for lo, hi in zip(edges[:-1], edges[1:], strict=True):
             mask = (dens1 > 0) & (dens1 >= lo) & (dens1 < hi)
