@@ -34,7 +34,8 @@ def make_dicts(d_model=64, n_features=96, spec=((0, "transcoder"), (1, "skip_tra
                dtype=torch.float32, bias=-0.08):
     out = []
     for layer, kind in spec:
-        hp = ("resid_pre", "resid_pre") if kind == "sae" else ("mlp_in", "mlp_out")
+        hp = {"sae": ("resid_pre",) * 2, "sae_post": ("resid_post",) * 2}.get(kind, ("mlp_in", "mlp_out"))
+        kind = "sae" if kind.startswith("sae") else kind
         cfg = DictionaryConfig(kind=kind, d_in=d_model, d_out=d_model, n_features=n_features, layer=layer,
                                hookpoint_in=hp[0], hookpoint_out=hp[1])
         d = SparseDictionary(cfg, seed=10 + layer)
@@ -70,6 +71,8 @@ def test_replacement_is_exact_and_frozen_model_linear(tiny_lms, name):
     assert rm.exactness <= 1e-5
     real = lm.run(ids).logits[0]
     assert (rm.replacement_logits - real).abs().max() <= 1e-5
+    # replaying the taped constants (query/key projections skipped) reproduces the same logits
+    assert (rm.run(1, logits=True).logits[0] - real).abs().max() <= 1e-5
     # the replayed (frozen) forward is linear in every constant
     leaves = rm.make_leaves(3)
     delta = torch.randn(rm.n_pos, lm.d_model, generator=torch.Generator().manual_seed(0))
@@ -170,9 +173,11 @@ def test_sparse_storage_and_structure(graph64):
 @pytest.mark.parametrize("name", ["tiny-gpt2", "tiny-neox"])
 def test_attribute_other_architectures(tiny_lms, name):
     lm = tiny_lms[name]
-    g = attribute(lm, PROMPT, make_dicts(), batch_size=32)
+    g = attribute(lm, PROMPT, make_dicts(spec=((0, "transcoder"), (1, "skip_transcoder"), (2, "sae_post"))),
+                  batch_size=32)
     full = g.unpruned
     assert full.metadata["exactness"] <= 1e-5
+    assert any(n.node_id.startswith("resid_post.2/F") for n in full.nodes)
     res = check_edges(full, k=100, unfrozen=False)
     assert res["frozen"]["max_rel_err"] <= 1e-2
     assert len(g.nodes) < len(full.nodes)

@@ -329,15 +329,13 @@ class _Rows:
                   blocks: bool = True) -> None:
         """``parts``: (values [n, nb], column ids [n]) for this batch's rows (one column of values per row)."""
         r0 = self.n_rows
-        rs, cs, vs = [], [], []
-        for vals, cols in parts:
-            c, r = (vals != 0).nonzero(as_tuple=True)
-            if r.numel():
-                rs.append(r.to(torch.int32))
-                cs.append(cols[c].to(torch.int32))
-                vs.append(vals[c, r].to(torch.float32))
-        if rs:
-            r, c, v = torch.cat(rs), torch.cat(cs), torch.cat(vs)
+        vals = torch.cat([p[0] for p in parts])
+        cols = torch.cat([p[1] for p in parts])
+        ci, r = (vals != 0).nonzero(as_tuple=True)
+        if r.numel():
+            v = vals[ci, r].to(torch.float32)
+            c = cols[ci].to(torch.int32)
+            r = r.to(torch.int32)
             self.rows.append(r + r0)
             self.cols.append(c)
             self.vals.append(v)
@@ -485,10 +483,17 @@ class _Attributor:
         return (s.key, int(self.col_pos[col]), s.W_enc[int(self.col_feat[col])])
 
 
+def auto_batch_size(n_pos: int, token_budget: int = 3072) -> int:
+    """Default targets per backward: about ``token_budget`` prompt copies x tokens, within 8..256."""
+    return int(max(8, min(256, token_budget // max(n_pos, 1))))
+
+
 def build_graph(rm: ReplacementModel, targets: list[tuple[int, float]], *, max_feature_nodes: int = 3000,
-                batch_size: int = 64, update_interval: int = 4, verbose: bool = False,
+                batch_size: int | None = None, update_interval: int = 4, verbose: bool = False,
                 prompt: str | None = None) -> Graph:
     """The full (unpruned) attribution graph of ``rm`` for the given (token_id, prob) targets."""
+    if batch_size is None:
+        batch_size = auto_batch_size(rm.n_pos)
     if batch_size < 1:
         raise ConfigError(f"batch_size={batch_size}; expected >= 1")
     if max_feature_nodes < 0:
@@ -598,6 +603,7 @@ def build_graph(rm: ReplacementModel, targets: list[tuple[int, float]], *, max_f
         "transcoder_list": [f"L{s.layer}" for s in at.feat_sites if s.kind == "mlp"],
         "exactness": rm.exactness,
         "n_active_features": n_feat,
+        "batch_size": batch_size,
         "n_feature_rows": int(n_visited),
         "timings": {"forward_s": round(at.forward_s, 3), "rows_s": round(t_rows, 3), "backward_s": round(at.backward_s, 3)},
     }
@@ -616,14 +622,16 @@ def build_graph(rm: ReplacementModel, targets: list[tuple[int, float]], *, max_f
 
 
 def attribute(lm: LanguageModel, prompt: str | Tensor, dictionaries: Sequence[SparseDictionary], *,
-              target: str | int | None = None, max_feature_nodes: int = 3000, batch_size: int = 64,
+              target: str | int | None = None, max_feature_nodes: int = 3000, batch_size: int | None = None,
               node_threshold: float = 0.8, edge_threshold: float = 0.98, desired_logit_prob: float = 0.95,
               max_n_logits: int = 10, update_interval: int = 4, prune: bool = True, keep_errors: bool = False,
               verbose: bool = False) -> Graph:
     """Attribution graph of ``lm`` on ``prompt`` (text, tokenised with BOS, or token ids [1, seq]).
 
     ``target``: a single-token string (or token id) to explain; default: the top next-token logits
-    covering ``desired_logit_prob`` of the probability (at most ``max_n_logits``). Returns the graph
+    covering ``desired_logit_prob`` of the probability (at most ``max_n_logits``). ``batch_size``: targets
+    per batched backward (default :func:`auto_batch_size`: about 3072 / seq, within 8..256; memory grows
+    with it, see the module docstring). Returns the graph
     pruned with ``node_threshold``/``edge_threshold`` (``prune=False``: the full graph); the full graph
     is ``graph.unpruned``, its scores are ``graph.scores`` (the pruned graph's under
     ``metadata["pruned_scores"]``).

@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
 from ..dictionary.model import SparseDictionary
@@ -245,6 +245,7 @@ class ReplacementModel:
         if int(ids.max()) >= lm.vocab_size or int(ids.min()) < 0:
             raise DataError(f"token ids must lie in 0..{lm.vocab_size - 1}")
         self.lm = lm
+        self.skip_qk = True  # replay runs skip separate q_proj/k_proj (their results are not used)
         self.input_ids = ids
         self.n_pos = ids.shape[1]
         self.dtype = lm.dtype
@@ -322,9 +323,14 @@ class ReplacementModel:
         if d is None:
             return Site(str(hp), kind, hp.layer, hp, order, None, x_in, out, out, out)
         p = next(d.parameters())
+        was_training = d.training
+        d.eval()  # BatchTopK uses its inference threshold
+        try:
+            with torch.no_grad():
+                acts = d.features(x_in.to(device=p.device, dtype=p.dtype)).to(device=out.device, dtype=dt)
+        finally:
+            d.train(was_training)
         with torch.no_grad():
-            x = x_in.to(device=p.device, dtype=p.dtype)
-            acts = d.features(x).to(device=out.device, dtype=dt)
             W_enc = d.W_enc.detach().to(device=out.device, dtype=dt)
             W_dec = d.W_dec.detach().to(device=out.device, dtype=dt)
             b_dec = d.b_dec.detach().to(device=out.device, dtype=dt)
@@ -343,10 +349,11 @@ class ReplacementModel:
         return [s for s in self.sites.values() if s.dictionary is not None]
 
     # ------------------------------------------------------------------ forward
-    def make_leaves(self, batch: int, *, requires_grad: bool = False) -> dict[str, Tensor]:
-        """Fresh copies of the constants, ``[batch, seq, d]`` each (a leaf tensor when ``requires_grad``)."""
+    def make_leaves(self, batch: int, *, requires_grad: bool = False, up_to: int | None = None) -> dict[str, Tensor]:
+        """Fresh copies of the constants, ``[batch, seq, d]`` each (a leaf tensor when ``requires_grad``);
+        ``up_to``: only the sites of layers <= up_to (for a forward that stops there)."""
         out = {"emb": self.emb}
-        out.update({k: s.leaf for k, s in self.sites.items()})
+        out.update({k: s.leaf for k, s in self.sites.items() if up_to is None or s.layer <= up_to})
         return {k: v[None].expand(batch, *v.shape).clone().requires_grad_(requires_grad) for k, v in out.items()}
 
     def run(self, batch: int = 1, *, mode: str | None = "replay", leaves: dict[str, Tensor] | None = None,
@@ -361,7 +368,7 @@ class ReplacementModel:
         """
         lm = self.lm
         if leaves is None:
-            leaves = self.make_leaves(batch, requires_grad=requires_grad)
+            leaves = self.make_leaves(batch, requires_grad=requires_grad, up_to=stop_after)
         reads: dict[str, Tensor] = {}
         captured: dict[str, Tensor] = {}
         sae_pre0 = self.sites.get("resid_pre.0")
@@ -371,16 +378,17 @@ class ReplacementModel:
 
             def fn(x: Tensor) -> Tensor:
                 reads[key] = x
+                out = leaves[key] if key in leaves else x.new_zeros(x.shape)  # beyond stop_after
                 if site.W_skip is not None:
-                    return leaves[key] + x @ site.W_skip.t()
-                return leaves[key]
+                    return out + x @ site.W_skip.t()
+                return out
 
             return fn
 
         def resid_edit(key: str):
             def fn(x: Tensor) -> Tensor:
                 reads[key] = x
-                return leaves[key]
+                return leaves[key] if key in leaves else x
 
             return fn
 
@@ -418,12 +426,13 @@ class ReplacementModel:
             raise _SkipLogits
 
         handles = [lm.arch.unembed.register_forward_pre_hook(capture)]
-        if stop_after is not None:
-            handles.append(lm.arch.layer(stop_after).register_forward_hook(stop))
+        patched = self._skip_qk() if mode == "replay" and self.skip_qk else []
         out_logits = None
         grad_ctx = torch.enable_grad() if requires_grad or any(v.requires_grad for v in leaves.values()) else torch.no_grad()
         try:
             with grad_ctx, lm.hooks(edit=edits, replace_mlp=True):
+                if stop_after is not None:  # registered after the edits, so a resid_post edit still runs
+                    handles.append(lm.arch.layer(stop_after).register_forward_hook(stop))
                 with freeze:
                     try:
                         out_logits = lm.model(input_ids=ids, use_cache=False).logits
@@ -432,6 +441,9 @@ class ReplacementModel:
         finally:
             for h in handles:
                 h.remove()
+            for m in patched:
+                with contextlib.suppress(AttributeError):
+                    del m.forward
         if mode == "record":
             self.tape = freeze.tape  # type: ignore[union-attr]
         elif mode == "replay" and stop_after is None and freeze.pos != len(self.tape):  # type: ignore[union-attr,arg-type]
@@ -439,6 +451,24 @@ class ReplacementModel:
         if "final" not in captured and stop_after is None:
             raise ModelError("the unembedding was never called; cannot read the final residual stream")
         return ForwardResult(logits=out_logits, final=captured.get("final"), reads=reads, leaves=leaves)
+
+    def _skip_qk(self) -> list[nn.Module]:
+        """In replay mode the attention probabilities come from the tape, so separate query/key
+        projections (``q_proj``/``k_proj`` Linear children of an attention module) need not run: they
+        return zeros of the right shape (saves about half of the attention projections)."""
+        patched = []
+        for i in range(self.lm.n_layers):
+            attn = self.lm.arch.attn(i)
+            inner = getattr(attn, "attention", None)
+            for m in (attn, inner):
+                if not isinstance(m, nn.Module):
+                    continue
+                q, k = getattr(m, "q_proj", None), getattr(m, "k_proj", None)
+                if isinstance(q, nn.Linear) and isinstance(k, nn.Linear):
+                    for lin in (q, k):
+                        lin.forward = (lambda n: (lambda x: x.new_zeros(*x.shape[:-1], n)))(lin.out_features)
+                        patched.append(lin)
+        return patched
 
     # ------------------------------------------------------------------ helpers
     def logit_direction(self, token_id: int) -> Tensor:
