@@ -380,7 +380,7 @@ class _Attributor:
     def __init__(self, rm: ReplacementModel, batch_size: int):
         self.rm = rm
         self.B = batch_size
-        P, d = rm.n_pos, rm.lm.d_model
+        P = rm.n_pos
         self.P = P
         self.sites: list[Site] = list(rm.sites.values())
         self.feat_sites = [s for s in self.sites if s.dictionary is not None]
@@ -400,11 +400,10 @@ class _Attributor:
         self.col_act = np.zeros(self.n_feat, dtype=np.float64)
         self.site_rank = {s.key: i for i, s in enumerate(self.sites)}
         self.col_rank = np.zeros(self.n_feat, dtype=np.int64)
-        # per site, the "decoder" vectors of its sources grouped by position, [P, K + 1, d]: the active
-        # features' decoder rows times their activations (K slots, zero padded), then the error vector;
-        # one bmm of them with the site's gradient gives all of the site's edges for a batch of targets
-        self.dec: dict[str, tuple[Tensor, Tensor, int]] = {}
-        ar = torch.arange(P)
+        # per site, the "decoder" vectors of its sources in position-major order: at each position the
+        # active features' decoder rows times their activations, then the error vector; a site's edges for
+        # a batch of targets are then one small matmul per position with the site's gradient there
+        self.dec: dict[str, tuple[Tensor, list[tuple[int, int]], Tensor]] = {}
         for s in self.sites:
             n = s.n_active
             if s.dictionary is not None and n:
@@ -416,18 +415,22 @@ class _Attributor:
                 self.col_act[o:o + n] = s.act.double().numpy()
                 self.col_rank[o:o + n] = self.site_rank[s.key]
                 counts = torch.bincount(s.pos, minlength=P)
-                K = int(counts.max())
-                starts = counts.cumsum(0) - counts
-                slot = torch.arange(n) - starts[s.pos]
             else:
-                K, slot = 0, torch.zeros(0, dtype=torch.long)
-            dec = torch.zeros(P, K + 1, d, dtype=rm.dtype)
-            if n:
-                dec[s.pos, slot] = s.W_dec[s.feat] * s.act[:, None]
-            dec[ar, K] = s.error
-            # flat row of each active feature in the [P * (K + 1), nb] result
-            self.dec[s.key] = (dec, s.pos * (K + 1) + slot, K)
-        self.dec["emb"] = (rm.emb[:, None, :].contiguous(), torch.zeros(0, dtype=torch.long), 0)
+                counts = torch.zeros(P, dtype=torch.long)
+            # s.pos is sorted (row-major nonzero), so features of position p are a contiguous run
+            fstart = (counts.cumsum(0) - counts).tolist()
+            vecs, cols, spans, r = [], [], [], 0
+            for p, c in enumerate(counts.tolist()):
+                if c:
+                    f0 = fstart[p]
+                    vecs.append(s.W_dec[s.feat[f0:f0 + c]] * s.act[f0:f0 + c, None])
+                    cols.append(self.feat_offset[s.key] + torch.arange(f0, f0 + c))
+                vecs.append(s.error[p:p + 1])
+                cols.append(torch.tensor([self.err_offset[s.key] + p]))
+                spans.append((r, r + c + 1))
+                r += c + 1
+            self.dec[s.key] = (torch.cat(vecs).contiguous(), spans, torch.cat(cols))
+        self.dec["emb"] = (rm.emb.contiguous(), [(p, p + 1) for p in range(P)], self.emb_offset + torch.arange(P))
         self.deepest = max((s.layer for s in self.feat_sites), default=0)
         self.fwd = None
         self.rows = _Rows(self.n_cols)
@@ -463,19 +466,17 @@ class _Attributor:
         grads = torch.autograd.grad([self._read(k) for k in seeds], self.leaf_tensors, list(seeds.values()),
                                     retain_graph=not last, allow_unused=True)
         self.backward_s += time.perf_counter() - t0
-        ar = torch.arange(self.P)
         parts = []
         with torch.no_grad():
             for key, G in zip(self.leaf_keys, grads, strict=True):
                 if G is None:
                     continue
-                dec, flat, K = self.dec[key]
-                v = torch.bmm(dec, G[:nb].permute(1, 2, 0))  # [P, K + 1, nb]
-                cols = self.emb_offset + ar if key == "emb" else self.err_offset[key] + ar
-                parts.append((v[:, K], cols))  # errors / embeddings
-                if flat.numel():
-                    vals = v.reshape(-1, nb).index_select(0, flat)  # [n_active, nb]
-                    parts.append((vals, self.feat_offset[key] + torch.arange(flat.numel())))
+                dec, spans, cols = self.dec[key]
+                Gp = G[:nb].permute(1, 2, 0).contiguous()  # [P, d, nb]
+                vals = torch.empty(dec.shape[0], nb, dtype=G.dtype)
+                for p, (r0, r1) in enumerate(spans):
+                    torch.mm(dec[r0:r1], Gp[p], out=vals[r0:r1])
+                parts.append((vals, cols))
         self.rows.add_batch(parts, nb, row_nodes, blocks=self.need_blocks)
 
     def feature_item(self, col: int) -> tuple[str, int, Tensor]:
