@@ -255,7 +255,12 @@ def test_pruning_keeps_logits_and_reduces(graph64):
     assert len(looser.nodes) >= len(p.nodes)
     with pytest.raises(DataError):
         prune_graph(g, 0.0)
-    assert len(prune_graph(g, 0.5, 0.9, keep_errors=True).nodes) > len(p.nodes)
+    ke = prune_graph(g, 0.5, 0.9, keep_errors=True)
+    assert ke.metadata["keep_errors"] and len(ke.nodes) > len(p.nodes)
+    # errors bypass the node threshold (those left with outgoing edges stay); features are ranked alone
+    src_k = set(ke.edges.numpy()[0].tolist())
+    assert all(i in src_k for i, n in enumerate(ke.nodes) if n.kind == "error")
+    assert sum(n.kind == "feature" for n in ke.nodes) >= sum(n.kind == "feature" for n in p.nodes)
 
 
 # ------------------------------------------------------------------------------------------ paths

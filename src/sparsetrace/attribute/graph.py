@@ -625,7 +625,7 @@ def build_graph(rm: ReplacementModel, targets: list[tuple[int, float]], *, max_f
 def attribute(lm: LanguageModel, prompt: str | Tensor, dictionaries: Sequence[SparseDictionary], *,
               target: str | int | None = None, max_feature_nodes: int = 3000, batch_size: int | None = None,
               node_threshold: float = 0.8, edge_threshold: float = 0.98, desired_logit_prob: float = 0.95,
-              max_n_logits: int = 10, update_interval: int = 4, prune: bool = True, keep_errors: bool = False,
+              max_n_logits: int = 10, update_interval: int = 4, prune: bool = True, keep_errors: bool | None = None,
               verbose: bool = False) -> Graph:
     """Attribution graph of ``lm`` on ``prompt`` (text, tokenised with BOS, or token ids [1, seq]).
 
@@ -635,7 +635,8 @@ def attribute(lm: LanguageModel, prompt: str | Tensor, dictionaries: Sequence[Sp
     with it, see the module docstring). Returns the graph
     pruned with ``node_threshold``/``edge_threshold`` (``prune=False``: the full graph); the full graph
     is ``graph.unpruned``, its scores are ``graph.scores`` (the pruned graph's under
-    ``metadata["pruned_scores"]``).
+    ``metadata["pruned_scores"]``). ``keep_errors`` (see :func:`prune_graph`): default True when some
+    MLP layer has no transcoder (its whole output is an error node), else False.
     """
     if isinstance(prompt, str):
         ids = lm.tokenize(prompt)
@@ -652,6 +653,8 @@ def attribute(lm: LanguageModel, prompt: str | Tensor, dictionaries: Sequence[Sp
         return full
     from .prune import graph_scores, prune_graph
 
+    if keep_errors is None:
+        keep_errors = any(s.kind == "mlp" and s.dictionary is None for s in rm.sites.values())
     pruned = prune_graph(full, node_threshold, edge_threshold, keep_errors=keep_errors)
     pruned.metadata["pruned_scores"] = graph_scores(pruned)
     pruned.unpruned = full

@@ -120,7 +120,10 @@ def find_paths(graph: Graph, target: str | int | None = None, num_iters: int = 1
 
 def select_circuit(graph: Graph, max_features: int = 20) -> list[str]:
     """The ``max_features`` feature nodes with the largest influence on the target logits (node ids),
-    for causal verification. Uses the nodes' stored ``influence`` (computed on the full graph)."""
+    for causal verification. Uses the nodes' stored ``influence`` (computed on the full graph), and the
+    full graph itself when ``graph`` is a pruned graph built in this process (``graph.unpruned``)."""
+    if graph.unpruned is not None:
+        graph = graph.unpruned
     feats = [n for n in graph.nodes if n.kind == "feature"]
     if any(n.influence is None for n in feats):
         from .prune import node_influence

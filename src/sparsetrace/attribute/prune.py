@@ -109,9 +109,12 @@ def prune_graph(graph: Graph, node_threshold: float = 0.8, edge_threshold: float
     covering ``edge_threshold`` of the edge influence among those, then drop features/errors left
     without outgoing edges and features left without incoming edges (repeated until stable).
 
-    Embeddings and logits are always kept (errors too with ``keep_errors``). The edge score of s -> t
-    is ``N'[t, s] * (influence'(t) + logit_weight(t))`` on the node-pruned graph. Node ``influence``
-    values are those of the unpruned graph.
+    Embeddings and logits are always kept. ``keep_errors``: error nodes bypass the node threshold, which
+    then ranks features among themselves (the features covering ``node_threshold`` of the features'
+    total influence are kept). Use it when error nodes dominate, e.g. when only some MLP layers have
+    transcoders (the others are whole-MLP error nodes and would otherwise crowd out every feature).
+    The edge score of s -> t is ``N'[t, s] * (influence'(t) + logit_weight(t))`` on the node-pruned
+    graph. Node ``influence`` values are those of the unpruned graph.
     """
     for name, v in (("node_threshold", node_threshold), ("edge_threshold", edge_threshold)):
         if not 0.0 < v <= 1.0:
@@ -126,9 +129,12 @@ def prune_graph(graph: Graph, node_threshold: float = 0.8, edge_threshold: float
     infl = compute_influence(normalised_adjacency(n, src, dst, w), lw)
     kinds = np.array([nd.kind for nd in graph.nodes])
     always = (kinds == "embedding") | (kinds == "logit")
+    # the node threshold ranks all nodes together (circuit-tracer), or with keep_errors the features alone
+    pool = (kinds == "feature") if keep_errors else np.ones(n, dtype=bool)
+    thr = find_threshold(infl[pool], node_threshold)
+    node_mask = always | (pool & (infl >= thr) & (infl > 0))
     if keep_errors:
-        always |= kinds == "error"
-    node_mask = (infl >= find_threshold(infl, node_threshold)) & (infl > 0) | always
+        node_mask |= kinds == "error"
 
     keep_e = node_mask[src] & node_mask[dst]
     e_idx = np.flatnonzero(keep_e)
@@ -164,6 +170,7 @@ def prune_graph(graph: Graph, node_threshold: float = 0.8, edge_threshold: float
     meta = dict(graph.metadata)
     meta["node_threshold"] = float(node_threshold)
     meta["edge_threshold"] = float(edge_threshold)
+    meta["keep_errors"] = bool(keep_errors)
     meta["pruned"] = {"nodes": int(len(keep)), "links": int(len(e)), "from_nodes": n, "from_links": int(len(w))}
     pruned = Graph([graph.nodes[i] for i in keep], edges, meta)
     pruned.replacement = graph.replacement
