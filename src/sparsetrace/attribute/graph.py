@@ -45,6 +45,7 @@ lower ``batch_size``; the dense per-batch gradients are ``batch_size * seq * d_m
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import sys
@@ -376,6 +377,19 @@ class _Rows:
         return infl
 
 
+@contextlib.contextmanager
+def _one_thread():
+    n = torch.get_num_threads()
+    if n == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
+
+
 class _Attributor:
     def __init__(self, rm: ReplacementModel, batch_size: int):
         self.rm = rm
@@ -467,7 +481,9 @@ class _Attributor:
                                     retain_graph=not last, allow_unused=True)
         self.backward_s += time.perf_counter() - t0
         parts = []
-        with torch.no_grad():
+        # many small matmuls: one thread avoids an OpenMP hand-off per call, which on a busy machine
+        # costs a scheduler time slice each
+        with torch.no_grad(), _one_thread():
             for key, G in zip(self.leaf_keys, grads, strict=True):
                 if G is None:
                     continue
