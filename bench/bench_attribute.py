@@ -80,6 +80,8 @@ def run_case(lm, dicts, name, *, k_check: int, batch_size: int | None, max_featu
         "runs": {"wall_s": walls, "cpu_s": cpus, "load_avg": loads, "os_cpu_count": os.cpu_count(),
                  "torch_threads": torch.get_num_threads()},
         "timings": full.metadata["timings"],
+        "threads_used": full.metadata.get("num_threads"),
+        "batch_size": full.metadata.get("batch_size"),
         "exactness_max_abs_logit_diff": full.metadata["exactness"],
         "n_active_features": full.metadata["n_active_features"],
         "n_feature_rows": full.metadata["n_feature_rows"],

@@ -48,6 +48,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -378,16 +379,32 @@ class _Rows:
 
 
 @contextlib.contextmanager
-def _one_thread():
-    n = torch.get_num_threads()
-    if n == 1:
+def _threads(n: int):
+    old = torch.get_num_threads()
+    if n == old:
         yield
         return
-    torch.set_num_threads(1)
+    torch.set_num_threads(n)
     try:
         yield
     finally:
-        torch.set_num_threads(n)
+        torch.set_num_threads(old)
+
+
+def _one_thread():
+    return _threads(1)
+
+
+def auto_threads() -> int:
+    """torch's thread count, or 1 when the machine is oversubscribed (1-minute load average above 1.5x
+    the CPU count): OpenMP threads then wait for each other at every op and run slower than one thread
+    (measured on a shared 2-core machine at load 6-8: 0.96 s vs 1.5 s per batched backward)."""
+    n = torch.get_num_threads()
+    try:
+        load = os.getloadavg()[0]
+    except OSError:  # pragma: no cover - not on every platform
+        return n
+    return 1 if n > 1 and load > 1.5 * (os.cpu_count() or 1) else n
 
 
 class _Attributor:
@@ -507,8 +524,17 @@ def auto_batch_size(n_pos: int, token_budget: int = 3072) -> int:
 
 def build_graph(rm: ReplacementModel, targets: list[tuple[int, float]], *, max_feature_nodes: int = 3000,
                 batch_size: int | None = None, update_interval: int = 4, verbose: bool = False,
-                prompt: str | None = None) -> Graph:
-    """The full (unpruned) attribution graph of ``rm`` for the given (token_id, prob) targets."""
+                prompt: str | None = None, num_threads: int | None = None) -> Graph:
+    """The full (unpruned) attribution graph of ``rm`` for the given (token_id, prob) targets.
+
+    ``num_threads``: torch threads while building (default :func:`auto_threads`)."""
+    with _threads(num_threads or auto_threads()):
+        return _build_graph(rm, targets, max_feature_nodes=max_feature_nodes, batch_size=batch_size,
+                            update_interval=update_interval, verbose=verbose, prompt=prompt)
+
+
+def _build_graph(rm: ReplacementModel, targets: list[tuple[int, float]], *, max_feature_nodes: int,
+                 batch_size: int | None, update_interval: int, verbose: bool, prompt: str | None) -> Graph:
     if batch_size is None:
         batch_size = auto_batch_size(rm.n_pos)
     if batch_size < 1:
@@ -621,6 +647,7 @@ def build_graph(rm: ReplacementModel, targets: list[tuple[int, float]], *, max_f
         "exactness": rm.exactness,
         "n_active_features": n_feat,
         "batch_size": batch_size,
+        "num_threads": torch.get_num_threads(),
         "n_feature_rows": int(n_visited),
         "timings": {"forward_s": round(at.forward_s, 3), "rows_s": round(t_rows, 3), "backward_s": round(at.backward_s, 3)},
     }
@@ -642,7 +669,7 @@ def attribute(lm: LanguageModel, prompt: str | Tensor, dictionaries: Sequence[Sp
               target: str | int | None = None, max_feature_nodes: int = 3000, batch_size: int | None = None,
               node_threshold: float = 0.8, edge_threshold: float = 0.98, desired_logit_prob: float = 0.95,
               max_n_logits: int = 10, update_interval: int = 4, prune: bool = True, keep_errors: bool | None = None,
-              verbose: bool = False) -> Graph:
+              num_threads: int | None = None, verbose: bool = False) -> Graph:
     """Attribution graph of ``lm`` on ``prompt`` (text, tokenised with BOS, or token ids [1, seq]).
 
     ``target``: a single-token string (or token id) to explain; default: the top next-token logits
@@ -652,8 +679,18 @@ def attribute(lm: LanguageModel, prompt: str | Tensor, dictionaries: Sequence[Sp
     pruned with ``node_threshold``/``edge_threshold`` (``prune=False``: the full graph); the full graph
     is ``graph.unpruned``, its scores are ``graph.scores`` (the pruned graph's under
     ``metadata["pruned_scores"]``). ``keep_errors`` (see :func:`prune_graph`): default True when some
-    MLP layer has no transcoder (its whole output is an error node), else False.
+    MLP layer has no transcoder (its whole output is an error node), else False. ``num_threads``:
+    torch threads while building the graph (default: :func:`auto_threads`).
     """
+    with _threads(num_threads or auto_threads()):
+        return _attribute(lm, prompt, dictionaries, target=target, max_feature_nodes=max_feature_nodes,
+                          batch_size=batch_size, node_threshold=node_threshold, edge_threshold=edge_threshold,
+                          desired_logit_prob=desired_logit_prob, max_n_logits=max_n_logits,
+                          update_interval=update_interval, prune=prune, keep_errors=keep_errors, verbose=verbose)
+
+
+def _attribute(lm, prompt, dictionaries, *, target, max_feature_nodes, batch_size, node_threshold, edge_threshold,
+               desired_logit_prob, max_n_logits, update_interval, prune, keep_errors, verbose) -> Graph:
     if isinstance(prompt, str):
         ids = lm.tokenize(prompt)
         text = prompt
@@ -664,7 +701,8 @@ def attribute(lm: LanguageModel, prompt: str | Tensor, dictionaries: Sequence[Sp
     targets = select_targets(lm, rm.clean_logits[-1], target, desired_logit_prob=desired_logit_prob,
                              max_n_logits=max_n_logits)
     full = build_graph(rm, targets, max_feature_nodes=max_feature_nodes, batch_size=batch_size,
-                       update_interval=update_interval, verbose=verbose, prompt=text)
+                       update_interval=update_interval, verbose=verbose, prompt=text,
+                       num_threads=torch.get_num_threads())
     if not prune:
         return full
     from .prune import graph_scores, prune_graph
@@ -703,6 +741,12 @@ def check_edges(graph: Graph, model: ReplacementModel | LanguageModel | None = N
     ``model``: the graph's :class:`ReplacementModel` (default ``graph.replacement``), or the language
     model plus ``dictionaries`` to rebuild it from ``metadata["prompt_token_ids"]``.
     """
+    with _threads(auto_threads()):
+        return _check_edges(graph, model, k, dictionaries=dictionaries, eps=eps, unfrozen=unfrozen,
+                            batch_size=batch_size)
+
+
+def _check_edges(graph, model, k, *, dictionaries, eps, unfrozen, batch_size) -> dict:
     rm = model if isinstance(model, ReplacementModel) else graph.replacement
     if isinstance(model, LanguageModel):
         if dictionaries is None:
