@@ -276,6 +276,8 @@ class Graph:
             doc = json.loads(text)
         except ValueError as e:
             raise DataError(f"graph file {path} is not valid JSON (corrupt or truncated: {e})") from None
+        except RecursionError:
+            raise DataError(f"graph file {path} is nested too deeply to be a sparsetrace graph") from None
         return cls.from_json(doc, str(path))
 
 
