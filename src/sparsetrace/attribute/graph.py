@@ -443,11 +443,11 @@ class _Attributor:
                 o = self.feat_offset[s.key]
                 j = self.feat_sites.index(s)
                 self.col_site[o:o + n] = j
-                self.col_pos[o:o + n] = s.pos.numpy()
-                self.col_feat[o:o + n] = s.feat.numpy()
-                self.col_act[o:o + n] = s.act.double().numpy()
+                self.col_pos[o:o + n] = s.pos.cpu().numpy()
+                self.col_feat[o:o + n] = s.feat.cpu().numpy()
+                self.col_act[o:o + n] = s.act.double().cpu().numpy()
                 self.col_rank[o:o + n] = self.site_rank[s.key]
-                counts = torch.bincount(s.pos, minlength=P)
+                counts = torch.bincount(s.pos.cpu(), minlength=P)
             else:
                 counts = torch.zeros(P, dtype=torch.long)
             # s.pos is sorted (row-major nonzero), so features of position p are a contiguous run
@@ -508,10 +508,10 @@ class _Attributor:
                     continue
                 dec, spans, cols = self.dec[key]
                 Gp = G[:nb].permute(1, 2, 0).contiguous()  # [P, d, nb]
-                vals = torch.empty(dec.shape[0], nb, dtype=G.dtype)
+                vals = torch.empty(dec.shape[0], nb, dtype=G.dtype, device=G.device)
                 for p, (r0, r1) in enumerate(spans):
                     torch.mm(dec[r0:r1], Gp[p], out=vals[r0:r1])
-                parts.append((vals, cols))
+                parts.append((vals.cpu(), cols))
         self.rows.add_batch(parts, nb, row_nodes, blocks=self.need_blocks)
 
     def feature_item(self, col: int) -> tuple[str, int, Tensor]:
