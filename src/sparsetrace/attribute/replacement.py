@@ -422,13 +422,15 @@ class ReplacementModel:
         else:
             raise ConfigError(f"mode={mode!r}; expected 'replay', 'record' or None")
         ids = self.input_ids.expand(batch, -1).contiguous()
+
         def stop(_mod, _inp, _out):
             raise _SkipLogits
 
         handles = [lm.arch.unembed.register_forward_pre_hook(capture)]
         patched = self._skip_qk() if mode == "replay" and self.skip_qk else []
         out_logits = None
-        grad_ctx = torch.enable_grad() if requires_grad or any(v.requires_grad for v in leaves.values()) else torch.no_grad()
+        need_grad = requires_grad or any(v.requires_grad for v in leaves.values())
+        grad_ctx = torch.enable_grad() if need_grad else torch.no_grad()
         try:
             with grad_ctx, lm.hooks(edit=edits, replace_mlp=True):
                 if stop_after is not None:  # registered after the edits, so a resid_post edit still runs
