@@ -29,10 +29,14 @@ from __future__ import annotations
 import argparse
 import math
 import sys
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
+    READY,
+    STEP,
+    Served,
     emit,
     fmt,
     l0_shift,
@@ -42,7 +46,7 @@ from common import (  # noqa: E402
     peak_rss_mb,
     peer_python,
     random_activations,
-    run_worker,
+    sync,
     table,
     time_loop,
 )
@@ -92,8 +96,7 @@ def worker_ours(a) -> dict:
         with _autocast(a):
             stats.append(tr.train_step(xs[i % POOL], ys[i % POOL]))
 
-    times = time_loop(step, a.warmup, a.steps, a.device)
-    return {"times": times, "l0": stats[-1].l0, "fvu": stats[-1].fvu}
+    return step, lambda: {"l0": stats[-1].l0, "fvu": stats[-1].fvu}
 
 
 def worker_saelens(a) -> dict:
@@ -125,11 +128,9 @@ def worker_saelens(a) -> dict:
         trainer.maybe_reset_sparsity()
         o = trainer.step(xs[i % POOL])
         trainer.n_training_steps += 1
-        out["l0"] = o.feature_acts
+        out["acts"] = o.feature_acts
 
-    times = time_loop(step, a.warmup, a.steps, a.device)
-    l0 = float((out["l0"] > 0).float().sum(-1).mean())
-    return {"times": times, "l0": l0}
+    return step, lambda: {"l0": float((out["acts"] > 0).float().sum(-1).mean())}
 
 
 def worker_sparsify(a) -> dict:
@@ -180,25 +181,47 @@ def worker_sparsify(a) -> dict:
             since_fired[did_fire] = 0
             did_fire.zero_()
 
-    times = time_loop(step, a.warmup, a.steps, a.device)
-    return {"times": times, "fvu": out["fvu"], "l0": float(a.k)}
+    return step, lambda: {"fvu": out["fvu"], "l0": float(a.k)}
 
 
 WORKERS = {"ours": worker_ours, "sae-lens": worker_saelens, "sparsify": worker_sparsify}
 
 
 def run_as_worker(a) -> None:
+    """Standalone: warmup + timed steps, one RESULT line. ``--serve``: lock-step protocol on stdin/stdout
+    (``step`` -> one timed step, answers ``STEP <seconds>``; ``done`` -> RESULT line), so the driver can
+    alternate single steps between processes."""
     import torch
 
     if a.threads:
         torch.set_num_threads(a.threads)
-    res = WORKERS[a.worker](a)
-    t = res.pop("times")
+    step, info = WORKERS[a.worker](a)
+    if a.serve:
+        print(READY, flush=True)
+        times, i = [], 0
+        for line in sys.stdin:
+            cmd = line.strip()
+            if cmd == "step":
+                sync(a.device)
+                t = time.perf_counter()
+                step(i)
+                sync(a.device)
+                dt = time.perf_counter() - t
+                i += 1
+                times.append(dt)
+                print(f"{STEP}{dt}", flush=True)
+            elif cmd == "done":
+                break
+        times = times[a.warmup:]
+    else:
+        times = time_loop(step, a.warmup, a.steps, a.device)
+    res = info()
     res.update(
         worker=a.worker,
-        step_s=median(t),
-        step_times=t,
-        tokens_per_s=a.batch / median(t),
+        step_s=median(times),
+        best_step_s=min(times) if times else float("nan"),
+        step_times=times,
+        tokens_per_s=a.batch / median(times),
         peak_rss_mb=peak_rss_mb(),
         peak_device_mb=peak_device_mb(a.device),
         torch=torch.__version__,
@@ -227,9 +250,9 @@ def main() -> None:
     p.add_argument("--expansion", type=int, default=None)
     p.add_argument("--batch", type=int, default=4096)
     p.add_argument("--k", type=int, default=32)
-    p.add_argument("--warmup", type=int, default=None, help="untimed steps (default cpu 2, cuda 20)")
-    p.add_argument("--steps", type=int, default=None, help="timed steps (default cpu 5, cuda 50)")
-    p.add_argument("--reps", type=int, default=3, help="interleaved repetitions per configuration")
+    p.add_argument("--warmup", type=int, default=None, help="untimed steps (default cpu 1, cuda 20)")
+    p.add_argument("--steps", type=int, default=None, help="timed steps per rep (default cpu 6, cuda 50)")
+    p.add_argument("--reps", type=int, default=2, help="repetitions with fresh processes")
     p.add_argument("--device", default="cpu")
     p.add_argument("--no-autocast", dest="autocast", action="store_false", help="fp32 on cuda too")
     p.add_argument("--sparsify-optimizer", choices=["signum", "adam"], default="signum")
@@ -244,10 +267,11 @@ def main() -> None:
                         "to compare versions (before/after); default: this checkout. The ratio line uses "
                         "the last one")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
     a = p.parse_args()
     cuda = a.device.startswith("cuda")
-    a.warmup = a.warmup if a.warmup is not None else (20 if cuda else 2)
-    a.steps = a.steps if a.steps is not None else (50 if cuda else 5)
+    a.warmup = a.warmup if a.warmup is not None else (20 if cuda else 1)
+    a.steps = a.steps if a.steps is not None else (50 if cuda else 6)
     if a.worker:
         run_as_worker(a)
         return
@@ -268,36 +292,48 @@ def main() -> None:
     variants = dict(v.split("=", 1) for v in a.ours) or {"ours": str(here.parent.parent / "src")}
     print(f"# bench_train: kind={a.kind} batch={a.batch} k={a.k} device={a.device} warmup={a.warmup} "
           f"steps={a.steps} reps={a.reps} relu-regime={a.regime} ({machine_line()})", flush=True)
-    results: dict = {}
+    results: dict = {}  # (shape, act, who) -> list of RESULT dicts (one per rep)
+    step_times: dict = {}  # (shape, act, who) -> list over reps of per-step seconds (lock-step order)
     for rep in range(a.reps):
         for (d, e), act, peer in plan:
-            order = [*variants, peer] if rep % 2 == 0 else [peer, *list(variants)[::-1]]
-            for who in [w for w in order if w]:
-                if who in variants:
-                    r = run_worker(sys.executable, here, worker_args(a, "ours", act, d, e),
-                                   env={"PYTHONPATH": variants[who]})
-                else:
-                    r = run_worker(peer_python(), here, worker_args(a, who, act, d, e))
+            group = {who: (sys.executable, {"PYTHONPATH": src}, "ours") for who, src in variants.items()}
+            if peer:
+                group[peer] = (peer_python(), None, peer)
+            procs = {who: Served(py, here, [*worker_args(a, w, act, d, e), "--serve"], env=env)
+                     for who, (py, env, w) in group.items()}
+            for pr in procs.values():
+                pr.wait_ready()
+                for _ in range(a.warmup):
+                    pr.step()
+            names = list(procs)
+            times = {who: [] for who in names}
+            for i in range(a.steps):  # one step each, rotating who goes first
+                for who in names[i % len(names):] + names[: i % len(names)]:
+                    times[who].append(procs[who].step())
+            for who, pr in procs.items():
+                r = pr.finish()
                 results.setdefault(((d, e), act, who), []).append(r)
-                msg = r.get("error") or f"{fmt(r['tokens_per_s'])} tok/s, step {r['step_s']:.3f}s"
+                step_times.setdefault(((d, e), act, who), []).append(times[who])
+                msg = r.get("error") or f"{fmt(r['tokens_per_s'])} tok/s, median step {r['step_s']:.3f}s"
                 print(f"  rep {rep} {d}x{e} {act:4s} {who:8s}: {msg}", flush=True)
 
     rows, ratios = [], {"sae-lens": [], "sparsify": []}
     for (d, e), act, peer in plan:
         for label in variants:
-            ours_runs = results[((d, e), act, label)]
-            s_ours = _summary([r for r in ours_runs if "error" not in r])
+            key = ((d, e), act, label)
+            s_ours = _summary(results[key])
             row = [f"{d}", f"{e}x ({d * e})", act, label, fmt(s_ours[0]), fmt(s_ours[1]), fmt(s_ours[2])]
             if peer:
-                theirs = results[((d, e), act, peer)]
-                ok = [r for r in theirs if "error" not in r]
-                s = _summary(ok)
-                pairs = [o["tokens_per_s"] / t["tokens_per_s"] for o, t in zip(ours_runs, theirs, strict=True)
-                         if "error" not in o and "error" not in t]
+                pk = ((d, e), act, peer)
+                s = _summary(results[pk])
+                # ratio of tokens/s = peer step time / our step time, paired step by step (adjacent in time)
+                pairs = [tp / to for ro, rp in zip(step_times[key], step_times[pk], strict=True)
+                         for to, tp in zip(ro, rp, strict=True) if to and tp]
                 ratio = median(pairs) if pairs else float("nan")
                 if pairs and label == list(variants)[-1]:
                     ratios[peer].append(ratio)
-                err = "" if ok else " (" + theirs[0]["error"][:60] + ")"
+                errs = [r["error"] for r in results[pk] if "error" in r]
+                err = f" ({errs[0][:60]})" if errs else ""
                 row += [peer + err, fmt(s[0]), fmt(s[1]), fmt(s[2]), f"{ratio:.2f}x" if pairs else "n/a"]
             else:
                 row += ["-", "n/a", "n/a", "n/a", "n/a"]
@@ -313,6 +349,7 @@ def main() -> None:
 
 
 def _summary(rs: list[dict]) -> tuple[float, float, float]:
+    rs = [r for r in rs if "error" not in r]
     if not rs:
         return float("nan"), float("nan"), float("nan")
     return (median([r["tokens_per_s"] for r in rs]), max(r["peak_rss_mb"] for r in rs),

@@ -22,6 +22,8 @@ BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
 PEER_PYTHON = BENCH / ".venv-peers" / "bin" / "python"
 RESULT_TAG = "RESULT "
+READY = "READY"
+STEP = "STEP "
 
 
 # ------------------------------------------------------------------------------------------ timing
@@ -123,6 +125,65 @@ def run_worker(python: str | Path, script: Path, args: list[str], *, timeout: fl
             return res
     tail = (proc.stderr or proc.stdout).strip().splitlines()[-6:]
     return {"error": f"rc={proc.returncode}: " + " | ".join(tail)}
+
+
+class Served:
+    """A worker process driven one step at a time (``step`` / ``done`` on stdin), so that several
+    processes - ours and a peer, each with its own python - can alternate single steps and see the same
+    machine load. The worker answers ``READY`` after setup, ``STEP <seconds>`` per step and a RESULT
+    line after ``done``; other output is ignored, stderr goes to a temp file (shown on failure)."""
+
+    def __init__(self, python: str | Path, script: Path, args: list[str], *, env: dict | None = None):
+        import tempfile
+
+        e = {**os.environ, "PYTHONPATH": "", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+             "SPARSIFY_DISABLE_TRITON": "1", **(env or {})}
+        self.err = tempfile.TemporaryFile(mode="w+")
+        self.proc = subprocess.Popen([str(python), str(script), *args], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, stderr=self.err, text=True, env=e, cwd=str(ROOT))
+        self.error: str | None = None
+
+    def _read(self, tag: str) -> str | None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            if line.startswith(tag):
+                return line[len(tag):].strip()
+        self.err.seek(0)
+        tail = self.err.read().strip().splitlines()[-6:]
+        self.error = self.error or f"rc={self.proc.poll()}: " + " | ".join(tail)
+        return None
+
+    def _send(self, cmd: str) -> bool:
+        try:
+            assert self.proc.stdin is not None
+            self.proc.stdin.write(cmd + "\n")
+            self.proc.stdin.flush()
+            return True
+        except (BrokenPipeError, OSError):
+            self.error = self.error or "worker exited"
+            return False
+
+    def wait_ready(self) -> bool:
+        return self._read(READY) is not None
+
+    def step(self) -> float | None:
+        if self.error or not self._send("step"):
+            return None
+        out = self._read(STEP)
+        return float(out) if out is not None else None
+
+    def finish(self, timeout: float = 120) -> dict:
+        if self.error is None and self._send("done"):
+            out = self._read(RESULT_TAG)
+            res = json.loads(out) if out is not None else {"error": self.error}
+        else:
+            res = {"error": self.error}
+        try:
+            self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+        self.err.close()
+        return res
 
 
 def fmt(x: float | None, nd: int = 0) -> str:

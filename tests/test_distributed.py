@@ -137,6 +137,26 @@ def test_ddp_log_matches_single_process(runs):
                 assert a["l0"] == pytest.approx(b["l0"], rel=1e-5, abs=1e-5)
 
 
+@pytest.mark.slow
+@pytest.mark.xfail(reason="every rank harvests into the same cache folder at once (race on <key>.partial); "
+                   "fixed by harvesting on LOCAL_RANK 0 behind a barrier in train/pipeline.py", strict=False)
+@pytest.mark.parametrize("parallel", ["data", "layer"])
+def test_cli_train_under_torchrun(tmp_path, texts, parallel):
+    """The documented launcher: ``torchrun ... -m sparsetrace.cli train`` on a cold activation cache."""
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n\n".join(texts))
+    env = {**_env(), "SPARSETRACE_CACHE": str(tmp_path / "cache"), "HF_HUB_OFFLINE": "1"}
+    out = tmp_path / "run"
+    args = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "--max_restarts",
+            "0", "-m", "sparsetrace.cli", "train", "--model", "tiny-llama", "--layers", "1,2", "--corpus",
+            str(corpus), "--context", "32", "--n-tokens", "3000", "--epochs", "2", "--batch-size", "128",
+            "--expansion", "4", "--target-l0", "8", "--parallel", parallel, "--out", str(out)]
+    proc = subprocess.run(args, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for layer in (1, 2):
+        assert (out / f"L{layer:02d}_transcoder" / "weights.safetensors").exists()
+
+
 def test_prefetch_preserves_order_and_errors():
     from sparsetrace.data.prefetch import prefetch
 

@@ -150,6 +150,206 @@ def run(
     typer.echo(summary)
 
 
+# ---------------------------------------------------------------------------------------------- circuits
+def _say(msg: str) -> None:
+    typer.echo(f"[sparsetrace] {msg}", err=True)
+
+
+def _dictionaries_and_model(dictionaries: list[Path], model: str | None, device: str):
+    from .intervene.circuit_job import load_dictionaries, model_of
+    from .model.adapter import LanguageModel
+
+    if not dictionaries:
+        raise ConfigError("--dictionaries is required: a run folder (e.g. runs/tc) or dictionary folders")
+    dicts = load_dictionaries(dictionaries)
+    name = model or model_of(dicts)
+    _say(f"loading model {name}")
+    lm = LanguageModel.load(name, device=device)
+    return lm, load_dictionaries(dictionaries, lm)
+
+
+@app.command()
+def trace(
+    dictionaries: list[Path] = typer.Option(None, "--dictionaries", "-d", help="Run folder(s) or dictionary folders."),
+    model: str = typer.Option(None, help="Model (default: the one the dictionaries were trained on)."),
+    task: str = typer.Option(None, help="Built-in task: ioi | greater-than | sva | facts."),
+    prompt: str = typer.Option(None, help="A custom prompt (with --target)."),
+    target: str = typer.Option(None, help="The next token to explain, e.g. ' Paris' (one token)."),
+    contrast: str = typer.Option(None, help="Optional contrast token: metric = logit(target) - logit(contrast)."),
+    n_prompts: int = typer.Option(32, "--n-prompts", help="Task prompts the circuit is verified on."),
+    graph_prompts: int = typer.Option(4, "--graph-prompts", help="Task prompts attributed to choose the circuit."),
+    max_features: int = typer.Option(20, "--max-features", help="Circuit size."),
+    node_threshold: float = typer.Option(0.8, "--node-threshold", help="Pruning: fraction of node influence kept."),
+    edge_threshold: float = typer.Option(0.98, "--edge-threshold", help="Pruning: fraction of edge influence kept."),
+    mode: str = typer.Option("mean", help="Ablation used by verify: mean | zero | patch."),
+    unrelated_task: str = typer.Option(None, "--unrelated-task", help="Specificity task (default facts)."),
+    seed: int = typer.Option(0),
+    verify: bool = typer.Option(False, "--verify", help="Also run `sparsetrace verify` on the result."),
+    device: str = typer.Option("cpu"),
+    out: Path = typer.Option(None, help="Output folder (default DICTIONARIES/circuits/TASK)."),
+) -> None:
+    """Attribution graph for a task or a prompt, and the circuit of its most influential features."""
+    from .intervene.circuit_job import TraceConfig, format_verify, task_for, trace_circuit, verify_trace
+
+    cfg = TraceConfig(task=task if task or prompt else "ioi", prompt=prompt, target=target, contrast=contrast,
+                      n_prompts=n_prompts, n_graph_prompts=graph_prompts, max_features=max_features,
+                      node_threshold=node_threshold, edge_threshold=edge_threshold, mode=mode,
+                      unrelated_task=unrelated_task, seed=seed).validate()
+    task_for(cfg)  # an unknown task name fails before the model loads
+    lm, dicts = _dictionaries_and_model(dictionaries, model, device)
+    if out is None:
+        base = dictionaries[0] if dictionaries[0].is_dir() else dictionaries[0].parent
+        out = base / "circuits" / cfg.name
+    doc = trace_circuit(lm, dicts, cfg, out, log=_say)
+    gs, ps, ec = doc.get("graph_scores") or {}, doc.get("pruned_scores") or {}, doc.get("edge_check") or {}
+    typer.echo(f"task {doc['task']}: clean {doc['metric_name']} {doc['baseline']:.3f}")
+    typer.echo(f"graph: replacement score {gs.get('replacement', float('nan')):.3f}, completeness "
+               f"{gs.get('completeness', float('nan')):.3f} (pruned: {ps.get('replacement', float('nan')):.3f} / "
+               f"{ps.get('completeness', float('nan')):.3f}); exactness max|dlogit| {doc.get('exactness', float('nan')):.2e}")
+    if ec.get("frozen"):
+        typer.echo(f"edge check ({ec['n']} strongest edges, finite differences): max rel err "
+                   f"{ec['frozen']['max_rel_err']:.2e} frozen; sign agreement with live attention "
+                   f"{ec.get('causal_agreement', {}).get('sign_agreement', float('nan')):.0%}")
+    typer.echo(f"circuit ({len(doc['circuit'])} features): " + ", ".join(doc["circuit"]))
+    typer.echo(f"written: {out}/graph.json, {out}/circuit.json")
+    if verify:
+        typer.echo(format_verify(verify_trace(lm, dicts, out, log=_say)))
+
+
+@app.command(name="verify")
+def verify_cmd(
+    trace_dir: Path = typer.Argument(..., help="Folder written by `sparsetrace trace`."),
+    dictionaries: list[Path] = typer.Option(None, "--dictionaries", "-d", help="Default: those recorded by trace."),
+    model: str = typer.Option(None, help="Default: the model recorded by trace."),
+    mode: str = typer.Option(None, help="mean | zero | patch (default: the trace's)."),
+    max_features: int = typer.Option(None, "--max-features", help="Verify only the first N circuit features."),
+    n_prompts: int = typer.Option(None, "--n-prompts"),
+    device: str = typer.Option("cpu"),
+    as_json: bool = typer.Option(False, "--json", help="Print verify.json."),
+) -> None:
+    """Faithfulness, completeness and specificity of a traced circuit, by ablation inside the real model."""
+    from .intervene.circuit_job import format_verify, read_circuit, verify_trace
+
+    doc = read_circuit(trace_dir)
+    paths = dictionaries or [Path(p) for p in doc.get("dictionaries") or [] if p]
+    lm, dicts = _dictionaries_and_model(paths, model or doc.get("model"), device)
+    res = verify_trace(lm, dicts, trace_dir, mode=mode, max_features=max_features, n_prompts=n_prompts, log=_say)
+    if as_json:
+        typer.echo((trace_dir / "verify.json").read_text(encoding="utf-8").strip())
+    else:
+        typer.echo(format_verify(res))
+
+
+@app.command()
+def steer(
+    feature: str = typer.Option(..., help="Feature as LAYER:INDEX (e.g. 6:1234) or L6/F1234."),
+    prompt: str = typer.Option(..., help="Prompt to continue."),
+    scale: float = typer.Option(4.0, help="Multiple of a typical activation norm added along the decoder row."),
+    dictionaries: list[Path] = typer.Option(None, "--dictionaries", "-d", help="Run folder or dictionary folders."),
+    model: str = typer.Option(None),
+    max_new_tokens: int = typer.Option(20, "--max-new-tokens"),
+    device: str = typer.Option("cpu"),
+) -> None:
+    """Generate with a feature's decoder direction added at every position, next to the unsteered text."""
+    from .intervene import steer_generate
+    from .intervene.features import parse_node_id
+
+    node = parse_node_id(feature)
+    if max_new_tokens <= 0:
+        raise ConfigError(f"--max-new-tokens {max_new_tokens} is invalid; expected a positive integer")
+    if not prompt.strip():
+        raise ConfigError("--prompt is empty; expected some text to continue")
+    lm, dicts = _dictionaries_and_model(dictionaries, model, device)
+    ids = lm.tokenize(prompt)
+    if ids.shape[1] + max_new_tokens > lm.max_length:
+        raise ConfigError(f"--prompt is {ids.shape[1]} tokens; with --max-new-tokens {max_new_tokens} that exceeds "
+                          f"the model's context of {lm.max_length}")
+    plain = steer_generate(lm, dicts, node.node_id, 0.0, ids, max_new_tokens)
+    steered = steer_generate(lm, dicts, node.node_id, scale, ids, max_new_tokens)
+    typer.echo(f"prompt:   {prompt!r}")
+    typer.echo(f"baseline: {plain!r}")
+    typer.echo(f"steered:  {steered!r}   ({node.layer}:{node.feature} x {scale:g})")
+
+
+@app.command(name="export-graph")
+def export_graph(
+    graph: Path = typer.Argument(..., help="A graph.json written by `sparsetrace trace`."),
+    out: Path = typer.Option(..., help="Output JSON (circuit-tracer / Neuronpedia graph format)."),
+    slug: str = typer.Option(None, help="Graph slug (default from the prompt)."),
+) -> None:
+    """Export an attribution graph as circuit-tracer / Neuronpedia graph JSON."""
+    from .attribute.export import export_graph_file
+
+    dest = export_graph_file(graph, out, slug=slug)
+    typer.echo(f"written: {dest}")
+
+
+# ---------------------------------------------------------------------------------------------- interpret
+@app.command()
+def explain(
+    run_dir: Path = typer.Argument(..., help="Run folder."),
+    layer: int = typer.Option(..., help="Layer whose dictionary to explain."),
+    features: str = typer.Option("random:100", help="0:200 | 3,17,99 | random:120 (live features) | all"),
+    n_tokens: int = typer.Option(60_000, "--n-tokens", help="Corpus tokens for the dashboards."),
+    corpus: str = typer.Option(None, help="Corpus (default: the run's)."),
+    verify: bool = typer.Option(True, "--verify/--no-verify", help="Causally verify each label."),
+    seed: int = typer.Option(0),
+    model: str = typer.Option(None),
+    device: str = typer.Option("cpu"),
+) -> None:
+    """Feature dashboards, built-in labels and a causal verdict for each label."""
+    from .interpret.explain_job import explain_layer, find_layer_dictionary, format_explain
+
+    if n_tokens <= 0:
+        raise ConfigError(f"--n-tokens {n_tokens} is invalid; expected a positive number of tokens")
+    folder = find_layer_dictionary(run_dir, layer)
+    lm, _ = _dictionaries_and_model([folder], model, device)
+    summary = explain_layer(lm, run_dir, layer, features, n_tokens=n_tokens, corpus=corpus, verify=verify,
+                            seed=seed, progress=_progress(), log=_say)
+    typer.echo(format_explain(summary))
+    typer.echo(f"written: {run_dir}/features/L{layer:02d}/")
+
+
+@app.command()
+def align(
+    run1: Path = typer.Argument(..., help="First run folder."),
+    run2: Path = typer.Argument(..., help="Second run folder (e.g. another seed)."),
+    layer: int = typer.Option(None, help="Layer to align (default: the first one both runs have)."),
+    threshold: float = typer.Option(0.7, help="Similarity above which a pair counts as matched."),
+    n_windows: int = typer.Option(64, "--n-windows", help="Held-out windows for firing densities (0: none)."),
+    out: Path = typer.Option(None, help="Where to write align.json (default RUN1/align.json)."),
+    device: str = typer.Option("cpu"),
+) -> None:
+    """Match the features of two runs' dictionaries; matched fraction by firing-frequency bucket."""
+    from .interpret.explain_job import align_runs, feature_densities, find_layer_dictionary, format_align
+
+    if not 0.0 < threshold <= 1.0:
+        raise ConfigError(f"--threshold {threshold} is invalid; expected a similarity in (0, 1]")
+    for r in (run1, run2):
+        if not r.is_dir():
+            raise ConfigError(f"run folder '{r}' does not exist")
+    dens = None
+    if n_windows > 0:
+        from .dictionary.io import load_dictionary
+        from .evaluate.job import heldout_windows
+
+        res_layer = layer
+        if res_layer is None:
+            from .dictionary.io import find_dictionaries
+            from .interpret.explain_job import _layer_of
+
+            l2 = {_layer_of(p) for p in find_dictionaries(run2)}
+            common = sorted(x for x in (_layer_of(p) for p in find_dictionaries(run1)) if x in l2)
+            res_layer = common[0] if common else None
+        if res_layer is not None:
+            folder = find_layer_dictionary(run1, res_layer)
+            lm, _ = _dictionaries_and_model([folder], None, device)
+            d1 = load_dictionary(folder, device=lm.device)
+            dens = feature_densities(lm, d1, heldout_windows(run1, lm, None, n_windows))
+    res = align_runs(run1, run2, layer=layer, threshold=threshold, out=out, densities=dens)
+    typer.echo(format_align(res))
+
+
 # ---------------------------------------------------------------------------------------------- report / serve
 @app.command()
 def report(
@@ -189,15 +389,27 @@ def serve(
 
 def main() -> None:
     try:
-        app(standalone_mode=True)
+        from typer._click import exceptions as click_exc
+    except ImportError:  # typer < 0.20 uses the click package
+        from click import exceptions as click_exc
+    try:
+        rv = app(standalone_mode=False)
     except SparsetraceError as e:
         if _DEBUG["on"] or "--debug" in sys.argv:
             raise
         typer.echo(f"error: {e}", err=True)
         raise SystemExit(e.exit_code) from None
-    except KeyboardInterrupt:
+    except click_exc.ClickException as e:  # bad flags, unknown command: one line, not a usage box
+        if _DEBUG["on"] or "--debug" in sys.argv:
+            raise
+        where = f" (see `{e.ctx.command_path} --help`)" if getattr(e, "ctx", None) is not None else ""
+        typer.echo(f"error: {e.format_message()}{where}".replace("\n", " "), err=True)
+        raise SystemExit(2) from None
+    except (KeyboardInterrupt, getattr(click_exc, "Abort", KeyboardInterrupt)):
         typer.echo("interrupted", err=True)
         raise SystemExit(130) from None
+    if isinstance(rv, int) and rv:
+        raise SystemExit(rv)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,308 @@
+"""`sparsetrace trace` and `sparsetrace verify`: find a circuit for a task, then check it causally.
+
+``trace_circuit`` attributes a few of the task's clean prompts (one attribution graph each, through the
+local replacement model), sums each feature's influence on the target logit over positions and prompts
+(every graph normalised to total feature influence 1, so each prompt counts the same), and keeps the
+``max_features`` most influential ``(layer, feature)`` pairs as the circuit. Features are chosen by
+layer and feature, not by position, because the task's prompts differ in length and word order: the
+circuit is verified on every prompt of the task at every position.
+
+Written to the trace folder::
+
+    graph.json    the first prompt's pruned attribution graph (docs/formats.md)
+    circuit.json  {"format": "sparsetrace-circuit/1", "circuit": [node ids], "scores": {node: influence},
+                   "config": TraceConfig, "model": str, "dictionaries": [paths], "baseline": float,
+                   "graph_prompts": [str], "edge_check": check_edges summary, "graph_scores": {...}}
+
+``verify_trace`` reads that folder, ablates features inside the real model (``verify_circuit``: errors
+kept, so only the features change) and writes ``verify.json``. The edge-level causal check of the
+strongest feature -> feature edges runs on the graph's own prompt (positions are that prompt's).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+from ..dictionary.io import atomic_write_text, find_dictionaries, load_dictionary
+from ..errors import ConfigError, DataError
+from ..model.adapter import LanguageModel
+from .verify import edge_checks, verify_circuit, write_verify_json
+
+CIRCUIT_FORMAT = "sparsetrace-circuit/1"
+MODES = ("mean", "zero", "patch")
+
+
+@dataclass
+class TraceConfig:
+    """What to trace and how the circuit is chosen and verified."""
+
+    task: str | None = "ioi"  # a built-in task, or None with prompt + target (custom)
+    prompt: str | None = None
+    target: str | None = None  # single token, e.g. " Paris"
+    contrast: str | None = None  # optional single token: metric = logit(target) - logit(contrast)
+    n_prompts: int = 32  # prompts the circuit is verified on
+    n_graph_prompts: int = 4  # prompts attributed to choose the circuit
+    max_features: int = 20
+    max_feature_nodes: int = 3000
+    node_threshold: float = 0.8
+    edge_threshold: float = 0.98
+    mode: str = "mean"  # ablation for verification: mean | zero | patch
+    unrelated_task: str | None = None  # None: "facts" (or "greater-than" when the task is facts)
+    n_edge_checks: int = 100  # finite-difference checks of the strongest graph edges
+    n_spearman: int = 30  # top-scored features whose single ablation effect is measured
+    seed: int = 0
+
+    def validate(self) -> TraceConfig:
+        if self.task is None and not self.prompt:
+            raise ConfigError("nothing to trace: pass --task NAME or --prompt TEXT --target TOKEN")
+        if self.task is None and not self.target:
+            raise ConfigError("--prompt needs --target (the next token to explain, e.g. ' Paris')")
+        if self.task is not None and self.prompt:
+            raise ConfigError(f"pass either --task ('{self.task}') or --prompt, not both")
+        for name in ("n_prompts", "n_graph_prompts", "max_features", "max_feature_nodes"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v <= 0:
+                raise ConfigError(f"--{name.replace('_', '-')} {v!r} is invalid; expected a positive integer")
+        for name in ("node_threshold", "edge_threshold"):
+            v = getattr(self, name)
+            if not 0.0 < v <= 1.0:
+                raise ConfigError(f"--{name.replace('_', '-')} {v!r} is invalid; expected a fraction in (0, 1]")
+        if self.mode not in MODES:
+            raise ConfigError(f"--mode '{self.mode}' is unknown; expected one of {', '.join(MODES)}")
+        return self
+
+    @property
+    def name(self) -> str:
+        return self.task or "custom"
+
+    def unrelated(self) -> str:
+        if self.unrelated_task:
+            return self.unrelated_task
+        return "greater-than" if self.task == "facts" else "facts"
+
+    @classmethod
+    def from_dict(cls, d: dict) -> TraceConfig:
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+
+def load_dictionaries(paths: list[str | Path] | str | Path, lm: LanguageModel | None = None) -> list:
+    """Dictionaries from run folders and/or dictionary folders (one per layer and site), checked against
+    ``lm`` when given."""
+    from ..dictionary.io import check_matches_model
+
+    if isinstance(paths, (str, Path)):
+        paths = [paths]
+    folders: list[Path] = []
+    for p in paths:
+        p = Path(p)
+        if not p.exists():
+            raise DataError(f"dictionaries '{p}' do not exist; expected a run folder or a dictionary folder")
+        found = find_dictionaries(p)
+        if not found:
+            raise DataError(f"no dictionaries found in '{p}'; expected a run folder (L06_transcoder/ ...) "
+                            "or a dictionary folder (config.json + weights.safetensors)")
+        folders.extend(found)
+    dicts = [load_dictionary(f, device=lm.device if lm is not None else "cpu") for f in folders]
+    seen: dict[tuple, Path] = {}
+    for d, f in zip(dicts, folders, strict=True):
+        key = (d.cfg.kind == "sae", d.cfg.hookpoint_in, d.cfg.layer)
+        if key in seen:
+            raise DataError(f"two dictionaries for the same site (layer {d.cfg.layer}, {d.cfg.hookpoint_in}): "
+                            f"'{seen[key]}' and '{f}'; pass one of them")
+        seen[key] = f
+        if lm is not None:
+            check_matches_model(d, lm.model_id, lm.d_model, lm.n_layers)
+    for d, f in zip(dicts, folders, strict=True):
+        d.source_path = str(f)
+    return sorted(dicts, key=lambda d: d.cfg.layer)
+
+
+def model_of(dictionaries: list) -> str:
+    ids = {d.cfg.model_id for d in dictionaries if d.cfg.model_id}
+    if len(ids) != 1:
+        raise DataError(f"the dictionaries record models {sorted(ids) or 'none'}; pass --model")
+    return ids.pop()
+
+
+def task_for(cfg: TraceConfig):
+    from ..tasks import get_task
+
+    if cfg.task is None:
+        return get_task("custom", prompt=cfg.prompt, target=cfg.target, contrast=cfg.contrast)
+    return get_task(cfg.task)
+
+
+def _prompt_ids(batch, i: int):
+    return batch.clean[i : i + 1, : int(batch.last_pos[i]) + 1]
+
+
+def trace_circuit(
+    lm: LanguageModel,
+    dictionaries: list,
+    cfg: TraceConfig,
+    out: str | Path,
+    *,
+    log: Callable[[str], None] | None = None,
+) -> dict:
+    """Attribute ``cfg.n_graph_prompts`` task prompts, choose the circuit, write graph.json + circuit.json."""
+    from ..attribute import attribute, check_edges
+
+    cfg.validate()
+    say = log or (lambda _m: None)
+    out = Path(out)
+    task = task_for(cfg)
+    n_graph = 1 if cfg.task is None else cfg.n_graph_prompts
+    batch = task.prompts(lm, n=max(cfg.n_prompts, n_graph) if cfg.task else 1, seed=cfg.seed)
+    baseline = task.baseline(lm, batch=batch)
+    totals: dict[tuple[int, int], float] = {}
+    first = None
+    t0 = time.perf_counter()
+    for i in range(min(n_graph, len(batch))):
+        ids = _prompt_ids(batch, i)
+        target = int(batch.answer_ids[i])
+        say(f"attribution graph {i + 1}/{n_graph}: {batch.prompts[i]!r} -> {lm.to_str_tokens([target])[0]!r}")
+        g = attribute(lm, ids, dictionaries, target=target, max_feature_nodes=cfg.max_feature_nodes,
+                      node_threshold=cfg.node_threshold, edge_threshold=cfg.edge_threshold)
+        g.metadata["prompt"] = batch.prompts[i]
+        full = g.unpruned if g.unpruned is not None else g
+        feats = [n for n in full.nodes if n.kind == "feature" and n.influence]
+        total = sum(abs(float(n.influence)) for n in feats) or 1.0
+        for n in feats:
+            key = (int(n.layer), int(n.feature))
+            totals[key] = totals.get(key, 0.0) + abs(float(n.influence)) / total
+        if first is None:
+            first = g
+    graph_s = time.perf_counter() - t0
+    if first is None:
+        raise DataError(f"task '{cfg.name}' gave no prompt to attribute")
+    ranked = sorted(totals.items(), key=lambda kv: -kv[1])
+    scores = {f"{layer}:{feat}": s / n_graph for (layer, feat), s in ranked}
+    circuit = list(scores)[: cfg.max_features]
+
+    say(f"checking the {cfg.n_edge_checks} strongest edges by finite differences")
+    check = check_edges(first, k=cfg.n_edge_checks) if cfg.n_edge_checks and len(first.edges) else {}
+    check_summary = {k: v for k, v in check.items() if k != "edges"}
+    first.metadata["edge_check"] = check_summary
+    out.mkdir(parents=True, exist_ok=True)
+    first.save(out / "graph.json")
+    doc = {
+        "format": CIRCUIT_FORMAT,
+        "task": cfg.name,
+        "model": lm.model_id,
+        "dictionaries": [getattr(d, "source_path", None) for d in dictionaries],
+        "config": asdict(cfg),
+        "metric_name": batch.metric_name,
+        "baseline": baseline,
+        "graph_prompts": batch.prompts[:n_graph],
+        "circuit": circuit,
+        "scores": dict(list(scores.items())[: max(cfg.n_spearman, cfg.max_features, 200)]),
+        "graph_scores": first.metadata.get("scores"),
+        "pruned_scores": first.metadata.get("pruned_scores"),
+        "exactness": first.metadata.get("exactness"),
+        "edge_check": check_summary,
+        "seconds": {"graphs": round(graph_s, 2), "first_graph": first.metadata.get("timings", {}).get("total_s")},
+    }
+    atomic_write_text(out / "circuit.json", json.dumps(doc, indent=1, allow_nan=False) + "\n")
+    return doc
+
+
+def read_circuit(trace_dir: str | Path) -> dict:
+    p = Path(trace_dir) / "circuit.json"
+    if not p.is_file():
+        raise DataError(f"'{trace_dir}' has no circuit.json; expected a folder written by `sparsetrace trace`")
+    try:
+        doc = json.loads(p.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise DataError(f"'{p}' is corrupt ({type(e).__name__}); expected sparsetrace-circuit/1 JSON") from None
+    if not isinstance(doc, dict) or doc.get("format") != CIRCUIT_FORMAT or not isinstance(doc.get("circuit"), list):
+        raise DataError(f"'{p}' is not a circuit file; expected \"format\": \"{CIRCUIT_FORMAT}\"")
+    return doc
+
+
+def _strong_feature_edges(graph_path: Path, k: int) -> list[dict]:
+    from ..attribute import Graph
+
+    if not graph_path.is_file():
+        return []
+    g = Graph.load(graph_path)
+    src, dst, w = g.edges.numpy()
+    rows = [(abs(float(x)), g.nodes[s].node_id, g.nodes[t].node_id, float(x)) for s, t, x in zip(src, dst, w, strict=True)
+            if g.nodes[s].kind == "feature" and g.nodes[t].kind == "feature"]
+    rows.sort(reverse=True)
+    return [{"source": s, "target": t, "weight": x} for _, s, t, x in rows[:k]]
+
+
+def verify_trace(
+    lm: LanguageModel,
+    dictionaries: list,
+    trace_dir: str | Path,
+    *,
+    mode: str | None = None,
+    max_features: int | None = None,
+    n_prompts: int | None = None,
+    max_edge_checks: int = 20,
+    log: Callable[[str], None] | None = None,
+) -> dict:
+    """Verify the circuit of a trace folder causally; writes and returns verify.json."""
+    say = log or (lambda _m: None)
+    trace_dir = Path(trace_dir)
+    doc = read_circuit(trace_dir)
+    cfg = TraceConfig.from_dict(doc.get("config") or {})
+    if mode is not None:
+        cfg.mode = mode
+    if n_prompts is not None:
+        cfg.n_prompts = n_prompts
+    cfg.validate()
+    circuit = doc["circuit"][: max_features] if max_features else doc["circuit"]
+    task = task_for(cfg)
+    batch = task.prompts(lm, n=cfg.n_prompts if cfg.task else 1, seed=cfg.seed)
+    scores = dict(list((doc.get("scores") or {}).items())[: cfg.n_spearman])
+    say(f"verifying {len(circuit)} features on {len(batch)} '{cfg.name}' prompts ({cfg.mode} ablation); "
+        f"unrelated task: {cfg.unrelated()}")
+    t0 = time.perf_counter()
+    res = verify_circuit(lm, dictionaries, batch, None, circuit, unrelated_task=cfg.unrelated(), mode=cfg.mode,
+                         scores=scores, seed=cfg.seed, task_name=cfg.name)
+    edges = _strong_feature_edges(trace_dir / "graph.json", max_edge_checks)
+    if edges:
+        say(f"edge-level check: zero-ablating the sources of the {len(edges)} strongest feature edges")
+        res["edge_checks"] = edge_checks(lm, dictionaries, batch.subset([0]), edges, max_checks=max_edge_checks)
+        pairs = [(e["predicted"], e["measured"]) for e in res["edge_checks"] if e["measured"] is not None]
+        if pairs:
+            from .verify import spearman
+
+            res["edge_check_sign_agreement"] = sum((p > 0) == (m > 0) for p, m in pairs) / len(pairs)
+            res["edge_check_spearman"] = spearman([p for p, _ in pairs], [m for _, m in pairs])
+    res["baseline"] = doc.get("baseline")
+    res["unrelated_task"] = cfg.unrelated()
+    res["seconds"] = round(time.perf_counter() - t0, 2)
+    write_verify_json(res, trace_dir / "verify.json")
+    return res
+
+
+def format_verify(res: dict) -> str:
+    def f(x, spec="{:.3f}"):
+        return "n/a" if x is None else spec.format(x)
+
+    spec = res.get("specificity") or {}
+    lines = [
+        f"task {res['task']} ({res['metric_name']}, {res['n_prompts']} prompts, {res['mode']} ablation), "
+        f"circuit of {len(res['circuit'])} features",
+        f"  m(model) {f(res['m_full'])}   m(circuit only) {f(res['m_circuit'])}   m(no features) {f(res['m_empty'])}"
+        f"   m(model without circuit) {f(res['m_without_circuit'])}",
+        f"  faithfulness f(C)      {f(res['faithfulness'])}",
+        f"  completeness f(M\\C)    {f(res['completeness'])}",
+        f"  ablation drop          {f(res['ablation_drop'], '{:.1%}')}",
+        f"  specificity ({spec.get('task', 'n/a')})  {f(spec.get('rel_change'), '{:+.1%}')} "
+        f"(baseline {f(spec.get('baseline'))}, ablated {f(spec.get('ablated'))})",
+        f"  curve AUC              {f(res.get('curve_auc'))}",
+        f"  Spearman(score, effect) {f(res.get('spearman'))} over {len(res.get('single_feature_effects') or [])} features",
+    ]
+    if res.get("edge_checks"):
+        lines.append(f"  edge checks            {len(res['edge_checks'])} edges, sign agreement "
+                     f"{f(res.get('edge_check_sign_agreement'), '{:.0%}')}, Spearman {f(res.get('edge_check_spearman'))}")
+    return "\n".join(lines)

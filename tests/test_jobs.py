@@ -1,0 +1,227 @@
+"""The circuit and interpretation jobs behind `trace`, `verify`, `steer`, `explain`, `align` and the CLI
+commands themselves (in-process, through ``sparsetrace.cli.main``), on a small tiny-llama run."""
+
+import json
+import sys
+
+import pytest
+import torch
+
+from sparsetrace.interpret.verify_labels import VERDICTS
+from sparsetrace.intervene.circuit_job import TraceConfig, load_dictionaries, trace_circuit, verify_trace
+from sparsetrace.train.config import TrainConfig
+from sparsetrace.train.pipeline import run_training
+
+PROMPT = "When Mary and John went to the store, John gave a drink to"
+
+
+def _train(tmp_path_factory, texts, tiny_llama, seed):
+    root = tmp_path_factory.mktemp(f"run{seed}")
+    corpus = root / "corpus.txt"
+    corpus.write_text("\n\n".join(texts))
+    cfg = TrainConfig(model="tiny-llama", layers=[1, 2], kind="transcoder", corpus=str(corpus), context=32,
+                      n_tokens=3000, epochs=3.0, batch_size=128, expansion=4, target_l0=8.0, seed=seed)
+    run_training(cfg, root / "run", lm=tiny_llama, progress=False, cache_dir=root / "cache")
+    return root / "run"
+
+
+@pytest.fixture(scope="module")
+def module_texts():
+    base = [
+        "Once upon a time there was a little fox who lived in the woods near a river.",
+        "Mary and John went to the store. John gave a drink to Mary because she was thirsty.",
+        "In 1732 the war began, and it lasted until the year 1748 when peace returned.",
+    ]
+    return [f"{t} Story number {i}. " * 3 for i in range(60) for t in base]
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory, module_texts, tiny_llama):
+    return _train(tmp_path_factory, module_texts, tiny_llama, seed=0)
+
+
+def cli(capsys, *args):
+    """Run ``sparsetrace ARGS`` in this process; returns (exit code, stdout, stderr)."""
+    from sparsetrace import cli as cli_mod
+
+    old = sys.argv
+    sys.argv = ["sparsetrace", *map(str, args)]
+    code = 0
+    try:
+        cli_mod.main()
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else 1
+    finally:
+        sys.argv = old
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+# ------------------------------------------------------------------------------------------ trace / verify
+@pytest.fixture(scope="module")
+def traced(run_dir, tiny_llama, tmp_path_factory):
+    out = tmp_path_factory.mktemp("trace") / "custom"
+    dicts = load_dictionaries(run_dir, tiny_llama)
+    cfg = TraceConfig(task=None, prompt=PROMPT, target=" Mary", max_features=5, n_edge_checks=40, n_spearman=8)
+    doc = trace_circuit(tiny_llama, dicts, cfg, out)
+    return out, doc, dicts
+
+
+def test_trace_writes_graph_and_circuit(traced, tiny_llama):
+    traced_lm = [tiny_llama]
+    out, doc, _ = traced
+    from sparsetrace.attribute import Graph
+
+    g = Graph.load(out / "graph.json")
+    assert json.loads((out / "circuit.json").read_text())["circuit"] == doc["circuit"]
+    assert doc["exactness"] <= 1e-3
+    assert 0 < len(doc["circuit"]) <= 5
+    scores = list(doc["scores"].values())
+    assert scores == sorted(scores, reverse=True) and scores[0] > 0
+    # every circuit feature fires on the attributed prompt, on a trained layer
+    from sparsetrace.model.hookpoints import Hookpoint
+
+    lm = traced_lm[0]
+    ids = lm.tokenize(PROMPT)
+    for node in doc["circuit"]:
+        layer, f = map(int, node.split(":"))
+        d = next(x for x in traced[2] if x.cfg.layer == layer)
+        hp = Hookpoint("mlp_in", layer)
+        with torch.no_grad():
+            acts = d.features(lm.run(ids, read=[hp]).acts[hp][0])
+        assert float(acts[:, f].max()) > 0, node
+    assert any(n.kind == "feature" for n in g.nodes)
+    # edges are the exact linear effect of their source in the frozen replacement model
+    assert doc["edge_check"]["n"] > 0
+    assert doc["edge_check"]["frozen"]["max_rel_err"] < 1e-2
+
+
+def test_verify_whole_dictionary_is_fully_faithful(traced, tiny_llama):
+    """A circuit of *every* feature: keeping it is the model (f = 1), ablating it is m(empty) (completeness 0)."""
+    out, doc, dicts = traced
+    full = out.parent / "everything"
+    full.mkdir()
+    every = [f"{d.cfg.layer}:{i}" for d in dicts for i in range(d.n_features)]
+    (full / "circuit.json").write_text(json.dumps({**doc, "circuit": every, "scores": {}}))
+    res = verify_trace(tiny_llama, dicts, full)
+    assert res["faithfulness"] == pytest.approx(1.0, abs=1e-4)
+    assert res["completeness"] == pytest.approx(0.0, abs=1e-4)
+    assert res["m_circuit"] == pytest.approx(res["m_full"], abs=1e-4)
+
+
+def test_verify_trace(traced, tiny_llama):
+    out, doc, dicts = traced
+    res = verify_trace(tiny_llama, dicts, out)
+    saved = json.loads((out / "verify.json").read_text())
+    assert saved["circuit"] == doc["circuit"] and saved["task"] == "custom"
+    # m_full is the real model's metric: logit(" Mary") after the prompt
+    ids = tiny_llama.tokenize(PROMPT)
+    logit = float(tiny_llama.run(ids).logits[0, -1, tiny_llama.single_token_id(" Mary")])
+    assert res["m_full"] == pytest.approx(logit, abs=1e-4)
+    assert res["curve"][0]["faithfulness"] == 0.0
+    assert res["curve"][-1]["faithfulness"] == pytest.approx(res["faithfulness"], abs=1e-9)
+    assert len(res["single_feature_effects"]) == min(8, len(doc["scores"]))
+    assert res["specificity"]["task"] == "facts"
+    for e in res["edge_checks"]:
+        assert e["source"].startswith("L") and e["target"].startswith("L")
+
+
+def test_cli_trace_task_and_verify_json(run_dir, tmp_path, capsys):
+    out = tmp_path / "ioi"
+    code, stdout, err = cli(capsys, "trace", "-d", run_dir, "--task", "ioi", "--n-prompts", "4", "--graph-prompts",
+                            "2", "--max-features", "6", "--out", out)
+    assert code == 0, err
+    assert "circuit (" in stdout and (out / "graph.json").exists()
+    code, stdout, err = cli(capsys, "verify", out, "--json")
+    assert code == 0, err
+    res = json.loads(stdout)
+    assert res["task"] == "ioi" and res["n_prompts"] == 4 and len(res["circuit"]) <= 6
+    assert {"faithfulness", "completeness", "specificity", "curve", "spearman"} <= set(res)
+
+
+def test_cli_trace_default_out_is_inside_the_run(run_dir, capsys):
+    code, stdout, err = cli(capsys, "trace", "-d", run_dir, "--prompt", "The cat sat on the", "--target", " mat",
+                            "--max-features", "3")
+    assert code == 0, err
+    assert (run_dir / "circuits" / "custom" / "circuit.json").exists()
+
+
+def test_cli_steer(run_dir, tiny_llama, capsys):
+    code, stdout, err = cli(capsys, "steer", "-d", run_dir, "--feature", "2:3", "--scale", "200", "--prompt",
+                            "Once upon a time", "--max-new-tokens", "6")
+    assert code == 0, err
+    lines = dict(line.split(":", 1) for line in stdout.strip().splitlines())
+    ids = tiny_llama.tokenize("Once upon a time")
+    greedy = tiny_llama.model.generate(ids, max_new_tokens=6, do_sample=False,
+                                       pad_token_id=tiny_llama.tokenizer.eos_token_id)
+    plain = tiny_llama.tokenizer.decode(greedy[0, ids.shape[1]:].tolist())
+    assert lines["baseline"].strip() == repr(plain)  # unsteered = the model's own greedy continuation
+    assert lines["steered"].split("   (")[0].strip() != repr(plain)
+
+
+@pytest.mark.parametrize("args, expect", [
+    (["trace", "--task", "ioi"], "--dictionaries is required"),
+    (["trace", "-d", "RUN", "--task", "nope"], "unknown task 'nope'"),
+    (["trace", "-d", "RUN", "--prompt", "The cat"], "--prompt needs --target"),
+    (["trace", "-d", "RUN", "--prompt", "The cat", "--target", " on the"], "' on the'"),
+    (["trace", "-d", "RUN", "--mode", "bogus"], "--mode 'bogus'"),
+    (["verify", "RUN"], "no circuit.json"),
+    (["steer", "-d", "RUN", "--feature", "9:1", "--prompt", "Hi"], "layer 9"),
+    (["steer", "-d", "RUN", "--feature", "x", "--prompt", "Hi"], "cannot parse node id 'x'"),
+    (["explain", "RUN", "--layer", "3"], "no dictionary for layer 3"),
+    (["explain", "RUN", "--layer", "1", "--features", "5:2"], "--features '5:2'"),
+])
+def test_cli_bad_inputs(run_dir, capsys, args, expect):
+    code, stdout, err = cli(capsys, *[str(run_dir) if a == "RUN" else a for a in args])
+    assert code == 2, (stdout, err)
+    lines = [x for x in err.strip().splitlines() if not x.startswith("[sparsetrace]")]
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    assert expect in lines[0], err
+
+
+# ------------------------------------------------------------------------------------------ explain / align
+def test_explain_random_live_features(run_dir, capsys):
+    code, stdout, err = cli(capsys, "explain", run_dir, "--layer", "1", "--features", "random:6", "--n-tokens", "2000")
+    assert code == 0, err
+    folder = run_dir / "features" / "L01"
+    index = json.loads((folder / "index.json").read_text())
+    summary = json.loads((folder / "summary.json").read_text())
+    assert summary["n_live"] == 6 and len(index) == 6
+    for e in index:
+        dash = json.loads((folder / f"f{e['feature']}.json").read_text())
+        assert dash["top_examples"] and dash["label"] and dash["verdict"] in VERDICTS
+    v = summary["verdicts"]
+    assert v["verified"] + v["associative"] + v["failed"] == 6
+    assert "causal verdicts on 6 labels" in stdout
+
+
+def test_align_same_run_and_other_seed(run_dir, tmp_path_factory, module_texts, tiny_llama, capsys):
+    code, stdout, err = cli(capsys, "align", run_dir, run_dir, "--layer", "2", "--out", run_dir / "self-align.json")
+    assert code == 0, err
+    same = json.loads((run_dir / "self-align.json").read_text())
+    assert same["overall"]["fraction"] == 1.0
+    assert all(m["match"] == m["feature"] for m in same["mapping"])
+    assert sum(b["n"] for b in same["by_density"]) == same["n_features"][0]
+    other = _train(tmp_path_factory, module_texts, tiny_llama, seed=1)
+    code, stdout, err = cli(capsys, "align", run_dir, other, "--layer", "2")
+    assert code == 0, err
+    res = json.loads((run_dir / "align.json").read_text())
+    assert res["overall"]["fraction"] < 1.0
+    assert "features matched" in stdout
+
+
+def test_main_job_quick_has_every_stage(tmp_path, tiny_llama, monkeypatch):
+    """`sparsetrace run --preset quick` on tiny-llama: train, evaluate, circuit, explain, report."""
+    from sparsetrace import job
+
+    monkeypatch.setattr(job, "PRESETS", {**job.PRESETS, "quick": job.Preset(
+        layers=[1, 2], n_tokens=3000, epochs=1.0, eval_windows=2, dashboard_features=4, dashboard_tokens=1000,
+        circuit_prompts=2, graph_prompts=1, spearman_features=3)})
+    monkeypatch.setattr(job.LanguageModel, "load", classmethod(lambda cls, *a, **k: tiny_llama))
+    text = job.run_main_job(tmp_path / "run", preset="quick", model="tiny-llama", progress=False)
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["stages"] == ["train", "evaluate", "circuit", "explain"]
+    assert (tmp_path / "run" / "circuits" / "ioi" / "verify.json").exists()
+    assert (tmp_path / "run" / "features" / "L02" / "index.json").exists()
+    assert (tmp_path / "run" / "report" / "index.html").exists()
+    assert "faithfulness" in text and "causal verdicts" in text
