@@ -198,10 +198,8 @@ def _cases(f: dict[str, Path], root: Path, port: int) -> dict[str, Case]:
         "port_in_use": Case(["serve", str(f["report"]), "--port", str(port)],
                             [f"port {port}", "already in use", "--port"]),
         # usage errors found by typer itself
-        "non_numeric_option": Case(_train(f, o / "u1", "--lr", "abc"), ["'--lr'", "valid number"],
-                                   xfail="cli.main lets typer print its multi-line usage box; fix proposed"),
-        "unknown_command": Case(["trian"], ["'trian'", "train"],
-                                xfail="cli.main lets typer print its multi-line usage box; fix proposed"),
+        "non_numeric_option": Case(_train(f, o / "u1", "--lr", "abc"), ["'--lr'", "valid number"]),
+        "unknown_command": Case(["trian"], ["'trian'", "train"]),
         # --debug shows the traceback instead (checked separately below)
     }
 
