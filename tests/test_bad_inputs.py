@@ -173,9 +173,7 @@ def _cases(f: dict[str, Path], root: Path, port: int) -> dict[str, Case]:
         "missing_run_folder": Case(["evaluate", str(root / "no-such-run")], ["no-such-run", "expected a run folder"]),
         # 9: NaN loss
         "nan_loss": Case(_train(f, o / "9", "--lr", "1e30", "--checkpoint-every", "1"),
-                         ["nan", "step", "checkpoint", str(o / "9")],
-                         xfail="trainer.py prints a torch UserWarning (float(loss) on a tensor that requires grad) "
-                               "before the error line; fix proposed"),
+                         ["nan", "step", "checkpoint", str(o / "9")]),
         # 10, 12: corpora
         "empty_corpus": Case(_train(f, o / "10", "--corpus", str(f["empty"])), ["empty.txt", "no text"]),
         "non_utf8_corpus": Case(_train(f, o / "12", "--corpus", str(f["latin1"])),
@@ -448,7 +446,7 @@ def test_cli_nan_loss_keeps_last_checkpoint(runner):
 
 
 def test_cli_nan_stderr_would_be_one_line_without_warning(runner):
-    """The NaN case's error line itself is right; only the torch warning before it is extra."""
+    """The NaN case's one error line names the loss, the kept checkpoint and --resume."""
     proc = runner.result("nan_loss")
     errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("error: ")]
     assert len(errors) == 1, proc.stderr
@@ -566,7 +564,7 @@ def corpus(tmp_path) -> Path:
     return p
 
 
-@pytest.mark.filterwarnings("ignore:Converting a tensor with requires_grad=True")  # trainer.py; fix proposed
+@pytest.mark.filterwarnings("error:Converting a tensor with requires_grad=True")
 def test_lib_nan_loss_raises_training_diverged(lm, tmp_path, corpus):
     from sparsetrace.train.pipeline import run_training
 

@@ -177,7 +177,7 @@ class LayerTrainer:
         loss, mse, code, err = self.objective(x, y, lam, dead)
         if not torch.isfinite(loss):
             raise TrainingDiverged(
-                f"loss became {float(loss)} at step {self.step} for layer {self.layer}; "
+                f"loss became {float(loss.detach())} at step {self.step} for layer {self.layer}; "
                 f"expected a finite loss (try a lower --lr)"
             )
         self.opt.zero_grad(set_to_none=True)
