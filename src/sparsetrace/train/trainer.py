@@ -384,21 +384,15 @@ def train_dictionaries(
         s_in, s_out = scales_for(cache, f"{hp_in}.{layer}", f"{hp_out}.{layer}")
         trainers.append(LayerTrainer(tcfg, layer, d_model, model_id, s_in, s_out))
     ckpt_root = out_dir / ".checkpoints"
-    start = 0
     if resume:
-        steps = []
+        # each layer resumes from its own checkpoint (a kill between two layers' checkpoint writes leaves
+        # them at different steps); batch order is a pure function of (seed, step), so the layers behind
+        # catch up on exactly the batches they missed
         for tr in trainers:
             folder = ckpt_root / dictionary_dirname(tr.layer, tcfg.kind)
             if folder.exists():
                 tr.load_checkpoint(folder)
-                steps.append(tr.step)
-            else:
-                steps.append(0)
-        if len(set(steps)) > 1:  # layers checkpointed at different steps: restart the laggards' peers too
-            raise TrainingDiverged(f"checkpoints in {ckpt_root} are at different steps {steps}; delete them to restart")
-        start = steps[0] if steps else 0
-        for tr in trainers:
-            _truncate_log(out_dir / dictionary_dirname(tr.layer, tcfg.kind) / "train_log.jsonl", start)
+            _truncate_log(out_dir / dictionary_dirname(tr.layer, tcfg.kind) / "train_log.jsonl", tr.step)
     else:
         for tr in trainers:
             log = out_dir / dictionary_dirname(tr.layer, tcfg.kind) / "train_log.jsonl"
@@ -409,17 +403,21 @@ def train_dictionaries(
     sched_rank = rank if tcfg.parallel == "data" else 0
     schedule = BatchSchedule(cache.n_tokens, tcfg.batch_size, tcfg.seed, rank=sched_rank, world_size=sched_world)
     hps = sorted({h for tr in trainers for h in (tr.hp_in, tr.hp_out)})
+    start = min((tr.step for tr in trainers), default=0)
     bar = tqdm(total=total, initial=start, desc="train", unit="step", disable=not progress or rank != 0)
-    last_ckpt = start
+    last_ckpt = {tr.layer: tr.step for tr in trainers}
     end = total if stop_at_step is None else min(total, stop_at_step)
     for step, batch in zip(range(start, end), schedule.batches(cache, hps, start, end), strict=True):
         postfix = {}
         for tr in trainers:
+            if tr.step > step:  # resumed from a later checkpoint than another layer
+                continue
             try:
                 st = tr.train_step(batch[tr.hp_in], batch[tr.hp_out])
             except TrainingDiverged as e:
                 raise TrainingDiverged(
-                    f"{e}; the last good checkpoint (step {last_ckpt}) is kept in {ckpt_root}; rerun with --resume"
+                    f"{e}; the last good checkpoint (step {last_ckpt[tr.layer]}) is kept in {ckpt_root}; "
+                    f"rerun with --resume"
                 ) from None
             postfix[f"L{tr.layer}"] = f"l0={st.l0:.0f} fvu={st.fvu:.2f}"
             if (step % tcfg.log_every == 0 or step == total - 1) and rank == 0 or (
@@ -450,11 +448,12 @@ def train_dictionaries(
         bar.update(1)
         bar.set_postfix(postfix, refresh=False)
         if tcfg.checkpoint_every and (step + 1) % tcfg.checkpoint_every == 0 and step + 1 < total:
-            _save_checkpoints(trainers, ckpt_root, tcfg.kind, rank, tcfg.parallel)
-            last_ckpt = step + 1
+            due = [tr for tr in trainers if tr.step == step + 1]
+            _save_checkpoints(due, ckpt_root, tcfg.kind, rank, tcfg.parallel)
+            last_ckpt.update({tr.layer: tr.step for tr in due})
     bar.close()
     if stop_at_step is not None and end < total:
-        _save_checkpoints(trainers, ckpt_root, tcfg.kind, rank, tcfg.parallel)
+        _save_checkpoints([tr for tr in trainers if tr.step <= end], ckpt_root, tcfg.kind, rank, tcfg.parallel)
         return {tr.layer: tr.dictionary for tr in trainers}
     result = {}
     for tr in trainers:
