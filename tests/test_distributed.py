@@ -138,8 +138,6 @@ def test_ddp_log_matches_single_process(runs):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(reason="every rank harvests into the same cache folder at once (race on <key>.partial); "
-                   "fixed by harvesting on LOCAL_RANK 0 behind a barrier in train/pipeline.py", strict=False)
 @pytest.mark.parametrize("parallel", ["data", "layer"])
 def test_cli_train_under_torchrun(tmp_path, texts, parallel):
     """The documented launcher: ``torchrun ... -m sparsetrace.cli train`` on a cold activation cache."""

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from ..data.store import harvest
+from ..data.store import ActivationCache, harvest
 from ..data.tokens import split_windows, tokenize_windows
 from ..errors import ConfigError
 from ..model.adapter import LanguageModel
@@ -93,7 +95,7 @@ def run_training(
         raise write_failed(out_dir / HELDOUT, e) from None
     hp_in, hp_out = tcfg.hookpoints
     hookpoints = sorted({Hookpoint(h, layer) for layer in tcfg.layers for h in (hp_in, hp_out)}, key=str)
-    cache = harvest(lm, train_windows, hookpoints, cache_dir=cache_dir, progress=progress, dtype=tcfg.dtype)
+    cache = _harvest_once(lm, train_windows, hookpoints, cache_dir=cache_dir, progress=progress, dtype=tcfg.dtype)
     t_harvest = time.time() - t0
     dictionaries = train_dictionaries(
         tcfg,
@@ -120,6 +122,27 @@ def run_training(
         write_run_json(out_dir, info)
     info["dictionaries"] = dictionaries
     return info
+
+
+def _harvest_once(lm: LanguageModel, windows: torch.Tensor, hookpoints: list[Hookpoint], **kw) -> ActivationCache:
+    """``harvest``, but under torchrun only one rank per cache folder writes it.
+
+    Rank 0 harvests while the other ranks wait at a barrier; then the LOCAL_RANK 0 of every other node
+    harvests (or, when the cache folder is shared between nodes, just finds rank 0's cache) while the
+    rest wait again; then every rank opens the finished cache.
+    """
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return harvest(lm, windows, hookpoints, **kw)
+    rank = dist.get_rank()
+    local_rank = int(os.environ.get("LOCAL_RANK", rank))
+    cache = harvest(lm, windows, hookpoints, **kw) if rank == 0 else None
+    dist.barrier()
+    if cache is None and local_rank == 0:
+        cache = harvest(lm, windows, hookpoints, **kw)
+    dist.barrier()
+    if cache is None:  # the cache is complete now: this only opens it
+        cache = harvest(lm, windows, hookpoints, **{**kw, "progress": False})
+    return cache
 
 
 def load_heldout(run_dir: Path) -> torch.Tensor | None:
