@@ -424,8 +424,6 @@ def test_graph_load_random_bytes(data):
             graph.Graph.load(p)
 
 
-@pytest.mark.xfail(raises=RecursionError, strict=False,
-                   reason="Graph.load lets json's RecursionError escape; fix proposed for attribute/graph.py")
 def test_graph_load_deeply_nested(tmp_path):
     graph = _graph_module()
     p = tmp_path / "graph.json"
