@@ -31,6 +31,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from contextlib import contextmanager
 from pathlib import Path
 
 from ..errors import SparsetraceError
@@ -177,67 +178,103 @@ def _split_id(node_id: str, parts: int) -> list[str]:
     return p
 
 
+_MALFORMED = (KeyError, TypeError, ValueError, AttributeError, IndexError, OverflowError, RecursionError)
+
+
+@contextmanager
+def _malformed(where: str):
+    """Turn a crash while reading ``where`` into a GraphFormatError that names it."""
+    try:
+        yield
+    except _MALFORMED as e:
+        why = f"no field {e}" if isinstance(e, KeyError) else str(e)[:200]
+        raise GraphFormatError(f"Neuronpedia graph: {where} is malformed ({why}); "
+                               f"expected circuit-tracer graph JSON") from None
+
+
+def _expect(value, kind: type, where: str):
+    if not isinstance(value, kind):
+        want = {dict: "an object", list: "a list", str: "a string"}[kind]
+        raise GraphFormatError(f"Neuronpedia graph: {where} is {type(value).__name__}; expected {want}")
+    return value
+
+
 def from_neuronpedia(d: dict) -> dict:
-    """circuit-tracer / Neuronpedia graph JSON (a dict) -> our ``sparsetrace-graph/1`` dict."""
+    """circuit-tracer / Neuronpedia graph JSON (a dict) -> our ``sparsetrace-graph/1`` dict.
+
+    Malformed input raises :class:`GraphFormatError` naming the part that is wrong.
+    """
     if not isinstance(d, dict) or "nodes" not in d or "metadata" not in d:
         raise GraphFormatError("not a Neuronpedia graph; expected an object with 'metadata', 'nodes' and 'links'")
-    meta = d["metadata"] or {}
-    extra = meta.get("sparsetrace") or {}
-    prompt_tokens = [str(t) for t in meta.get("prompt_tokens") or []]
-    hookpoints = extra.get("hookpoints") or {}
-    nodes_in = d.get("nodes") or []
-    logit_layers = [int(n["layer"]) for n in nodes_in if n.get("feature_type") == "logit" and str(n.get("layer")).isdigit()]
-    n_layers = extra.get("n_layers")
-    if n_layers is None:
-        n_layers = (max(logit_layers) - 1) if logit_layers else 1 + max(
-            (int(n["layer"]) for n in nodes_in if str(n.get("layer")).lstrip("-").isdigit()), default=-1)
-    n_layers = int(n_layers)
+    meta = _expect(d["metadata"] or {}, dict, "metadata")
+    extra = _expect(meta.get("sparsetrace") or {}, dict, "metadata.sparsetrace")
+    hookpoints = _expect(extra.get("hookpoints") or {}, dict, "metadata.sparsetrace.hookpoints")
+    nodes_in = _expect(d.get("nodes") or [], list, "nodes")
+    links_in = _expect(d.get("links") or [], list, "links")
+    for i, n in enumerate(nodes_in):
+        _expect(n, dict, f"nodes[{i}]")
+    with _malformed("metadata"):
+        prompt_tokens = [str(t) for t in _expect(meta.get("prompt_tokens") or [], list, "metadata.prompt_tokens")]
+        pids = _expect(extra.get("prompt_token_ids") or [], list, "metadata.sparsetrace.prompt_token_ids")
+        node_threshold = _float(meta.get("node_threshold"))
+        n_layers = extra.get("n_layers")
+        if n_layers is None:
+            logit_layers = [int(n["layer"]) for n in nodes_in
+                            if n.get("feature_type") == "logit" and str(n.get("layer")).isdigit()]
+            n_layers = (max(logit_layers) - 1) if logit_layers else 1 + max(
+                (int(n["layer"]) for n in nodes_in if str(n.get("layer")).lstrip("-").isdigit()), default=-1)
+        n_layers = int(n_layers)
 
     def tok(pos: int) -> str:
         return prompt_tokens[pos] if 0 <= pos < len(prompt_tokens) else ""
 
     nodes, id_map, targets = [], {}, []
-    for n in nodes_in:
-        ft, pos = str(n.get("feature_type", "")), int(n.get("ctx_idx", 0))
-        common = {"position": pos, "activation": _float(n.get("activation")), "influence": _float(n.get("influence")),
-                  "label": n.get("clerp") or None, "token": tok(pos), "feature": None, "hookpoint": None}
-        if ft == "embedding":
-            tid = int(_split_id(n["node_id"], 3)[1])
-            node = {"node_id": f"E@{pos}", "kind": "embedding", "layer": -1}
-            pids = extra.get("prompt_token_ids") or []
-            if tid >= 0 and not (pos < len(pids) and pids[pos] == tid):
-                node["token_id"] = tid
-            common["label"] = None
-        elif ft == "logit":
-            tid = int(n["feature"])
-            m = _LOGIT_CLERP.match(n.get("clerp") or "")
-            token = m.group("tok") if m else ""
-            prob = float(n.get("token_prob", 0.0))
-            node = {"node_id": f"LOGIT/{tid}@{pos}", "kind": "logit", "layer": n_layers}
-            common.update(token=token, label=None)
-            targets.append((bool(n.get("is_target_logit")), {"token": token, "token_id": tid, "prob": prob}))
-        elif "error" in ft:
-            layer = int(n["layer"])
-            node = {"node_id": f"L{layer}/ERR@{pos}", "kind": "error", "layer": layer}
-            common["hookpoint"] = hookpoints.get(str(layer))
-        else:  # a feature ("cross layer transcoder", "transcoder", "unexplored node", ...)
-            layer = int(n["layer"])
-            p = _split_id(n["node_id"], 3)
-            f = int(p[1]) if p[0] == str(layer) else uncantor(int(n["feature"]))[1]
-            node = {"node_id": f"L{layer}/F{f}@{pos}", "kind": "feature", "layer": layer}
-            common.update(feature=f, hookpoint=hookpoints.get(str(layer)))
+    for i, n in enumerate(nodes_in):
+        np_id = _expect(n.get("node_id"), str, f"nodes[{i}].node_id")
+        with _malformed(f"node {np_id[:60]!r}"):
+            ft, pos = str(n.get("feature_type", "")), int(n.get("ctx_idx", 0))
+            common = {"position": pos, "activation": _float(n.get("activation")),
+                      "influence": _float(n.get("influence")), "label": n.get("clerp") or None, "token": tok(pos),
+                      "feature": None, "hookpoint": None}
+            if ft == "embedding":
+                tid = int(_split_id(np_id, 3)[1])
+                node = {"node_id": f"E@{pos}", "kind": "embedding", "layer": -1}
+                if tid >= 0 and not (pos < len(pids) and pids[pos] == tid):
+                    node["token_id"] = tid
+                common["label"] = None
+            elif ft == "logit":
+                tid = int(n["feature"])
+                m = _LOGIT_CLERP.match(n.get("clerp") or "")
+                token = m.group("tok") if m else ""
+                prob = float(n.get("token_prob", 0.0))
+                node = {"node_id": f"LOGIT/{tid}@{pos}", "kind": "logit", "layer": n_layers}
+                common.update(token=token, label=None)
+                targets.append((bool(n.get("is_target_logit")), {"token": token, "token_id": tid, "prob": prob}))
+            elif "error" in ft:
+                layer = int(n["layer"])
+                node = {"node_id": f"L{layer}/ERR@{pos}", "kind": "error", "layer": layer}
+                common["hookpoint"] = hookpoints.get(str(layer))
+            else:  # a feature ("cross layer transcoder", "transcoder", "unexplored node", ...)
+                layer = int(n["layer"])
+                p = _split_id(np_id, 3)
+                f = int(p[1]) if p[0] == str(layer) else uncantor(int(n["feature"]))[1]
+                node = {"node_id": f"L{layer}/F{f}@{pos}", "kind": "feature", "layer": layer}
+                common.update(feature=f, hookpoint=hookpoints.get(str(layer)))
         node.update(common)
-        if node["node_id"] in id_map.values():
-            raise GraphFormatError(f"two Neuronpedia nodes map to {node['node_id']!r}")
-        id_map[n["node_id"]] = node["node_id"]
+        if np_id in id_map or node["node_id"] in id_map.values():
+            raise GraphFormatError(f"Neuronpedia graph: two nodes map to {node['node_id']!r} (node_id {np_id[:60]!r})")
+        id_map[np_id] = node["node_id"]
         nodes.append(node)
 
     links = []
-    for e in d.get("links") or []:
-        try:
+    for i, e in enumerate(links_in):
+        _expect(e, dict, f"links[{i}]")
+        for end in ("source", "target"):
+            if _expect(e.get(end), str, f"links[{i}].{end}") not in id_map:
+                raise GraphFormatError(f"Neuronpedia graph: links[{i}] {end} {e[end][:60]!r} names no node; "
+                                       f"expected one of the nodes' node_id")
+        with _malformed(f"links[{i}]"):
             links.append({"source": id_map[e["source"]], "target": id_map[e["target"]], "weight": float(e["weight"])})
-        except KeyError as k:
-            raise GraphFormatError(f"link {e.get('source')!r} -> {e.get('target')!r} names unknown node {k}") from None
 
     out_meta = {k: v for k, v in extra.items() if k not in ("format", "hookpoints")}
     out_meta.setdefault("model", meta.get("scan", ""))
@@ -245,7 +282,7 @@ def from_neuronpedia(d: dict) -> dict:
     out_meta["prompt_tokens"] = prompt_tokens
     if "targets" not in out_meta:
         out_meta["targets"] = [t for _, t in sorted(targets, key=lambda t: not t[0])]
-    out_meta["node_threshold"] = _float(meta.get("node_threshold"))
+    out_meta["node_threshold"] = node_threshold
     out_meta.setdefault("edge_threshold", None)
     out_meta.setdefault("scores", {})
     out_meta["n_layers"] = n_layers
