@@ -139,6 +139,26 @@ def test_cli_trace_task_and_verify_json(run_dir, tmp_path, capsys):
     assert {"faithfulness", "completeness", "specificity", "curve", "spearman"} <= set(res)
 
 
+def test_relative_positions_use_one_template(run_dir, tiny_llama, tmp_path):
+    """positions="relative": prompts from one template (same length), nodes at positions from the end."""
+    from sparsetrace.intervene.circuit_job import task_for
+    from sparsetrace.intervene.features import parse_node_id
+
+    cfg = TraceConfig(task="ioi", n_prompts=6, n_graph_prompts=2, max_features=4, n_edge_checks=0, n_spearman=3,
+                      template=2)
+    batch = task_for(cfg).prompts(tiny_llama, n=6)
+    assert len(set(batch.last_pos.tolist())) == 1
+    assert all(p.startswith("After ") for p in batch.prompts)  # template 2
+    dicts = load_dictionaries(run_dir, tiny_llama)
+    doc = trace_circuit(tiny_llama, dicts, cfg, tmp_path / "t")
+    nodes = [parse_node_id(n) for n in doc["circuit"]]
+    assert nodes and all(n.position is not None and -batch.seq_len <= n.position < 0 for n in nodes)
+    res = verify_trace(tiny_llama, dicts, tmp_path / "t")
+    assert res["circuit"] == doc["circuit"] and res["n_prompts"] == 6
+    any_cfg = TraceConfig(task="ioi", positions="any")
+    assert len(set(task_for(any_cfg).prompts(tiny_llama, n=10).last_pos.tolist())) > 1
+
+
 def test_cli_trace_default_out_is_inside_the_run(run_dir, capsys):
     code, stdout, err = cli(capsys, "trace", "-d", run_dir, "--prompt", "The cat sat on the", "--target", " mat",
                             "--max-features", "3")
@@ -165,6 +185,8 @@ def test_cli_steer(run_dir, tiny_llama, capsys):
     (["trace", "-d", "RUN", "--prompt", "The cat"], "--prompt needs --target"),
     (["trace", "-d", "RUN", "--prompt", "The cat", "--target", " on the"], "' on the'"),
     (["trace", "-d", "RUN", "--mode", "bogus"], "--mode 'bogus'"),
+    (["trace", "-d", "RUN", "--template", "99"], "--template 99 is out of range"),
+    (["trace", "-d", "RUN", "--positions", "some"], "--positions 'some'"),
     (["verify", "RUN"], "no circuit.json"),
     (["steer", "-d", "RUN", "--feature", "9:1", "--prompt", "Hi"], "layer 9"),
     (["steer", "-d", "RUN", "--feature", "x", "--prompt", "Hi"], "cannot parse node id 'x'"),

@@ -183,6 +183,9 @@ def trace(
     edge_threshold: float = typer.Option(0.98, "--edge-threshold", help="Pruning: fraction of edge influence kept."),
     mode: str = typer.Option("mean", help="Ablation used by verify: mean | zero | patch."),
     unrelated_task: str = typer.Option(None, "--unrelated-task", help="Specificity task (default facts)."),
+    positions: str = typer.Option("relative", help="relative: nodes at positions from the end, prompts of one "
+                                  "template | any: features at every position, all templates."),
+    template: int = typer.Option(0, help="With --positions relative: which task template."),
     seed: int = typer.Option(0),
     verify: bool = typer.Option(False, "--verify", help="Also run `sparsetrace verify` on the result."),
     device: str = typer.Option("cpu"),
@@ -194,7 +197,7 @@ def trace(
     cfg = TraceConfig(task=task if task or prompt else "ioi", prompt=prompt, target=target, contrast=contrast,
                       n_prompts=n_prompts, n_graph_prompts=graph_prompts, max_features=max_features,
                       node_threshold=node_threshold, edge_threshold=edge_threshold, mode=mode,
-                      unrelated_task=unrelated_task, seed=seed).validate()
+                      unrelated_task=unrelated_task, positions=positions, template=template, seed=seed).validate()
     task_for(cfg)  # an unknown task name fails before the model loads
     lm, dicts = _dictionaries_and_model(dictionaries, model, device)
     if out is None:
@@ -293,6 +296,8 @@ def explain(
     n_tokens: int = typer.Option(60_000, "--n-tokens", help="Corpus tokens for the dashboards."),
     corpus: str = typer.Option(None, help="Corpus (default: the run's)."),
     verify: bool = typer.Option(True, "--verify/--no-verify", help="Causally verify each label."),
+    promoted: str = typer.Option("steered", help="Labels' promoted outputs: steered (measured by steering on the "
+                                 "top examples) | direct (decoder row through the unembedding)."),
     seed: int = typer.Option(0),
     model: str = typer.Option(None),
     device: str = typer.Option("cpu"),
@@ -302,10 +307,12 @@ def explain(
 
     if n_tokens <= 0:
         raise ConfigError(f"--n-tokens {n_tokens} is invalid; expected a positive number of tokens")
+    if promoted not in ("steered", "direct"):
+        raise ConfigError(f"--promoted '{promoted}' is unknown; expected steered or direct")
     folder = find_layer_dictionary(run_dir, layer)
     lm, _ = _dictionaries_and_model([folder], model, device)
     summary = explain_layer(lm, run_dir, layer, features, n_tokens=n_tokens, corpus=corpus, verify=verify,
-                            seed=seed, progress=_progress(), log=_say)
+                            promoted=promoted, seed=seed, progress=_progress(), log=_say)
     typer.echo(format_explain(summary))
     typer.echo(f"written: {run_dir}/features/L{layer:02d}/")
 

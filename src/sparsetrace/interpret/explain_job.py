@@ -2,9 +2,12 @@
 features, and cross-run feature matching.
 
 ``explain_layer``: one bounded-memory pass over corpus windows (harvesting only up to the dictionary's
-layer) computes the dashboards; the built-in labeler names each live feature; each label is then tested
-causally on the run's held-out windows (activation test + steering test, ``verify_labels``) and gets a
-verdict. Dashboards go to ``<run>/features/L{layer:02d}/`` and a summary with the verified fraction to
+layer) computes the dashboards; the built-in labeler names each live feature: the tokens it fires on and
+the outputs it promotes. ``promoted="steered"`` (default) takes the promoted outputs from the measured
+effect of steering the feature at the maxima of its top corpus examples (``add_steered_logits``);
+``"direct"`` from the decoder row through the unembedding, which ignores every later layer. Each label is
+then tested causally on the run's *held-out* windows (activation test + steering test,
+``verify_labels``) and gets a verdict. Dashboards go to ``<run>/features/L{layer:02d}/`` and a summary with the verified fraction to
 ``<run>/features/L{layer:02d}/summary.json``.
 
 Feature selections (``--features``): ``0:200`` (a range), ``3,17,99`` (a list), ``random:120`` (120
@@ -104,17 +107,20 @@ def explain_layer(
     corpus: str | None = None,
     context: int = 128,
     verify: bool = True,
+    promoted: str = "steered",
     seed: int = 0,
     progress: bool = True,
     log: Callable[[str], None] | None = None,
 ) -> dict:
     """Dashboards + built-in labels + causal verdicts for features of one layer; returns the summary."""
     from ..evaluate.job import heldout_windows
-    from .dashboards import compute_dashboards, write_dashboards
-    from .labels import LabelCache, dictionary_sha, label_features
+    from .dashboards import add_steered_logits, compute_dashboards, write_dashboards
+    from .labels import BuiltinLabeler, LabelCache, dictionary_sha, label_features
     from .verify_labels import VerifyConfig, summarize_verdicts, verify_labels
 
     say = log or (lambda _m: None)
+    if promoted not in ("steered", "direct"):
+        raise ConfigError(f"--promoted '{promoted}' is unknown; expected steered or direct")
     run_dir = Path(run_dir)
     folder = find_layer_dictionary(run_dir, layer)
     d = load_dictionary(folder, device=lm.device)
@@ -150,8 +156,13 @@ def explain_layer(
     say(f"layer {layer}: {len(dashboards)} dashboards over {windows.numel():,} tokens in {dash_s:.0f} s; "
         f"{len(live)} live, {len(dead)} never fired")
     keep = {f: dashboards[f] for f in (chosen if n_live is not None else order)}
+    if promoted == "steered" and chosen:
+        t1 = time.perf_counter()
+        add_steered_logits(lm, d, keep, windows, chosen)
+        say(f"measured steering effects of {len(chosen)} features in {time.perf_counter() - t1:.0f} s")
     cache = LabelCache(run_dir / "features" / "labels.json")
-    labels = label_features({f: keep[f] for f in chosen}, cache=cache, dict_sha=dictionary_sha(d))
+    labels = label_features({f: keep[f] for f in chosen}, BuiltinLabeler(promoted_from=promoted), cache=cache,
+                            dict_sha=dictionary_sha(d))
     for f in keep:
         if f not in labels:
             keep[f]["label"] = "dead (never fired on the corpus)"
@@ -176,7 +187,7 @@ def explain_layer(
         "n_tokens": int(windows.numel()),
         "seconds": {"dashboards": round(dash_s, 1), "verify": round(verify_s, 1)},
         "verdicts": summarize_verdicts(results) if results else None,
-        "labeler": "builtin",
+        "labeler": BuiltinLabeler(promoted_from=promoted).id,
     }
     atomic_write_text(run_dir / "features" / f"L{layer:02d}" / "summary.json", json.dumps(summary, indent=1) + "\n")
     return summary

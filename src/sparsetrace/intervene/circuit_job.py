@@ -1,11 +1,14 @@
 """`sparsetrace trace` and `sparsetrace verify`: find a circuit for a task, then check it causally.
 
 ``trace_circuit`` attributes a few of the task's clean prompts (one attribution graph each, through the
-local replacement model), sums each feature's influence on the target logit over positions and prompts
+local replacement model), sums each feature node's influence on the target logit over the prompts
 (every graph normalised to total feature influence 1, so each prompt counts the same), and keeps the
-``max_features`` most influential ``(layer, feature)`` pairs as the circuit. Features are chosen by
-layer and feature, not by position, because the task's prompts differ in length and word order: the
-circuit is verified on every prompt of the task at every position.
+``max_features`` most influential nodes as the circuit. Two ways to name a node (``positions``):
+
+- ``"relative"`` (default): ``L6/F12@-3`` = feature 12 of layer 6 at the third token from the end. The
+  task's prompts all come from one template (``template``, default 0), so a position means the same
+  word (S2, END, ...) in every prompt, and the circuit is ablated exactly there;
+- ``"any"``: ``6:12`` = the feature at every position, over prompts of all the task's templates.
 
 Written to the trace folder::
 
@@ -34,6 +37,7 @@ from .verify import edge_checks, verify_circuit, write_verify_json
 
 CIRCUIT_FORMAT = "sparsetrace-circuit/1"
 MODES = ("mean", "zero", "patch")
+POSITIONS = ("relative", "any")
 
 
 @dataclass
@@ -54,6 +58,8 @@ class TraceConfig:
     unrelated_task: str | None = None  # None: "facts" (or "greater-than" when the task is facts)
     n_edge_checks: int = 100  # finite-difference checks of the strongest graph edges
     n_spearman: int = 30  # top-scored features whose single ablation effect is measured
+    positions: str = "relative"  # relative: nodes at positions from the end, one template | any: every position
+    template: int | None = 0  # with positions="relative": the task template used (None: all templates)
     seed: int = 0
 
     def validate(self) -> TraceConfig:
@@ -73,6 +79,10 @@ class TraceConfig:
                 raise ConfigError(f"--{name.replace('_', '-')} {v!r} is invalid; expected a fraction in (0, 1]")
         if self.mode not in MODES:
             raise ConfigError(f"--mode '{self.mode}' is unknown; expected one of {', '.join(MODES)}")
+        if self.positions not in POSITIONS:
+            raise ConfigError(f"--positions '{self.positions}' is unknown; expected one of {', '.join(POSITIONS)}")
+        if self.template is not None and (not isinstance(self.template, int) or self.template < 0):
+            raise ConfigError(f"--template {self.template!r} is invalid; expected a template index >= 0")
         return self
 
     @property
@@ -87,6 +97,7 @@ class TraceConfig:
     @classmethod
     def from_dict(cls, d: dict) -> TraceConfig:
         known = {f.name for f in fields(cls)}
+        d = {"positions": "any", **d}  # circuit files from before `positions` existed name features only
         return cls(**{k: v for k, v in d.items() if k in known})
 
 
@@ -130,11 +141,26 @@ def model_of(dictionaries: list) -> str:
 
 
 def task_for(cfg: TraceConfig):
+    """The task; with relative positions, restricted to one of its templates (so positions line up)."""
     from ..tasks import get_task
 
     if cfg.task is None:
         return get_task("custom", prompt=cfg.prompt, target=cfg.target, contrast=cfg.contrast)
-    return get_task(cfg.task)
+    task = get_task(cfg.task)
+    templates = getattr(task, "templates", None)
+    if cfg.positions == "relative" and cfg.template is not None and templates:
+        if cfg.template >= len(templates):
+            raise ConfigError(f"--template {cfg.template} is out of range; task '{cfg.task}' has templates "
+                              f"0..{len(templates) - 1}")
+        task.templates = type(templates)([templates[cfg.template]])
+    return task
+
+
+def node_key(node, last: int, positions: str) -> str:
+    """The circuit node id of a graph feature node (``L6/F12@-3`` or ``6:12``)."""
+    if positions == "any":
+        return f"{node.layer}:{node.feature}"
+    return f"L{node.layer}/F{node.feature}@{int(node.position) - last - 1}"
 
 
 def _prompt_ids(batch, i: int):
@@ -159,7 +185,7 @@ def trace_circuit(
     n_graph = 1 if cfg.task is None else cfg.n_graph_prompts
     batch = task.prompts(lm, n=max(cfg.n_prompts, n_graph) if cfg.task else 1, seed=cfg.seed)
     baseline = task.baseline(lm, batch=batch)
-    totals: dict[tuple[int, int], float] = {}
+    totals: dict[str, float] = {}
     first = None
     t0 = time.perf_counter()
     for i in range(min(n_graph, len(batch))):
@@ -172,8 +198,9 @@ def trace_circuit(
         full = g.unpruned if g.unpruned is not None else g
         feats = [n for n in full.nodes if n.kind == "feature" and n.influence]
         total = sum(abs(float(n.influence)) for n in feats) or 1.0
+        last = int(batch.last_pos[i])
         for n in feats:
-            key = (int(n.layer), int(n.feature))
+            key = node_key(n, last, cfg.positions)
             totals[key] = totals.get(key, 0.0) + abs(float(n.influence)) / total
         if first is None:
             first = g
@@ -181,7 +208,7 @@ def trace_circuit(
     if first is None:
         raise DataError(f"task '{cfg.name}' gave no prompt to attribute")
     ranked = sorted(totals.items(), key=lambda kv: -kv[1])
-    scores = {f"{layer}:{feat}": s / n_graph for (layer, feat), s in ranked}
+    scores = {key: s / n_graph for key, s in ranked}
     circuit = list(scores)[: cfg.max_features]
 
     say(f"checking the {cfg.n_edge_checks} strongest edges by finite differences")

@@ -10,8 +10,10 @@ Corruptions (same token length as the clean prompt):
 - ``"swap"``: IO and S are swapped everywhere, so the correct answer flips (the metric is still scored
   against the clean IO/S, so it goes negative).
 
-Names (and places/objects) come from ``tasks/data/ioi.json``; only names that are a single token with a
-leading space for the model's tokenizer are used (filtered at run time).
+Names, places and objects come from ``tasks/data/ioi.json``; only those that are a single token with a
+leading space for the model's tokenizer are used (filtered at run time; places and objects fall back to
+the whole list when fewer than 3 are single tokens), so all prompts of one template have the same length
+and every position is the same word in each of them.
 """
 
 from __future__ import annotations
@@ -52,16 +54,22 @@ class IOITask(Task):
             self._cache[key] = names
         return self._cache[key]
 
+    def _single_or_all(self, lm, words: list[str]) -> list[str]:
+        single = single_tokens(lm, words)
+        return single if len(single) >= 3 else list(words)
+
     def prompts(self, lm, n: int | None = None, seed: int = 0) -> TaskBatch:
         n = check_n(n, self.default_n)
         rng = rng_for(seed, "ioi")
         names = self.names(lm)
+        places = self._single_or_all(lm, self.places)
+        objects = self._single_or_all(lm, self.objects)
         rows, io_first = [], []
         for i in range(n):
             template = self.templates[i % len(self.templates)]
             io, s, c = rng.sample(names, 3)
-            place = rng.choice(self.places)
-            obj = rng.choice(self.objects)
+            place = rng.choice(places)
+            obj = rng.choice(objects)
             abba = rng.random() < 0.5  # IO first ("Mary and John ..., John gave") or S first
             a, b = (io, s) if abba else (s, io)
 
