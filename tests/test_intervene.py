@@ -341,8 +341,12 @@ def test_verify_schema_spearman_specificity_edges(lm, dicts):
 
 def test_patch_mode_verification_runs(lm, dicts):
     batch = get_task("ioi").prompts(lm, 3, seed=1)
-    res = verify_circuit(lm, dicts, batch, None, ["1:2", "2:3"], mode="patch", curve_points=2)
+    res = verify_circuit(lm, dicts, batch, None, ["1:2", "2:3"], mode="patch", curve_points=2, unrelated_task="sva")
     assert res["mode"] == "patch"
+    # the unrelated task has no corrupted version of C: its specificity is the mean-ablation one
+    mean = verify_circuit(lm, dicts, batch, None, ["1:2", "2:3"], mode="mean", curve_points=2, unrelated_task="sva")
+    assert res["specificity"]["mode"] == "mean"
+    assert res["specificity"]["ablated"] == pytest.approx(mean["specificity"]["ablated"], abs=1e-6)
     with pytest.raises(DataError):
         verify_circuit(lm, dicts, batch, None, ["1:2"], mode="resample")
 

@@ -10,7 +10,8 @@ With ``m(.)`` the task metric and the given dictionaries spliced in as intervent
   much of the task the model still does without the circuit (near 0 for a circuit that carries all of
   it, near 1 for one the model does not need);
 - ``ablation_drop`` = 1 - m(M \\ C) / m(M);
-- ``specificity``: the relative change of an unrelated task's metric when C (at every position) is ablated;
+- ``specificity``: the relative change of an unrelated task's metric when C (at every position) is ablated
+  (mean-ablated when ``mode="patch"``: the unrelated task has no corrupted counterpart of C);
 - ``curve``: f(C_k) for prefixes of the circuit in the order given, ``curve_auc`` its area with size
   normalised to [0, 1];
 - ``spearman``: rank correlation between given attribution scores and the measured single-feature
@@ -282,8 +283,10 @@ def verify_circuit(
     if unrelated_task is not None:
         ub = _resolve_task_batch(lm, unrelated_task, unrelated_n or len(task_batch), seed)
         umetric = _metric_of(ub, None)
+        # patching needs the task's own corrupted prompts; on an unrelated task "ablate C" means its mean
+        umode = "mean" if mode == "patch" else mode
         u_means = means if (mode == "mean" and means is not None) else None
-        uev = _Evaluator(lm, dmap, ub, umetric, mode, u_means, batch_size=batch_size)
+        uev = _Evaluator(lm, dmap, ub, umetric, umode, u_means, batch_size=batch_size)
         base = float(umetric(lm.run(ub.clean.to(lm.device)).logits, ub))
         ablated = uev.m(circuit.without_positions(), invert=False) if len(circuit) else base
         specificity = {
@@ -291,6 +294,7 @@ def verify_circuit(
             "baseline": base,
             "ablated": ablated,
             "rel_change": _ratio(ablated - base, abs(base)),
+            "mode": umode,
         }
 
     checks = edge_checks(lm, dmap, task_batch, edges, max_checks=max_edge_checks) if edges else []
