@@ -76,6 +76,7 @@ def train(
     device: str = typer.Option("cpu", help="cpu | cuda"),
     parallel: str = typer.Option("data", help="Under torchrun: data (DDP) | layer (ranks own layers)."),
     checkpoint_every: int = typer.Option(200, "--checkpoint-every", help="Steps between checkpoints."),
+    max_memory: float = typer.Option(None, "--max-memory", help="Resident-memory budget in GB (default unbounded)."),
     out: Path = typer.Option(Path("runs/tc"), help="Output run folder."),
     resume: bool = typer.Option(False, "--resume", help="Continue from the last checkpoint in --out."),
 ) -> None:
@@ -104,6 +105,7 @@ def train(
         device=device,
         parallel=parallel,
         checkpoint_every=checkpoint_every,
+        max_memory_gb=max_memory,
     ).validate()
     info = run_training(tcfg, out, resume=resume, progress=_progress())
     info.pop("dictionaries", None)
@@ -142,11 +144,14 @@ def run(
     model: str = typer.Option("smollm2-135m", help="Model."),
     corpus: str = typer.Option("default", help="Training text."),
     device: str = typer.Option("cpu"),
+    max_memory: float = typer.Option(None, "--max-memory", help="Resident-memory budget in GB for training "
+                                     "(default unbounded)."),
 ) -> None:
     """The main job: train transcoders with automatic λ, evaluate them, trace and verify a circuit, write a report."""
     from .job import run_main_job
 
-    summary = run_main_job(out, preset=preset, model=model, corpus=corpus, device=device, progress=_progress())
+    summary = run_main_job(out, preset=preset, model=model, corpus=corpus, device=device, progress=_progress(),
+                           max_memory_gb=max_memory)
     typer.echo(summary)
 
 

@@ -45,7 +45,7 @@ def _say(msg: str) -> None:
 
 def run_main_job(
     out: Path, *, preset: str = "default", model: str = "smollm2-135m", corpus: str = "default",
-    device: str = "cpu", progress: bool = True,
+    device: str = "cpu", progress: bool = True, max_memory_gb: float | None = None,
 ) -> str:
     if preset not in PRESETS:
         raise ConfigError(f"--preset '{preset}' is unknown; expected one of {', '.join(PRESETS)}")
@@ -63,7 +63,7 @@ def run_main_job(
 
     tcfg = TrainConfig(
         model=model, layers=layers, kind="transcoder", activation="relu", target_l0=32.0,
-        corpus=corpus, n_tokens=p.n_tokens, epochs=p.epochs, device=device,
+        corpus=corpus, n_tokens=p.n_tokens, epochs=p.epochs, device=device, max_memory_gb=max_memory_gb,
     )
     _say(f"stage 1/5: training transcoders on layers {layers} ({p.n_tokens:,} tokens, target L0 32, automatic λ)")
     t = time.time()

@@ -42,7 +42,7 @@ class TrainConfig:
     seed: int = 0
     device: str = "cpu"
     dtype: str = "float32"  # activation cache dtype
-    max_memory_gb: float | None = None
+    max_memory_gb: float | None = None  # resident-memory budget per process, GB (10^9 bytes); None = unbounded
     parallel: str = "data"  # data | layer   (under torchrun)
 
     @property
@@ -111,8 +111,12 @@ class TrainConfig:
             v = getattr(self, name)
             if not _is_real(v) or not 0 <= v < math.inf:
                 raise ConfigError(f"{name} {v!r} is invalid; expected a finite number >= 0")
-        if self.max_memory_gb is not None and (not _is_real(self.max_memory_gb) or not self.max_memory_gb > 0):
-            raise ConfigError(f"max_memory_gb {self.max_memory_gb!r} is invalid; expected a number > 0 or null")
+        if self.max_memory_gb is not None and (
+            not _is_real(self.max_memory_gb) or not 0 < self.max_memory_gb < math.inf
+        ):
+            raise ConfigError(
+                f"--max-memory {self.max_memory_gb!r} is invalid; expected a number of GB > 0 (or none: unbounded)"
+            )
         if self.dtype not in ("float32", "float16"):
             raise ConfigError(f"dtype '{self.dtype}' is unknown; expected 'float32' or 'float16'")
         if self.parallel not in ("data", "layer"):

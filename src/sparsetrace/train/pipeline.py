@@ -1,10 +1,19 @@
-"""The training job end to end: model -> corpus -> windows -> harvest -> train -> save."""
+"""The training job end to end: model -> corpus -> windows -> harvest -> train -> save.
+
+``TrainConfig.max_memory_gb`` (``--max-memory``, GB = 10^9 bytes, per process) is split by
+:func:`plan_memory`: what the process needs anyway (its resident memory once the model and corpus are
+loaded, each dictionary with gradients and Adam moments, batches and working buffers) and the rest, the
+activation cache's share (see :class:`~sparsetrace.data.store.ActivationCache`). A budget below what the
+process needs anyway is a :class:`ConfigError` before anything is harvested.
+"""
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -73,7 +82,10 @@ def run_training(
         except ConfigError as e:
             raise ConfigError(f"--resume: '{cfg_path}' is not a valid training config ({e})") from None
         if saved.to_dict() != tcfg.to_dict():
-            tcfg = saved  # resuming always continues the saved configuration
+            # resuming always continues the saved configuration; only the memory budget (a property of
+            # the machine, not of the results) may be given anew
+            mem = tcfg.max_memory_gb if tcfg.max_memory_gb is not None else saved.max_memory_gb
+            tcfg = replace(saved, max_memory_gb=mem)
     _check_writable(out_dir)
     t0 = time.time()
     from ..data.corpus import load_texts
@@ -85,6 +97,7 @@ def run_training(
     k = tcfg.k if tcfg.k is not None else max(1, round(tcfg.target_l0))
     if tcfg.activation in ("topk", "batchtopk") and k > n_features:
         raise ConfigError(f"--k {k} is larger than n_features={n_features}; expected k <= n_features")
+    plan = plan_memory(tcfg, lm, n_features=n_features)  # a budget that is too small fails here
     train_windows, heldout = load_corpus_windows(lm, tcfg, texts)
     from ..dictionary.io import atomic_write_text, write_failed
 
@@ -95,7 +108,10 @@ def run_training(
         raise write_failed(out_dir / HELDOUT, e) from None
     hp_in, hp_out = tcfg.hookpoints
     hookpoints = sorted({Hookpoint(h, layer) for layer in tcfg.layers for h in (hp_in, hp_out)}, key=str)
-    cache = _harvest_once(lm, train_windows, hookpoints, cache_dir=cache_dir, progress=progress, dtype=tcfg.dtype)
+    mem_kw = {} if plan is None else {"max_resident_bytes": plan.cache_bytes, "batch_windows": plan.harvest_windows}
+    cache = _harvest_once(
+        lm, train_windows, hookpoints, cache_dir=cache_dir, progress=progress, dtype=tcfg.dtype, **mem_kw
+    )
     t_harvest = time.time() - t0
     dictionaries = train_dictionaries(
         tcfg,
@@ -117,11 +133,128 @@ def run_training(
         "n_tokens": cache.n_tokens,
         "seconds_harvest": round(t_harvest, 1),
         "seconds_total": round(time.time() - t0, 1),
+        "peak_rss_mb": round(peak_resident_bytes() / 1e6),
     }
+    if plan is not None:
+        info["max_memory_gb"] = tcfg.max_memory_gb
+        info["cache_reads"] = "mapped" if cache.mapped else "pread"
     if stop_at_step is None:
         write_run_json(out_dir, info)
     info["dictionaries"] = dictionaries
     return info
+
+
+GB = 1e9
+
+
+@dataclass
+class MemoryPlan:
+    """How a run splits ``--max-memory`` (all in bytes)."""
+
+    budget: int
+    process: int  # resident now: interpreter, libraries, the model (at least its parameters), the corpus
+    dictionaries: int  # this process's dictionaries: parameters, gradients and the two Adam moments
+    working: int  # batches, encoder activations, resample/calibration samples, checkpoint buffers
+    harvest_windows: int  # windows per harvest forward pass
+
+    @property
+    def need(self) -> int:
+        return self.process + self.dictionaries + self.working
+
+    @property
+    def cache_bytes(self) -> int:
+        """The activation cache's share: what it may keep mapped."""
+        return max(0, self.budget - self.need)
+
+
+def plan_memory(
+    tcfg: TrainConfig, lm: LanguageModel, *, n_features: int, process_bytes: int | None = None
+) -> MemoryPlan | None:
+    """Split ``tcfg.max_memory_gb`` (None: unbounded, no plan); ConfigError when it is too small."""
+    if tcfg.max_memory_gb is None:
+        return None
+    budget = int(tcfg.max_memory_gb * GB)
+    f32 = 4
+    model = sum(t.numel() * t.element_size() for t in (*lm.model.parameters(), *lm.model.buffers()))
+    process = max(resident_bytes() if process_bytes is None else process_bytes, model)
+    d = lm.d_model
+    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    rank = dist.get_rank() if world > 1 else 0
+    layers = tcfg.layers[rank::world] if world > 1 and tcfg.parallel == "layer" else tcfg.layers
+    batch = tcfg.batch_size // world if world > 1 and tcfg.parallel == "data" else tcfg.batch_size
+    hp_per_layer = len(set(tcfg.hookpoints))
+    params = n_features * 2 * d + n_features + d
+    params += d * d if tcfg.kind == "skip_transcoder" else 0
+    params += n_features if tcfg.activation == "jumprelu" else 0
+    dictionaries = 4 * params * f32 * len(layers)  # parameters, gradients, exp_avg, exp_avg_sq
+    uses_lambda = tcfg.activation in ("relu", "jumprelu")
+    n_resample = min(4096, tcfg.n_tokens) if uses_lambda and tcfg.resample_every > 0 else 0
+    n_calibrate = min(8192, tcfg.n_tokens) if uses_lambda else 0
+    working = batch * d * f32 * hp_per_layer * len(layers) * 3 + max(
+        batch * (6 * n_features + 8 * d) * f32,  # one training step
+        n_resample * (3 * n_features + 6 * d) * f32,  # dead-feature resampling
+        n_calibrate * ((3 * n_features + 2 * d) * f32 + n_features),  # the final L0 calibration
+        3 * params * f32,  # serialising a checkpoint
+        2 * min(20000, tcfg.n_tokens) * d * f32,  # the activation scales
+    )
+    cfg = lm.model.config
+    heads = int(getattr(cfg, "num_attention_heads", None) or getattr(cfg, "n_head", None) or 16)
+    n_hp = hp_per_layer * len(tcfg.layers)
+    per_window = tcfg.context * d * f32 * (n_hp + 24) + tcfg.context**2 * f32 * 2 * heads
+    harvest_windows = int(max(1, min(16, (budget - process) // per_window)))  # 16 unless that does not fit
+    plan = MemoryPlan(budget=budget, process=process, dictionaries=dictionaries,
+                      working=max(working, 2 * per_window), harvest_windows=harvest_windows)
+    if plan.need > budget:
+        raise ConfigError(
+            f"--max-memory {tcfg.max_memory_gb:g} GB is too small: the model and dictionaries alone need "
+            f"~{_gb(plan.need)} GB (process now {_size(process)}, {len(layers)} "
+            f"{'dictionary' if len(layers) == 1 else 'dictionaries'} with Adam state {_size(dictionaries)}, "
+            f"batches and working buffers {_size(plan.working)}); expected --max-memory >= {_gb(plan.need)}"
+        )
+    return plan
+
+
+def _gb(n: int) -> str:
+    """Bytes as GB, rounded up to 0.1 GB."""
+    return f"{math.ceil(n / 1e8) / 10:g}"
+
+
+def _size(n: int) -> str:
+    return f"{_gb(n)} GB" if n >= 1e8 else f"{math.ceil(n / 1e6)} MB"
+
+
+def _status_bytes(key: str) -> int | None:
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def _peak_rusage_bytes() -> int:
+    try:
+        import resource
+        import sys
+
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return int(peak if sys.platform == "darwin" else peak * 1024)
+    except (ImportError, OSError, ValueError):
+        return 0
+
+
+def resident_bytes() -> int:
+    """This process's resident set size now (VmRSS; the peak where /proc is not available)."""
+    rss = _status_bytes("VmRSS")
+    return rss if rss is not None else _peak_rusage_bytes()
+
+
+def peak_resident_bytes() -> int:
+    """This process's peak resident set size so far (VmHWM)."""
+    rss = _status_bytes("VmHWM")
+    return rss if rss is not None else _peak_rusage_bytes()
 
 
 def _harvest_once(lm: LanguageModel, windows: torch.Tensor, hookpoints: list[Hookpoint], **kw) -> ActivationCache:
