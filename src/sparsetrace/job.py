@@ -93,13 +93,14 @@ def run_main_job(
     index = build_report([out], out / "report")
     timings["report"] = time.time() - t
     timings["total"] = time.time() - t0
-    summary = {"stages": stages_done, "seconds": {k: round(v, 1) for k, v in timings.items()}, "report": str(index)}
+    summary = {"stages": stages_done, "seconds": {k: round(v, 1) for k, v in timings.items()}, "report": str(index),
+               "peak_rss_mb": _peak_rss_mb()}
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
     lines = [table]
     for part in (extra, explained):
         if part:
             lines += ["", part]
-    lines += ["", f"report: {index}", f"total time: {timings['total']:.0f} s"]
+    lines += ["", f"report: {index}", f"total time: {timings['total']:.0f} s, peak RSS {summary['peak_rss_mb']:.0f} MB"]
     text = "\n".join(lines)
     atomic_write_text(out / "summary.txt", text + "\n")
     return text
@@ -155,3 +156,12 @@ def _trained_layers(out: Path) -> list[int]:
     from .interpret.explain_job import _layer_of
 
     return sorted({x for x in (_layer_of(f) for f in find_dictionaries(out)) if x is not None})
+
+
+def _peak_rss_mb() -> float:
+    """This process's peak resident set size so far (MB)."""
+    import resource
+    import sys
+
+    kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return round(kb / (1024 * 1024 if sys.platform == "darwin" else 1024), 1)  # bytes on macOS, KiB on Linux
