@@ -78,18 +78,20 @@ def test_trace_writes_graph_and_circuit(traced, tiny_llama):
     assert 0 < len(doc["circuit"]) <= 5
     scores = list(doc["scores"].values())
     assert scores == sorted(scores, reverse=True) and scores[0] > 0
-    # every circuit feature fires on the attributed prompt, on a trained layer
+    # every circuit node is a feature that fires on the prompt at its position, on a trained layer
+    from sparsetrace.intervene.features import parse_node_id
     from sparsetrace.model.hookpoints import Hookpoint
 
     lm = traced_lm[0]
     ids = lm.tokenize(PROMPT)
-    for node in doc["circuit"]:
-        layer, f = map(int, node.split(":"))
-        d = next(x for x in traced[2] if x.cfg.layer == layer)
-        hp = Hookpoint("mlp_in", layer)
+    for node_id in doc["circuit"]:
+        node = parse_node_id(node_id)
+        assert node.layer in (1, 2) and node.position is not None and node.position < 0
+        d = next(x for x in traced[2] if x.cfg.layer == node.layer)
+        hp = Hookpoint("mlp_in", node.layer)
         with torch.no_grad():
             acts = d.features(lm.run(ids, read=[hp]).acts[hp][0])
-        assert float(acts[:, f].max()) > 0, node
+        assert float(acts[ids.shape[1] + node.position, node.feature]) > 0, node_id
     assert any(n.kind == "feature" for n in g.nodes)
     # edges are the exact linear effect of their source in the frozen replacement model
     assert doc["edge_check"]["n"] > 0
@@ -157,6 +159,49 @@ def test_relative_positions_use_one_template(run_dir, tiny_llama, tmp_path):
     assert res["circuit"] == doc["circuit"] and res["n_prompts"] == 6
     any_cfg = TraceConfig(task="ioi", positions="any")
     assert len(set(task_for(any_cfg).prompts(tiny_llama, n=10).last_pos.tolist())) > 1
+
+
+@pytest.mark.parametrize("mode", ["zero", "patch"])
+def test_effect_scores_are_first_order_ablation_effects(run_dir, tiny_llama, mode):
+    """score(node) = -(a_ablated - a) . dm/da: moving the feature (where it is active) a small step eps
+    towards its ablated value in the real model (errors kept) changes the metric by -eps * score."""
+    import copy
+
+    from sparsetrace.intervene.circuit_job import effect_scores, task_for
+    from sparsetrace.intervene.core import LayerIntervention, feature_acts, run_with_interventions
+    from sparsetrace.intervene.features import FeatureSet
+    from sparsetrace.model.adapter import LanguageModel
+
+    # float64, so that a small step is far above rounding
+    lm = LanguageModel(copy.deepcopy(tiny_llama.model).double(), tiny_llama.tokenizer, tiny_llama.model_id)
+    cfg = TraceConfig(task="ioi", n_prompts=6)
+    task = task_for(cfg)
+    batch = task.prompts(lm, n=6)
+    dicts = [d.double() for d in load_dictionaries(run_dir, lm)]
+    scores = effect_scores(lm, dicts, batch, task, mode, "relative")
+    top = list(scores)[:3]
+    assert top and scores[top[0]] > 0
+    dmap = {d.cfg.layer: d for d in dicts}
+    clean = feature_acts(lm, dmap, batch.clean)
+    target = feature_acts(lm, dmap, batch.corrupted) if mode == "patch" else {k: 0 * v for k, v in clean.items()}
+    rows = torch.arange(len(batch))
+
+    def metric(logits):  # the IOI logit difference, in float64 (task.metric works in float32)
+        last = logits[rows, batch.last_pos]
+        return float((last[rows, batch.answer_ids] - last[rows, batch.wrong_ids]).mean())
+
+    assert metric(lm.run(batch.clean).logits) == pytest.approx(task.metric(lm.run(batch.clean).logits, batch), abs=1e-4)
+    base = metric(lm.run(batch.clean).logits)
+    eps = 1e-2
+    for node_id in top:
+        node = FeatureSet.parse([node_id]).nodes[0]
+        a, t = clean[node.layer], target[node.layer]
+        b, n, f = a.shape
+        mask = FeatureSet([node]).mask(node.layer, b, n, f, last_pos=batch.last_pos)
+        # the score sums over the prompts where the feature is active there: move only those
+        iv = {node.layer: LayerIntervention(mask=mask & (a > 0), values=a + eps * (t - a))}
+        m = metric(run_with_interventions(lm, dmap, batch.clean, iv).logits)
+        assert (base - m) / eps == pytest.approx(scores[node_id], rel=0.02), node_id
 
 
 def test_cli_trace_default_out_is_inside_the_run(run_dir, capsys):

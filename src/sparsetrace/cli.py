@@ -188,6 +188,8 @@ def trace(
     edge_threshold: float = typer.Option(0.98, "--edge-threshold", help="Pruning: fraction of edge influence kept."),
     mode: str = typer.Option("mean", help="Ablation used by verify: mean | zero | patch."),
     unrelated_task: str = typer.Option(None, "--unrelated-task", help="Specificity task (default facts)."),
+    select: str = typer.Option("effect", help="Circuit ranking: effect (estimated effect of the verify ablation on the "
+                               "task metric) | influence (attribution graphs)."),
     positions: str = typer.Option("relative", help="relative: nodes at positions from the end, prompts of one "
                                   "template | any: features at every position, all templates."),
     template: int = typer.Option(0, help="With --positions relative: which task template."),
@@ -202,7 +204,8 @@ def trace(
     cfg = TraceConfig(task=task if task or prompt else "ioi", prompt=prompt, target=target, contrast=contrast,
                       n_prompts=n_prompts, n_graph_prompts=graph_prompts, max_features=max_features,
                       node_threshold=node_threshold, edge_threshold=edge_threshold, mode=mode,
-                      unrelated_task=unrelated_task, positions=positions, template=template, seed=seed).validate()
+                      unrelated_task=unrelated_task, select=select, positions=positions, template=template,
+                      seed=seed).validate()
     task_for(cfg)  # an unknown task name fails before the model loads
     lm, dicts = _dictionaries_and_model(dictionaries, model, device)
     if out is None:

@@ -1,9 +1,20 @@
 """`sparsetrace trace` and `sparsetrace verify`: find a circuit for a task, then check it causally.
 
 ``trace_circuit`` attributes a few of the task's clean prompts (one attribution graph each, through the
-local replacement model), sums each feature node's influence on the target logit over the prompts
-(every graph normalised to total feature influence 1, so each prompt counts the same), and keeps the
-``max_features`` most influential nodes as the circuit. Two ways to name a node (``positions``):
+local replacement model; ``graph.json`` is the first) and keeps ``max_features`` feature nodes as the
+circuit, ranked (``select``) by
+
+- ``"effect"`` (default): the first-order estimate of the very intervention ``verify`` performs, on the
+  task metric m over all the task's prompts: ``(a_ablated - a) * dm/da`` per feature and position
+  (``a_ablated`` = the feature on the corrupted prompt for ``mode="patch"``, its mean over the prompts for
+  ``"mean"``, 0 for ``"zero"``; ``dm/da`` = the decoder row times the gradient of m at the dictionary's
+  output in the real model, errors held fixed), summed over the prompts where the feature is active and
+  averaged; nodes whose ablation is estimated to lower m most come first. This is attribution patching at feature level, and it targets the task's
+  own metric (e.g. the IOI logit *difference*), which a graph of one target logit cannot;
+- ``"influence"``: each node's influence on the target logit in the graphs, summed over the prompts
+  (every graph normalised to total feature influence 1).
+ Features at the BOS position are left out: under
+causal attention that position's state is the same in every prompt. Two ways to name a node (``positions``):
 
 - ``"relative"`` (default): ``L6/F12@-3`` = feature 12 of layer 6 at the third token from the end. The
   task's prompts all come from one template (``template``, default 0), so a position means the same
@@ -38,6 +49,7 @@ from .verify import edge_checks, verify_circuit, write_verify_json
 CIRCUIT_FORMAT = "sparsetrace-circuit/1"
 MODES = ("mean", "zero", "patch")
 POSITIONS = ("relative", "any")
+SELECTS = ("effect", "influence")
 
 
 @dataclass
@@ -58,6 +70,7 @@ class TraceConfig:
     unrelated_task: str | None = None  # None: "facts" (or "greater-than" when the task is facts)
     n_edge_checks: int = 100  # finite-difference checks of the strongest graph edges
     n_spearman: int = 30  # top-scored features whose single ablation effect is measured
+    select: str = "effect"  # effect: first-order estimate of the verify ablation on the metric | influence: graphs
     positions: str = "relative"  # relative: nodes at positions from the end, one template | any: every position
     template: int | None = 0  # with positions="relative": the task template used (None: all templates)
     seed: int = 0
@@ -79,6 +92,8 @@ class TraceConfig:
                 raise ConfigError(f"--{name.replace('_', '-')} {v!r} is invalid; expected a fraction in (0, 1]")
         if self.mode not in MODES:
             raise ConfigError(f"--mode '{self.mode}' is unknown; expected one of {', '.join(MODES)}")
+        if self.select not in SELECTS:
+            raise ConfigError(f"--select '{self.select}' is unknown; expected one of {', '.join(SELECTS)}")
         if self.positions not in POSITIONS:
             raise ConfigError(f"--positions '{self.positions}' is unknown; expected one of {', '.join(POSITIONS)}")
         if self.template is not None and (not isinstance(self.template, int) or self.template < 0):
@@ -97,7 +112,7 @@ class TraceConfig:
     @classmethod
     def from_dict(cls, d: dict) -> TraceConfig:
         known = {f.name for f in fields(cls)}
-        d = {"positions": "any", **d}  # circuit files from before `positions` existed name features only
+        d = {"positions": "any", "select": "influence", **d}  # files from before these options existed
         return cls(**{k: v for k, v in d.items() if k in known})
 
 
@@ -167,6 +182,67 @@ def _prompt_ids(batch, i: int):
     return batch.clean[i : i + 1, : int(batch.last_pos[i]) + 1]
 
 
+def effect_scores(lm: LanguageModel, dictionaries: list, batch, task, mode: str, positions: str) -> dict[str, float]:
+    """{node id: mean over prompts of the estimated drop of the task metric when that feature is ablated
+    (``mode``) at that position}: ``-(a_ablated - a) . dm/da`` from one forward + backward of the batch."""
+    import torch
+
+    from ..model.hookpoints import Hookpoint
+    from .core import bos_position_mask, feature_acts
+
+    ids = batch.clean.to(lm.device)
+    real = batch.mask.to(lm.device) & ~bos_position_mask(lm, ids)  # [B, T] real, non-BOS tokens
+    sites = {}
+    for d in dictionaries:
+        sites[int(d.cfg.layer)] = (d, Hookpoint(d.cfg.hookpoint_in, int(d.cfg.layer)),
+                                   Hookpoint(d.cfg.hookpoint_out, int(d.cfg.layer)))
+    deltas: dict[Hookpoint, torch.Tensor] = {}
+
+    def add_delta(hp):
+        def edit(x):
+            deltas[hp] = torch.zeros_like(x, requires_grad=True)
+            return x + deltas[hp]
+        return edit
+
+    edits = {hp_out: add_delta(hp_out) for _, _, hp_out in sites.values()}
+    out = lm.run(ids, read=[hp_in for _, hp_in, _ in sites.values()], edit=edits, grad=True)
+    metric = task.metric_per_example(out.logits, batch).float().mean()
+    grads = torch.autograd.grad(metric, [deltas[hp_out] for _, _, hp_out in sites.values()])
+    corrupted = feature_acts(lm, dictionaries, batch.corrupted.to(lm.device)) if mode == "patch" else None
+    B, T = ids.shape
+    last = batch.last_pos.to(lm.device)
+    rel = torch.arange(T, device=ids.device)[None, :] - last[:, None] - 1  # [B, T] position from the end
+    scores: dict[str, float] = {}
+    with torch.no_grad():
+        for (layer, (d, hp_in, _)), g in zip(sites.items(), grads, strict=True):
+            x = out.acts[hp_in].to(d.W_enc.dtype)
+            a = d.features(x.reshape(B * T, -1)).float().view(B, T, -1)  # [B, T, F]
+            if mode == "patch":
+                target = corrupted[layer].float()
+            elif mode == "mean":
+                target = (a * real[..., None]).sum((0, 1)) / real.sum().clamp_min(1)
+            else:
+                target = torch.zeros(())
+            dm_da = g.float() @ d.W_dec.detach().float().t()  # [B, T, F]
+            # estimated m(clean) - m(ablated); m is the batch mean, so each prompt's term already has its 1/B
+            # only active features are circuit candidates (as in the graphs), so a node is always a feature
+            # the prompt uses, never the absence of one
+            drop = -(target - a) * dm_da * (real[..., None] & (a > 0))
+            if positions == "any":
+                per = drop.sum((0, 1))  # [F]
+                nz = per.nonzero().flatten().tolist()
+                for f in nz:
+                    scores[f"{layer}:{f}"] = float(per[f])
+            else:
+                # same-length prompts: aggregate by position from the end
+                for r in sorted(set(rel[real].tolist())):
+                    sel = (rel == r) & real
+                    per = drop[sel].sum(0)
+                    for f in per.nonzero().flatten().tolist():
+                        scores[f"L{layer}/F{f}@{int(r)}"] = float(per[f])
+    return dict(sorted(scores.items(), key=lambda kv: -kv[1]))
+
+
 def trace_circuit(
     lm: LanguageModel,
     dictionaries: list,
@@ -186,6 +262,7 @@ def trace_circuit(
     batch = task.prompts(lm, n=max(cfg.n_prompts, n_graph) if cfg.task else 1, seed=cfg.seed)
     baseline = task.baseline(lm, batch=batch)
     totals: dict[str, float] = {}
+    bos = getattr(lm.tokenizer, "bos_token_id", None)
     first = None
     t0 = time.perf_counter()
     for i in range(min(n_graph, len(batch))):
@@ -196,7 +273,10 @@ def trace_circuit(
                       node_threshold=cfg.node_threshold, edge_threshold=cfg.edge_threshold)
         g.metadata["prompt"] = batch.prompts[i]
         full = g.unpruned if g.unpruned is not None else g
-        feats = [n for n in full.nodes if n.kind == "feature" and n.influence]
+        # the BOS position sees only itself (causal attention): its features are the same in every prompt,
+        # carry nothing about this one, and cannot be ablated or patched to any effect; they are left out
+        skip0 = bos is not None and int(ids[0, 0]) == int(bos)
+        feats = [n for n in full.nodes if n.kind == "feature" and n.influence and not (skip0 and n.position == 0)]
         total = sum(abs(float(n.influence)) for n in feats) or 1.0
         last = int(batch.last_pos[i])
         for n in feats:
@@ -207,8 +287,12 @@ def trace_circuit(
     graph_s = time.perf_counter() - t0
     if first is None:
         raise DataError(f"task '{cfg.name}' gave no prompt to attribute")
-    ranked = sorted(totals.items(), key=lambda kv: -kv[1])
-    scores = {key: s / n_graph for key, s in ranked}
+    if cfg.select == "effect":
+        say(f"scoring features by the estimated effect of {cfg.mode}-ablating them on {len(batch)} prompts")
+        scores = effect_scores(lm, dictionaries, batch, task, cfg.mode, cfg.positions)
+    else:
+        ranked = sorted(totals.items(), key=lambda kv: -kv[1])
+        scores = {key: s / n_graph for key, s in ranked}
     circuit = list(scores)[: cfg.max_features]
 
     say(f"checking the {cfg.n_edge_checks} strongest edges by finite differences")
