@@ -31,7 +31,9 @@ class Preset:
 
 
 PRESETS = {
-    "default": Preset(layers=[3, 6], n_tokens=300_000, epochs=3.0, eval_windows=24, dashboard_features=120, dashboard_tokens=60_000),
+    # <= 20 minutes on 2 CPU cores (`sparsetrace train` keeps its own default budget of 300k tokens)
+    "default": Preset(layers=[3, 6], n_tokens=200_000, epochs=3.0, eval_windows=24, dashboard_features=30,
+                      dashboard_tokens=40_000, circuit_prompts=24, graph_prompts=2, spearman_features=20),
     "quick": Preset(layers=[3], n_tokens=40_000, epochs=2.0, eval_windows=6, dashboard_features=24, dashboard_tokens=8_000,
                     circuit_prompts=8, graph_prompts=2, spearman_features=10),
 }
@@ -136,19 +138,39 @@ def _circuit_stage(out: Path, lm: LanguageModel, p: Preset, progress: bool, timi
 
 
 def _explain_stage(out: Path, lm: LanguageModel, p: Preset, progress: bool, timings: dict) -> str | None:
-    """Dashboards, built-in labels and causal verdicts for random live features of each trained layer."""
+    """Dashboards, built-in labels and causal verdicts for random live features of each trained layer, plus
+    the traced circuit's features (so that every circuit node in the report opens a dashboard)."""
     from .interpret.explain_job import explain_layer, format_explain
 
+    circuit = _circuit_features(out / "circuits" / "ioi" / "circuit.json")
     _say(f"stage 4/5: feature dashboards + labels + causal label checks ({p.dashboard_features} random live "
-         f"features per layer, {p.dashboard_tokens:,} tokens)")
+         f"features per layer and the circuit's, {p.dashboard_tokens:,} tokens)")
     t = time.time()
     lines = []
     for layer in _trained_layers(out):
         summary = explain_layer(lm, out, layer, f"random:{p.dashboard_features}", n_tokens=p.dashboard_tokens,
-                                progress=progress, log=_say)
+                                extra=circuit.get(layer, []), progress=progress, log=_say)
         lines.append(format_explain(summary))
     timings["explain"] = time.time() - t
     return "\n".join(lines) if lines else None
+
+
+def _circuit_features(path: Path) -> dict[int, list[int]]:
+    """{layer: [feature]} of a circuit.json (empty when there is none)."""
+    from .intervene.features import parse_node_id
+
+    try:
+        nodes = json.loads(path.read_text(encoding="utf-8")).get("circuit") or []
+    except (OSError, ValueError, AttributeError):
+        return {}
+    out: dict[int, list[int]] = {}
+    for n in nodes:
+        try:
+            node = parse_node_id(str(n))
+        except DataError:
+            continue
+        out.setdefault(node.layer, []).append(node.feature)
+    return out
 
 
 def _trained_layers(out: Path) -> list[int]:

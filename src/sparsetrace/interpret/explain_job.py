@@ -108,11 +108,15 @@ def explain_layer(
     context: int = 128,
     verify: bool = True,
     promoted: str = "steered",
+    extra: list[int] | tuple[int, ...] = (),
     seed: int = 0,
     progress: bool = True,
     log: Callable[[str], None] | None = None,
 ) -> dict:
-    """Dashboards + built-in labels + causal verdicts for features of one layer; returns the summary."""
+    """Dashboards + built-in labels + causal verdicts for features of one layer; returns the summary.
+
+    ``extra``: features explained in addition to the selection (e.g. a circuit's); the summary's
+    ``verdicts`` cover the selection only, ``extra_verdicts`` these."""
     from ..evaluate.job import heldout_windows
     from .dashboards import add_steered_logits, compute_dashboards, write_dashboards
     from .labels import BuiltinLabeler, LabelCache, dictionary_sha, label_features
@@ -140,6 +144,8 @@ def explain_layer(
     # a random live sample: twice as many candidates as wanted in one pass, topped up if too many were dead
     todo = candidates if n_live is None else candidates[: 2 * n_live]
     rest = [] if n_live is None else candidates[2 * n_live :]
+    extra = [int(f) for f in dict.fromkeys(extra) if 0 <= int(f) < d.n_features]
+    todo = todo + [f for f in extra if f not in set(todo)]
     t0 = time.perf_counter()
     bar = _bar(progress, len(windows), f"dashboards L{layer}")
     dashboards = compute_dashboards(lm, d, windows, todo, seed=seed, progress=bar)
@@ -156,22 +162,25 @@ def explain_layer(
     say(f"layer {layer}: {len(dashboards)} dashboards over {windows.numel():,} tokens in {dash_s:.0f} s; "
         f"{len(live)} live, {len(dead)} never fired")
     keep = {f: dashboards[f] for f in (chosen if n_live is not None else order)}
-    if promoted == "steered" and chosen:
+    keep.update({f: dashboards[f] for f in extra})
+    extra_live = [f for f in extra if dashboards[f]["top_examples"] and f not in set(chosen)]
+    chosen_all = chosen + extra_live
+    if promoted == "steered" and chosen_all:
         t1 = time.perf_counter()
-        add_steered_logits(lm, d, keep, windows, chosen)
-        say(f"measured steering effects of {len(chosen)} features in {time.perf_counter() - t1:.0f} s")
+        add_steered_logits(lm, d, keep, windows, chosen_all)
+        say(f"measured steering effects of {len(chosen_all)} features in {time.perf_counter() - t1:.0f} s")
     cache = LabelCache(run_dir / "features" / "labels.json")
-    labels = label_features({f: keep[f] for f in chosen}, BuiltinLabeler(promoted_from=promoted), cache=cache,
+    labels = label_features({f: keep[f] for f in chosen_all}, BuiltinLabeler(promoted_from=promoted), cache=cache,
                             dict_sha=dictionary_sha(d))
     for f in keep:
         if f not in labels:
             keep[f]["label"] = "dead (never fired on the corpus)"
     results: dict[int, dict] = {}
     verify_s = 0.0
-    if verify and chosen:
+    if verify and chosen_all:
         t1 = time.perf_counter()
-        vbar = _bar(progress, len(chosen), f"verifying labels L{layer}")
-        results = verify_labels(lm, d, keep, labels, heldout, cfg=VerifyConfig(seed=seed), features=chosen,
+        vbar = _bar(progress, len(chosen_all), f"verifying labels L{layer}")
+        results = verify_labels(lm, d, keep, labels, heldout, cfg=VerifyConfig(seed=seed), features=chosen_all,
                                 progress=vbar)
         if hasattr(vbar, "close"):
             vbar.close()
@@ -186,7 +195,10 @@ def explain_layer(
         "n_dead_seen": len(dead),
         "n_tokens": int(windows.numel()),
         "seconds": {"dashboards": round(dash_s, 1), "verify": round(verify_s, 1)},
-        "verdicts": summarize_verdicts(results) if results else None,
+        "verdicts": summarize_verdicts({f: results[f] for f in chosen if f in results}) if results else None,
+        "extra_features": extra,
+        "extra_verdicts": summarize_verdicts({f: results[f] for f in extra if f in results}) if extra and results
+        else None,
         "labeler": BuiltinLabeler(promoted_from=promoted).id,
     }
     atomic_write_text(run_dir / "features" / f"L{layer:02d}" / "summary.json", json.dumps(summary, indent=1) + "\n")
