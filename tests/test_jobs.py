@@ -292,3 +292,11 @@ def test_main_job_quick_has_every_stage(tmp_path, tiny_llama, monkeypatch):
     assert (tmp_path / "run" / "features" / "L02" / "index.json").exists()
     assert (tmp_path / "run" / "report" / "index.html").exists()
     assert "faithfulness" in text and "causal verdicts" in text
+    # every circuit node has a dashboard (the report's graph links to it)
+    from sparsetrace.intervene.features import parse_node_id
+
+    circuit = json.loads((tmp_path / "run" / "circuits" / "ioi" / "circuit.json").read_text())["circuit"]
+    assert circuit
+    for node_id in circuit:
+        node = parse_node_id(node_id)
+        assert (tmp_path / "run" / "features" / f"L{node.layer:02d}" / f"f{node.feature}.json").exists(), node_id
