@@ -159,6 +159,13 @@ def test_relative_positions_use_one_template(run_dir, tiny_llama, tmp_path):
     assert res["circuit"] == doc["circuit"] and res["n_prompts"] == 6
     any_cfg = TraceConfig(task="ioi", positions="any")
     assert len(set(task_for(any_cfg).prompts(tiny_llama, n=10).last_pos.tolist())) > 1
+    # a task whose prompts differ in length falls back to features at every position
+    facts = TraceConfig(task="facts", n_prompts=4, n_graph_prompts=1, max_features=3, n_edge_checks=0, n_spearman=2,
+                        unrelated_task="sva")
+    assert len(set(task_for(facts).prompts(tiny_llama, n=4).last_pos.tolist())) > 1
+    doc = trace_circuit(tiny_llama, dicts, facts, tmp_path / "f")
+    assert doc["config"]["positions"] == "any" and all(parse_node_id(n).position is None for n in doc["circuit"])
+    assert verify_trace(tiny_llama, dicts, tmp_path / "f")["circuit"] == doc["circuit"]
 
 
 @pytest.mark.parametrize("mode", ["zero", "patch"])

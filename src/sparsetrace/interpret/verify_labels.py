@@ -36,7 +36,7 @@ from torch import Tensor
 
 from ..errors import DataError
 from ..model.hookpoints import Hookpoint
-from .dashboards import encode_subset, harvest, last_logits, steer_last
+from .dashboards import PrefixCache, encode_subset, harvest, last_logits, run_sharing_prefix, steer_last
 from .labels import Label
 
 VERDICTS = ("verified", "associative", "failed")
@@ -58,11 +58,18 @@ class VerifyConfig:
 
 
 class LabelVerifier:
-    """Runs both tests for labels of one dictionary against held-out token windows [n, ctx]."""
+    """Runs both tests for labels of one dictionary against held-out token windows [n, ctx].
 
-    def __init__(self, lm, dictionary, heldout: Tensor, cfg: VerifyConfig | None = None):
+    The key contexts, their controls (the same contexts with another last token) and the steered run
+    share everything but the last position, so by default the prefix is run once and its key/value cache
+    reused for the last token of each (:class:`~.dashboards.PrefixCache`); ``use_cache=False`` runs full
+    forward passes instead (same results up to float rounding; also the automatic fallback for models
+    whose cache cannot be reused)."""
+
+    def __init__(self, lm, dictionary, heldout: Tensor, cfg: VerifyConfig | None = None, *, use_cache: bool = True):
         self.lm, self.d = lm, dictionary.eval()
         self.cfg = cfg or VerifyConfig()
+        self.use_cache = use_cache
         if heldout.dim() != 2 or heldout.shape[1] <= self.cfg.context_len:
             raise DataError(
                 f"held-out windows must be [n, ctx] with ctx > context_len={self.cfg.context_len}, "
@@ -197,10 +204,10 @@ class LabelVerifier:
         ctx, keys, n_nat = self.contexts(key_ids, gen, prefix)
         ctrl = ctx.clone()
         ctrl[:, -1] = self.control_tokens(key_ids, keys, gen)
-        # clean run on key contexts (full model: its logits are the intervention baseline)
-        logits_clean, acts = last_logits(self.lm, ctx.to(dev), [self.hp_in])
-        a_key = self._feature_acts(acts[self.hp_in], feature)
-        a_ctrl = self._feature_acts(harvest(self.lm, ctrl.to(dev), self.hp_in), feature)
+        ctx, ctrl = ctx.to(dev), ctrl.to(dev)
+        a_key, a_ctrl, dlogits, scale = run_sharing_prefix(
+            self.lm, ctx, lambda pc: self._forwards(pc, ctx, ctrl, feature, max_act), use_cache=self.use_cache
+        )
         act_test = self._activation_stats(a_key, a_ctrl)
         act_test.update(
             n_contexts=int(ctx.shape[0]),
@@ -209,11 +216,7 @@ class LabelVerifier:
             context=[self._str(c) for c in prefix] if prefix else [],
         )
         act_test["control_tokens"] = sorted({self._str(t) for t in ctrl[:, -1].tolist()})[:10]
-        # steered run
-        scale = float(max_act) if max_act and max_act > 0 else float(a_key.max().clamp_min(1.0))
-        delta = (cfg.steer_scale * scale) * self.d.W_dec[feature].detach()
-        logits_steer, _ = last_logits(self.lm, ctx.to(dev), [], {self.hp_out: steer_last(delta)})
-        iv = self._intervention_stats((logits_steer - logits_clean).cpu(), label, gen)
+        iv = self._intervention_stats(dlogits, label, gen)
         iv["steer"] = {"hookpoint": str(self.hp_out), "scale": cfg.steer_scale * scale}
         act_ok, iv_ok = act_test["passed"], iv["passed"]
         result.update(
@@ -222,6 +225,21 @@ class LabelVerifier:
             intervention_test=iv,
         )
         return result
+
+    def _forwards(
+        self, prefix: PrefixCache | None, ctx: Tensor, ctrl: Tensor, feature: int, max_act: float | None
+    ) -> tuple[Tensor, Tensor, Tensor, float]:
+        """Key and control activations, the steered change of the last logits [n, vocab] and the steering
+        scale; with ``prefix`` (the cache of ``ctx[:, :-1]``, shared by ``ctrl``) only last tokens are run."""
+        # clean run on key contexts (full model: its logits are the intervention baseline)
+        logits_clean, acts = last_logits(self.lm, ctx, [self.hp_in], prefix=prefix)
+        a_key = self._feature_acts(acts[self.hp_in], feature)
+        a_ctrl = self._feature_acts(harvest(self.lm, ctrl, self.hp_in, prefix=prefix), feature)
+        # steered run
+        scale = float(max_act) if max_act and max_act > 0 else float(a_key.max().clamp_min(1.0))
+        delta = (self.cfg.steer_scale * scale) * self.d.W_dec[feature].detach()
+        logits_steer, _ = last_logits(self.lm, ctx, [], {self.hp_out: steer_last(delta)}, prefix=prefix)
+        return a_key, a_ctrl, (logits_steer - logits_clean).cpu(), scale
 
     def _activation_stats(self, a_key: Tensor, a_ctrl: Tensor) -> dict:
         cfg = self.cfg
@@ -292,10 +310,12 @@ def verify_labels(
     features: list[int] | None = None,
     update_dashboards: bool = True,
     progress: Callable[[int, int], None] | None = None,
+    use_cache: bool = True,
 ) -> dict[int, dict]:
     """Verify ``labels`` of ``features`` (all labelled ones by default). Sets ``dashboard["verdict"]``
-    and ``dashboard["verification"]`` unless ``update_dashboards`` is False."""
-    verifier = LabelVerifier(lm, dictionary, heldout, cfg)
+    and ``dashboard["verification"]`` unless ``update_dashboards`` is False. ``use_cache=False``: full
+    forward passes instead of a shared prefix cache (see :class:`LabelVerifier`)."""
+    verifier = LabelVerifier(lm, dictionary, heldout, cfg, use_cache=use_cache)
     feats = features if features is not None else sorted(labels)
     out: dict[int, dict] = {}
     for i, f in enumerate(feats):

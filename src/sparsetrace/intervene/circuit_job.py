@@ -260,6 +260,10 @@ def trace_circuit(
     task = task_for(cfg)
     n_graph = 1 if cfg.task is None else cfg.n_graph_prompts
     batch = task.prompts(lm, n=max(cfg.n_prompts, n_graph) if cfg.task else 1, seed=cfg.seed)
+    if cfg.positions == "relative" and len(set(batch.last_pos.tolist())) > 1:
+        say(f"the '{cfg.name}' prompts differ in length, so positions counted from the end do not line up: "
+            "circuit nodes are features at every position (--positions any)")
+        cfg.positions = "any"
     baseline = task.baseline(lm, batch=batch)
     totals: dict[str, float] = {}
     bos = getattr(lm.tokenizer, "bos_token_id", None)
