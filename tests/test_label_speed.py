@@ -16,6 +16,7 @@ from sparsetrace.interpret.dashboards import (  # noqa: E402
     PrefixCache,
     PrefixError,
     add_steered_logits,
+    clean_and_steered,
     compute_dashboards,
     harvest,
     last_logits,
@@ -66,11 +67,17 @@ def fresh_check():
 
 
 class _Lengths:
-    """Records the sequence length of every forward pass (an embedding pre-hook)."""
+    """Records the sequence length (``seen``) and batch size (``rows``) of every forward pass."""
 
     def __init__(self, lm):
         self.seen: list[int] = []
-        self.h = lm.arch.embed.register_forward_pre_hook(lambda _m, args: self.seen.append(int(args[0].shape[1])))
+        self.rows: list[int] = []
+
+        def hook(_m, args):
+            self.rows.append(int(args[0].shape[0]))
+            self.seen.append(int(args[0].shape[1]))
+
+        self.h = lm.arch.embed.register_forward_pre_hook(hook)
 
     def close(self):
         self.h.remove()
@@ -126,6 +133,14 @@ def test_prefix_cache_matches_full_forward_at_every_hookpoint(setup, name):
             lr, ar = last_logits(lm, x, [hp], edit)
             torch.testing.assert_close(lg, lr, rtol=1e-5, atol=1e-5)
             torch.testing.assert_close(acts[hp], ar[hp][:, -1:], rtol=1e-5, atol=1e-5)
+        # clean and steered in one batch of 2B last tokens
+        clean, steered, acts = clean_and_steered(lm, x, hp, delta, [hp], prefix=pc)
+        c_ref, a_ref = last_logits(lm, x, [hp])
+        s_ref, _ = last_logits(lm, x, [], {hp: steer_last(delta)})
+        torch.testing.assert_close(clean, c_ref, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(steered, s_ref, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(acts[hp], a_ref[hp][:, -1:], rtol=1e-5, atol=1e-5)
+        assert (steered - clean).abs().max() > 1e-3
     assert pc.cache.get_seq_length() == n_cached == ids.shape[1] - 1  # every use ran on a copy
     assert dash_mod._PREFIX_OK[lm.model] is True
     # contexts that do not extend the cached prefix are refused
@@ -147,13 +162,16 @@ def test_verify_labels_fast_path_equals_full_forwards(setup):
         slow = verify_labels(lm, d, copy.deepcopy(live), labels, heldout, cfg=cfg, features=feats, use_cache=False)
         assert 1 not in spy.seen and len(spy.seen) == 3 * len(feats)
         spy.seen.clear()
+        spy.rows.clear()
         dashes = copy.deepcopy(live)
         fast = verify_labels(lm, d, dashes, labels, heldout, cfg=cfg, features=feats)
         T = cfg.context_len + (lm.tokenizer.bos_token_id is not None)
-        # per feature: the prefix once, then the last token alone (clean, control, steered); full length
-        # only for the one-time check of the model's first use
-        assert spy.seen.count(T - 1) == len(feats) and spy.seen.count(1) == 3 * len(feats)
-        assert spy.seen.count(T) == 1 and len(spy.seen) == 4 * len(feats) + 1
+        # per feature: the prefix once, then the last token alone (clean and steered in one batch of 2n,
+        # the control); full length only for the one-time check of the model's first use (clean, steered)
+        n = cfg.n_contexts
+        assert spy.seen.count(T - 1) == len(feats) and spy.seen.count(1) == 2 * len(feats)
+        assert spy.seen.count(T) == 2 and len(spy.seen) == 3 * len(feats) + 2
+        assert sorted(r for r, t in zip(spy.rows, spy.seen, strict=True) if t == 1) == [n] * len(feats) + [2 * n] * len(feats)
     finally:
         spy.close()
     assert dash_mod._PREFIX_OK[lm.model] is True

@@ -174,9 +174,18 @@ class PrefixCache:
             raise PrefixError(f"contexts {list(ids.shape)} do not extend the cached prefix {list(self.prefix.shape)}")
         return ids[:, -1:]
 
-    def cache_kwargs(self) -> dict:
-        """Forward keyword for a fresh copy of the cache (a forward pass appends to the cache it is given)."""
-        return {self.kwarg: copy.deepcopy(self.cache)}
+    def cache_kwargs(self, repeat: int = 1) -> dict:
+        """Forward keyword for a fresh copy of the cache (a forward pass appends to the cache it is given),
+        with each context repeated ``repeat`` times (``repeat_interleave`` order: c0, c0, c1, c1, ...)."""
+        cache = copy.deepcopy(self.cache)
+        if repeat > 1:
+            if hasattr(cache, "batch_repeat_interleave"):
+                cache.batch_repeat_interleave(repeat)
+            elif isinstance(cache, tuple):  # legacy format: per layer (key, value, ...)
+                cache = tuple(tuple(t.repeat_interleave(repeat, 0) for t in layer) for layer in cache)
+            else:
+                raise NotImplementedError(f"cannot repeat a {type(cache).__name__}")
+        return {self.kwarg: cache}
 
 
 def run_sharing_prefix(lm, ids: Tensor, body: Callable[[PrefixCache | None], _R], *, use_cache: bool = True) -> _R:
@@ -701,15 +710,59 @@ def _last_logits(lm, ids: Tensor, read, edit, prefix: PrefixCache | None) -> tup
         return out.logits[:, -1].float(), dict(acts)
 
 
-def steer_last(delta: Tensor):
-    """An edit that adds ``delta`` [d] at the last position."""
+def steer_last(delta: Tensor, rows: slice | None = None):
+    """An edit that adds ``delta`` [d] at the last position (of the batch ``rows`` only, when given)."""
 
     def edit(x: Tensor) -> Tensor:
         x = x.clone()
-        x[:, -1] = x[:, -1] + delta.to(x.device, x.dtype)
+        if rows is None:
+            x[:, -1] = x[:, -1] + delta.to(x.device, x.dtype)
+        else:
+            x[rows, -1] = x[rows, -1] + delta.to(x.device, x.dtype)
         return x
 
     return edit
+
+
+@torch.no_grad()
+def clean_and_steered(
+    lm, ids: Tensor, hp: Hookpoint, delta: Tensor, read: list[Hookpoint] = (), *, prefix: PrefixCache | None = None
+) -> tuple[Tensor, Tensor, dict]:
+    """Last-position logits [B, vocab] of ``ids`` [B, T] clean and with ``steer_last(delta)`` at ``hp``,
+    and the clean run's ``read`` activations.
+
+    Without ``prefix``: two full forward passes. With it (the cache of ``ids[:, :-1]``): one forward of the
+    last token over 2B rows, each context twice and the second copy steered (reads [B, 1, d]); for a cache
+    that cannot be repeated, two forwards of the last token."""
+    read = list(read)
+    if prefix is not None:
+        try:
+            kw = prefix.cache_kwargs(repeat=2)
+        except (AttributeError, NotImplementedError, TypeError, ValueError):
+            kw = None
+        if kw is not None:
+            pair = prefix.last(ids).repeat_interleave(2, 0)
+            with lm.hooks(read, {hp: steer_last(delta, slice(1, None, 2))}) as acts:
+                try:
+                    out = lm.model(input_ids=pair, use_cache=True, logits_to_keep=1, **kw)
+                except TypeError:
+                    out = lm.model(input_ids=pair, use_cache=True, **prefix.cache_kwargs(repeat=2))
+                logits = out.logits[:, -1].float()
+                clean_acts = {h: a[0::2] for h, a in acts.items()}
+            clean, steered = logits[0::2], logits[1::2]
+            if _PREFIX_OK.get(lm.model) is not True:
+                k = min(_CHECK_ROWS, ids.shape[0])
+                ref, ref_acts = _last_logits(lm, ids[:k], read, None, None)
+                ref_st, _ = _last_logits(lm, ids[:k], (), {hp: steer_last(delta)}, None)
+                _check_close(clean[:k], ref, lm.dtype, "logits")
+                _check_close(steered[:k], ref_st, lm.dtype, f"logits steered at {hp}")
+                for h in read:
+                    _check_close(clean_acts[h][:k], ref_acts[h][:, -1:], lm.dtype, f"{h}")
+                _PREFIX_OK[lm.model] = True
+            return clean, steered, clean_acts
+    clean, acts = last_logits(lm, ids, read, prefix=prefix)
+    steered, _ = last_logits(lm, ids, (), {hp: steer_last(delta)}, prefix=prefix)
+    return clean, steered, acts
 
 
 @torch.no_grad()
@@ -729,8 +782,8 @@ def add_steered_logits(
     """Measured (not direct-path) output effects: add ``steer_scale × max_act × W_dec[f]`` at the
     max-activation token of the feature's top examples (contexts cut to end there) and average the
     change of the next-token logits. Adds ``steered_logits`` / ``steered_bottom_logits`` (+ ids) to each
-    dashboard. Costs one forward pass of ``n_contexts`` short contexts per feature (their prefix, whose
-    cache the clean and the steered run of the last token share; ``use_cache=False``: two full forwards,
+    dashboard. Costs one forward pass of ``n_contexts`` short contexts per feature (their prefix; then the
+    last token alone, clean and steered in one batch, on its cache; ``use_cache=False``: two full forwards,
     same result up to float rounding), so it is optional (the direct-path ``top_logits`` are free)."""
     text = _TokenText(lm.tokenizer)
     bos = getattr(lm.tokenizer, "bos_token_id", None)
@@ -750,8 +803,7 @@ def add_steered_logits(
         delta = (steer_scale * float(dash["max_act"])) * dictionary.W_dec[f].detach()
 
         def change(prefix: PrefixCache | None, ids=ids, delta=delta) -> Tensor:
-            clean, _ = last_logits(lm, ids, prefix=prefix)
-            steered, _ = last_logits(lm, ids, edit={hp: steer_last(delta)}, prefix=prefix)
+            clean, steered, _ = clean_and_steered(lm, ids, hp, delta, prefix=prefix)
             return (steered - clean).mean(0).cpu()
 
         d = run_sharing_prefix(lm, ids, change, use_cache=use_cache)

@@ -36,7 +36,15 @@ from torch import Tensor
 
 from ..errors import DataError
 from ..model.hookpoints import Hookpoint
-from .dashboards import PrefixCache, encode_subset, harvest, last_logits, run_sharing_prefix, steer_last
+from .dashboards import (
+    PrefixCache,
+    clean_and_steered,
+    encode_subset,
+    harvest,
+    last_logits,
+    run_sharing_prefix,
+    steer_last,
+)
 from .labels import Label
 
 VERDICTS = ("verified", "associative", "failed")
@@ -231,14 +239,23 @@ class LabelVerifier:
     ) -> tuple[Tensor, Tensor, Tensor, float]:
         """Key and control activations, the steered change of the last logits [n, vocab] and the steering
         scale; with ``prefix`` (the cache of ``ctx[:, :-1]``, shared by ``ctrl``) only last tokens are run."""
-        # clean run on key contexts (full model: its logits are the intervention baseline)
-        logits_clean, acts = last_logits(self.lm, ctx, [self.hp_in], prefix=prefix)
-        a_key = self._feature_acts(acts[self.hp_in], feature)
+        W = self.d.W_dec[feature].detach()
+        if max_act and max_act > 0:  # the steering is known before the clean run: both in one pass
+            scale = float(max_act)
+            delta = (self.cfg.steer_scale * scale) * W
+            logits_clean, logits_steer, acts = clean_and_steered(
+                self.lm, ctx, self.hp_out, delta, [self.hp_in], prefix=prefix
+            )
+            a_key = self._feature_acts(acts[self.hp_in], feature)
+        else:
+            # clean run on key contexts (full model: its logits are the intervention baseline)
+            logits_clean, acts = last_logits(self.lm, ctx, [self.hp_in], prefix=prefix)
+            a_key = self._feature_acts(acts[self.hp_in], feature)
+            # steered run, scaled by the largest key activation
+            scale = float(a_key.max().clamp_min(1.0))
+            delta = (self.cfg.steer_scale * scale) * W
+            logits_steer, _ = last_logits(self.lm, ctx, [], {self.hp_out: steer_last(delta)}, prefix=prefix)
         a_ctrl = self._feature_acts(harvest(self.lm, ctrl, self.hp_in, prefix=prefix), feature)
-        # steered run
-        scale = float(max_act) if max_act and max_act > 0 else float(a_key.max().clamp_min(1.0))
-        delta = (self.cfg.steer_scale * scale) * self.d.W_dec[feature].detach()
-        logits_steer, _ = last_logits(self.lm, ctx, [], {self.hp_out: steer_last(delta)}, prefix=prefix)
         return a_key, a_ctrl, (logits_steer - logits_clean).cpu(), scale
 
     def _activation_stats(self, a_key: Tensor, a_ctrl: Tensor) -> dict:
