@@ -128,6 +128,29 @@ def test_verify_trace(traced, tiny_llama):
         assert e["source"].startswith("L") and e["target"].startswith("L")
 
 
+def test_edge_checks_cover_sae_nodes(tiny_llama, tmp_path):
+    """A transcoder (layer 1) composed with a residual SAE (resid_pre of layer 2) in one graph: the SAE's
+    graph nodes are named by hookpoint, and their edges are still checked causally."""
+    from sparsetrace.dictionary.model import DictionaryConfig, SparseDictionary
+
+    # random dictionaries with real decoders (the tiny model's own MLPs write almost nothing)
+    tc = SparseDictionary(DictionaryConfig(kind="transcoder", d_in=64, d_out=64, n_features=96, layer=1,
+                                           model_id=tiny_llama.model_id), seed=2).eval()
+    cfg = DictionaryConfig(kind="sae", d_in=64, d_out=64, n_features=96, layer=2, hookpoint_in="resid_pre",
+                           hookpoint_out="resid_pre", model_id=tiny_llama.model_id)
+    sae = SparseDictionary(cfg, seed=3).eval()
+    with torch.no_grad():
+        sae.b_enc.zero_()
+        tc.b_enc.fill_(-0.08)
+    dicts = [tc, sae]
+    tcfg = TraceConfig(task=None, prompt=PROMPT, target=" Mary", max_features=4, n_edge_checks=20, n_spearman=2)
+    trace_circuit(tiny_llama, dicts, tcfg, tmp_path / "t")
+    res = verify_trace(tiny_llama, dicts, tmp_path / "t")
+    assert res["edge_checks"], "no feature -> feature edge was checked"
+    assert any(e["source"].startswith("L1/") and e["target"].startswith("L2/") for e in res["edge_checks"])
+    assert all(e["measured"] is not None for e in res["edge_checks"])
+
+
 def test_cli_trace_task_and_verify_json(run_dir, tmp_path, capsys):
     out = tmp_path / "ioi"
     code, stdout, err = cli(capsys, "trace", "-d", run_dir, "--task", "ioi", "--n-prompts", "4", "--graph-prompts",

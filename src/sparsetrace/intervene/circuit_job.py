@@ -346,7 +346,10 @@ def _strong_feature_edges(graph_path: Path, k: int) -> list[dict]:
         return []
     g = Graph.load(graph_path)
     src, dst, w = g.edges.numpy()
-    rows = [(abs(float(x)), g.nodes[s].node_id, g.nodes[t].node_id, float(x)) for s, t, x in zip(src, dst, w, strict=True)
+    def fid(n) -> str:  # interventions name a dictionary by its layer (SAE nodes are "resid_pre.16/F3@5")
+        return f"L{n.layer}/F{n.feature}@{n.position}"
+
+    rows = [(abs(float(x)), fid(g.nodes[s]), fid(g.nodes[t]), float(x)) for s, t, x in zip(src, dst, w, strict=True)
             if g.nodes[s].kind == "feature" and g.nodes[t].kind == "feature"]
     rows.sort(reverse=True)
     return [{"source": s, "target": t, "weight": x} for _, s, t, x in rows[:k]]
