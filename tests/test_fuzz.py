@@ -382,12 +382,8 @@ def mutated_json(draw, base):
 
 
 def _graph_module():
-    try:
-        from sparsetrace.attribute import graph
-    except ImportError as e:  # being written by another engineer
-        pytest.skip(f"sparsetrace.attribute.graph is not importable yet ({e})")
-    if not hasattr(graph.Graph, "load"):
-        pytest.skip("Graph.load does not exist yet")
+    from sparsetrace.attribute import graph
+
     return graph
 
 
@@ -433,10 +429,8 @@ def test_graph_load_deeply_nested(tmp_path):
 
 
 def _export_module():
-    try:
-        from sparsetrace.attribute import export
-    except ImportError as e:  # the attribute package is being edited by another engineer
-        pytest.skip(f"sparsetrace.attribute is not importable right now ({e})")
+    from sparsetrace.attribute import export
+
     return export
 
 
