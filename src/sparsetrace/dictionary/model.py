@@ -107,17 +107,24 @@ def _is_real(v) -> bool:
 
 @dataclass
 class Code:
-    """A sparse code, dense ([batch, n_features]) or sparse (values/indices [batch, k])."""
+    """A sparse code: dense ([batch, n_features]), sparse (values/indices [batch, k]), or ragged
+    (values/indices/rows [nnz] with n_rows, the active entries in row-major order)."""
 
     dense: Tensor | None = None
     values: Tensor | None = None
     indices: Tensor | None = None
     pre: Tensor | None = None  # pre-activations, when computed (dense)
+    rows: Tensor | None = None  # ragged codes only
+    n_rows: int = 0
 
     def to_dense(self, n_features: int) -> Tensor:
         if self.dense is not None:
             return self.dense
         assert self.values is not None and self.indices is not None
+        if self.rows is not None:
+            out = self.values.new_zeros(self.n_rows, n_features)
+            out[self.rows, self.indices] = self.values
+            return out
         out = self.values.new_zeros(self.values.shape[0], n_features)
         return out.scatter_(1, self.indices, self.values)
 
@@ -125,6 +132,9 @@ class Code:
         """Mean number of non-zero features per row."""
         if self.dense is not None:
             return (self.dense != 0).float().sum(-1).mean()
+        assert self.values is not None
+        if self.rows is not None:
+            return (self.values != 0).float().sum() / max(1, self.n_rows)
         return (self.values != 0).float().sum(-1).mean()
 
 

@@ -37,6 +37,7 @@ class TrainConfig:
     dead_window_tokens: int = 200_000  # a feature silent this long is dead
     resample_every: int = 400  # steps between dead-feature resamples (ReLU/JumpReLU)
     aux_k_coef: float = 1 / 32  # AuxK loss weight (TopK/BatchTopK)
+    sparse_relu: bool = True  # ReLU: step through the active features only once L0 is low (train/sparse_relu.py)
     log_every: int = 20
     checkpoint_every: int = 200
     seed: int = 0

@@ -34,6 +34,7 @@ from ..dictionary.io import atomic_write_text, save_dictionary, verify_manifest,
 from ..dictionary.model import Code, DictionaryConfig, SparseDictionary
 from ..errors import ConfigError, TrainingDiverged
 from .config import TrainConfig
+from .sparse_relu import SPARSE_DENSITY, active_relu_forward
 
 
 def dictionary_dirname(layer: int, kind: str) -> str:
@@ -76,16 +77,26 @@ class _Objective(nn.Module):
         self.dictionary = dictionary
         self.aux_k_coef = aux_k_coef
 
-    def forward(self, x: Tensor, y: Tensor, lam: Tensor, dead: Tensor) -> tuple[Tensor, Tensor, Code, Tensor]:
+    def forward(self, x: Tensor, y: Tensor, lam: Tensor, dead: Tensor, active_only: bool = False
+                ) -> tuple[Tensor, Tensor, Code, Tensor]:
         d = self.dictionary
-        code = d.encode(x)
-        y_hat = d.decode(code, x)
+        act = d.cfg.activation
+        if act == "relu" and active_only:
+            # few active features: decode and back-propagate through the active entries only (same math)
+            y_hat, values, rows, cols = active_relu_forward(x, d.W_enc, d.b_enc, d.W_dec, d.b_dec)
+            if d.W_skip is not None:
+                y_hat = y_hat + x @ d.W_skip.t()
+            code = Code(values=values, indices=cols, rows=rows, n_rows=x.shape[0])
+            l1 = (values * d.W_dec.norm(dim=-1)[cols]).sum() / x.shape[0]
+        else:
+            code = d.encode(x)
+            y_hat = d.decode(code, x)
+            l1 = d.l1_penalty(code) if act == "relu" else None
         err = y_hat - y
         mse = err.pow(2).sum(-1).mean() / y.shape[-1]
         loss = mse
-        act = d.cfg.activation
-        if act == "relu":
-            loss = loss + lam * d.l1_penalty(code) / y.shape[-1]
+        if l1 is not None:
+            loss = loss + lam * l1 / y.shape[-1]
         elif act == "jumprelu":
             loss = loss + lam * d.l0_penalty(code) / y.shape[-1]
         elif self.aux_k_coef > 0 and bool(dead.any()):
@@ -174,7 +185,11 @@ class LayerTrainer:
         dead = self.since_fired.to(x.device) > self.dead_window
         for g in self.opt.param_groups:
             g["lr"] = self.lr_at(self.step)
-        loss, mse, code, err = self.objective(x, y, lam, dead)
+        # the controller's smoothed L0 (saved in checkpoints, equal on every rank) picks the ReLU step
+        ema = self.controller.ema_l0
+        active_only = (d.cfg.activation == "relu" and self.tcfg.sparse_relu and ema is not None
+                       and ema < SPARSE_DENSITY * d.n_features)
+        loss, mse, code, err = self.objective(x, y, lam, dead, active_only)
         if not torch.isfinite(loss):
             raise TrainingDiverged(
                 f"loss became {float(loss.detach())} at step {self.step} for layer {self.layer}; "
