@@ -23,27 +23,31 @@ from torch import Tensor
 ACTIVATIONS = ("relu", "topk", "batchtopk", "jumprelu")
 
 
-def _group_by_feature(indices: Tensor, n_features: int) -> tuple[Tensor, Tensor, Tensor]:
-    """Group the ``batch * k`` (row, feature) pairs of a sparse code by feature.
+def _group_by_feature(indices: Tensor, n_features: int, rows: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """Group the (row, feature) pairs of a sparse code by feature.
 
-    Returns ``order`` (positions into ``indices.reshape(-1)``, sorted by feature, rows ascending within a
-    feature), ``rows`` (the batch row of each sorted entry) and ``offsets`` (where each feature's group
-    starts). On CPU numpy's sort is used: torch's parallel CPU sort is 100x slower than a single-threaded
-    one when the cores are shared (measured: 375 ms vs 1.4 ms for 131k int64 keys under load).
+    ``indices`` is [batch, k] (row b holds k features), or flat [nnz] with each entry's batch row in
+    ``rows`` (a ragged code). Returns ``order`` (positions into ``indices.reshape(-1)``, sorted by feature,
+    in their original order within a feature), ``rows`` (the batch row of each sorted entry) and
+    ``offsets`` (where each feature's group starts). On CPU numpy's sort is used: torch's parallel CPU
+    sort is 100x slower than a single-threaded one when the cores are shared (measured: 375 ms vs 1.4 ms
+    for 131k int64 keys under load).
     """
     flat = indices.reshape(-1)
-    k = indices.shape[-1]
+    n = flat.numel()
     if flat.device.type == "cpu":
-        n = flat.numel()
         # unique keys (feature * n + position): an unstable quicksort then gives the stable order
         keys = flat.numpy().astype(np.int64) * n + np.arange(n, dtype=np.int64)
         order = torch.from_numpy(np.argsort(keys))
     else:
         order = torch.argsort(flat, stable=True)
-    rows = torch.div(order, k, rounding_mode="floor")
+    if rows is None:
+        sorted_rows = torch.div(order, indices.shape[-1], rounding_mode="floor")
+    else:
+        sorted_rows = rows[order]
     counts = torch.bincount(flat, minlength=n_features)
     offsets = counts.cumsum(0) - counts
-    return order, rows, offsets
+    return order, sorted_rows, offsets
 
 
 def _sparse_t_matmul(groups: tuple[Tensor, Tensor, Tensor], weights: Tensor, dense: Tensor) -> Tensor:

@@ -7,8 +7,8 @@ ReLU's gradient is zero elsewhere), ``dW_dec = fᵀ @ dL/dŷ`` and ``dW_enc = (d
 the encoder forward stays dense; the other four run over the ``nnz`` active entries:
 
 - decode: ``embedding_bag`` over each row's active features weighted by their values;
-- encoder backward: ``dW_enc`` as a CSR [n_features, batch] x dense [batch, d_in] product, ``db_enc``
-  as an ``index_add`` of the active entries' gradients.
+- encoder backward: ``dW_enc`` as one ``embedding_bag`` per feature over the token rows it fired on
+  (the TopK path's kernel), ``db_enc`` as an ``index_add`` of the active entries' gradients.
 
 The result equals the dense computation up to float rounding (tested). The trainer switches to it
 when the smoothed L0 is below :data:`SPARSE_DENSITY` of the features.
@@ -16,19 +16,19 @@ when the smoothed L0 is below :data:`SPARSE_DENSITY` of the features.
 
 from __future__ import annotations
 
-import warnings
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..dictionary.activations import _group_by_feature, _sparse_t_matmul
+
 SPARSE_DENSITY = 0.02  # use the sparse step when mean L0 < this fraction of n_features
 
 
-def _csr(crow: Tensor, col: Tensor, values: Tensor, size: tuple[int, int]) -> Tensor:
-    with warnings.catch_warnings():  # "sparse CSR support is in beta": the two ops used here are long stable
-        warnings.simplefilter("ignore", UserWarning)
-        return torch.sparse_csr_tensor(crow, col, values, size, check_invariants=False)
+def _row_offsets(rows: Tensor, batch: int) -> Tensor:
+    """Where each batch row's entries start in a row-major ragged code (empty rows included)."""
+    counts = torch.bincount(rows, minlength=batch)
+    return torch.cumsum(counts, 0) - counts
 
 
 class ActiveReluEncode(torch.autograd.Function):
@@ -50,18 +50,10 @@ class ActiveReluEncode(torch.autograd.Function):
         n, batch = W_enc.shape[0], x.shape[0]
         g_x = g_w = g_b = None
         if ctx.needs_input_grad[1]:
-            # the gradient of pre, as CSR [n_features, batch]: feature i's row lists the tokens it fired on
-            # unique keys (feature, token): any sort gives the same order, so the sums are deterministic
-            order = torch.sort(cols * batch + rows).indices
-            counts = torch.bincount(cols, minlength=n)
-            crow = torch.zeros(n + 1, dtype=torch.int64, device=x.device)
-            torch.cumsum(counts, 0, out=crow[1:])
-            g_pre_t = _csr(crow, rows[order], g_values[order], (n, batch))
-            g_w = g_pre_t @ x  # [n_features, d_in]
-        if ctx.needs_input_grad[0]:  # rows are sorted already: the CSR [batch, n_features] needs no sort
-            crow_x = torch.zeros(batch + 1, dtype=torch.int64, device=x.device)
-            torch.cumsum(torch.bincount(rows, minlength=batch), 0, out=crow_x[1:])
-            g_x = _csr(crow_x, cols, g_values, (batch, n)) @ W_enc
+            # dW_enc = (dL/dpre)ᵀ @ x over the active entries: one bag of x rows per feature
+            g_w = _sparse_t_matmul(_group_by_feature(cols, n, rows), g_values, x).to(W_enc.dtype)
+        if ctx.needs_input_grad[0]:  # dx[b] = sum of g * W_enc[f] over row b's active features
+            g_x = F.embedding_bag(cols, W_enc, _row_offsets(rows, batch), per_sample_weights=g_values, mode="sum")
         if ctx.needs_input_grad[2]:
             g_b = torch.zeros(n, dtype=g_values.dtype, device=g_values.device).index_add_(0, cols, g_values)
         return g_x, g_w, g_b
@@ -70,8 +62,6 @@ class ActiveReluEncode(torch.autograd.Function):
 def active_relu_forward(x: Tensor, W_enc: Tensor, b_enc: Tensor, W_dec: Tensor, b_dec: Tensor):
     """x [batch, d_in] -> (ŷ [batch, d_out] without any skip term, values, rows, cols)."""
     values, rows, cols = ActiveReluEncode.apply(x, W_enc, b_enc)
-    batch = x.shape[0]
-    counts = torch.bincount(rows, minlength=batch)
-    offsets = torch.cumsum(counts, 0) - counts
+    offsets = _row_offsets(rows, x.shape[0])
     y_hat = F.embedding_bag(cols, W_dec, offsets, per_sample_weights=values, mode="sum") + b_dec
     return y_hat, values, rows, cols
