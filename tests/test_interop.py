@@ -52,6 +52,9 @@ EXPECTED = {
     "sparsify_transcoder/layers.3.mlp": ("transcoder", "topk", 8, 3, "mlp_in", "mlp_out", "HuggingFaceTB/SmolLM2-135M", 64),
     "sparsify_skip_transcoder/layers.2.mlp": (
         "skip_transcoder", "topk", 8, 2, "mlp_in", "mlp_out", "HuggingFaceTB/SmolLM2-135M", 64),
+    # trained by the peers' own training code (SAETrainer.step / sparsify's SignSGD loop), not just saved
+    "saelens_trained": ("sae", "relu", None, 6, "resid_pre", "resid_pre", "gpt2", 64),
+    "sparsify_trained/layers.4": ("sae", "topk", 8, 4, "resid_post", "resid_post", "EleutherAI/pythia-70m", 64),
 }
 TOL = dict(atol=1e-5, rtol=1e-5)
 

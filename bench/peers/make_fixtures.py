@@ -235,6 +235,113 @@ def make_sparsify(out: Path) -> list[str]:
     return made
 
 
+# ------------------------------------------------------------------------- trained by the peers
+def _synthetic_batches(seed: int, n_batches: int, batch: int = 512, n_atoms: int = 128, active: int = 4):
+    """Sparse sums of ground-truth directions plus noise: data a dictionary can learn in a few hundred
+    steps, so the trained weights are structured (not the random init)."""
+    g = _gen(seed)
+    atoms = torch.randn(n_atoms, D_IN, generator=g)
+    atoms = atoms / atoms.norm(dim=-1, keepdim=True)
+    out = []
+    for _ in range(n_batches):
+        idx = torch.randint(0, n_atoms, (batch, active), generator=g)
+        coef = torch.rand(batch, active, generator=g) * 2 + 0.5
+        x = torch.einsum("bk,bkd->bd", coef, atoms[idx]) + 0.05 * torch.randn(batch, D_IN, generator=g)
+        out.append(x)
+    return out
+
+
+def make_trained(out: Path, steps: int = 300) -> list[str]:
+    """One dictionary trained by each peer's own training code, then saved by its own save function."""
+    import itertools
+
+    import sae_lens
+    from sae_lens import SAE, StandardTrainingSAE, StandardTrainingSAEConfig
+    from sae_lens.config import SAETrainerConfig
+    from sae_lens.saes.sae import SAEMetadata
+    from sae_lens.training.sae_trainer import SAETrainer
+    from schedulefree import ScheduleFreeWrapper
+    from sparsify import SparseCoder, SparseCoderConfig
+    from sparsify.__main__ import RunConfig
+    from sparsify.sign_sgd import SignSGD
+
+    made = []
+    # --- sae-lens: StandardTrainingSAE trained by SAETrainer.step (the body of SAETrainer.fit)
+    torch.manual_seed(400)
+    data = _synthetic_batches(401, steps)
+    meta = SAEMetadata(model_name="gpt2", hook_name="blocks.6.hook_resid_pre", hook_head_index=None,
+                       prepend_bos=True, context_size=128)
+    cfg = StandardTrainingSAEConfig(d_in=D_IN, d_sae=N_FEATURES, l1_coefficient=2.0, metadata=meta)
+    sae = StandardTrainingSAE(cfg)
+    tcfg = SAETrainerConfig(total_training_samples=512 * steps, train_batch_size_samples=512, lr=3e-3, lr_end=3e-4,
+                            device="cpu", autocast=False)
+    trainer = SAETrainer(cfg=tcfg, sae=sae, data_provider=itertools.cycle(data))
+    first = last = None
+    for i in range(steps):
+        trainer.maybe_reset_sparsity()
+        o = trainer.step(data[i])
+        trainer.n_training_steps += 1
+        mse = float((o.losses["mse_loss"] if "mse_loss" in o.losses else o.loss).detach())
+        first = mse if first is None else first
+        last = mse
+    name = "saelens_trained"
+    folder = _fresh(out / name)
+    sae.eval()
+    sae.save_model(folder)
+    loaded = SAE.load_from_disk(folder, device="cpu")
+    x = _x(60)
+    with torch.no_grad():
+        features, y = loaded.encode(x), loaded(x)
+    _reference(folder, x, y, features)
+    _source(folder, "sae-lens", f"sae_lens.SAETrainer.step x {steps} on a StandardTrainingSAE, then save_model "
+            f"(sae_lens {sae_lens.__version__})",
+            f"trained on synthetic sparse data (bench/peers/make_fixtures.py:_synthetic_batches); mse loss "
+            f"{first:.4f} -> {last:.4f}; reference from SAE.load_from_disk(folder) encode()/forward()")
+    made.append(name)
+    print(f"{name}: mse {first:.4f} -> {last:.4f}, L0 {float((features > 0).float().sum(-1).mean()):.1f}")
+
+    # --- sparsify: SparseCoder trained with its default optimizer (ScheduleFree SignSGD) and FVU loss,
+    #     the per-batch body of sparsify.Trainer.fit
+    torch.manual_seed(500)
+    data = _synthetic_batches(501, steps)
+    scfg = SparseCoderConfig(num_latents=N_FEATURES, k=8)
+    coder = SparseCoder(D_IN, scfg, device="cpu", dtype=torch.float32)
+    opt = ScheduleFreeWrapper(SignSGD([dict(params=coder.parameters(), lr=5e-3)]), momentum=0.95)
+    opt.train()
+    first = last = None
+    for i in range(steps):
+        x = data[i]
+        coder.set_decoder_norm_to_unit_norm()
+        o = coder(x=x, y=x, dead_mask=None, total_variance=(x - x.mean(0)).pow(2).sum())
+        o.fvu.backward()
+        coder.remove_gradient_parallel_to_decoder_directions()
+        opt.step()
+        opt.zero_grad()
+        first = float(o.fvu) if first is None else first
+        last = float(o.fvu)
+    opt.eval()  # schedule-free: the evaluation weights
+    coder.eval()
+    name, hookpoint = "sparsify_trained", "layers.4"
+    run = _fresh(out / name)
+    folder = run / hookpoint
+    coder.save_to_disk(folder)
+    RunConfig(sae=scfg, model="EleutherAI/pythia-70m", hookpoints=[hookpoint], run_name=name).save_json(
+        str(run / "config.json"))
+    loaded = SparseCoder.load_from_disk(folder, device="cpu")
+    x = _x(61)
+    with torch.no_grad():
+        o = loaded(x)
+        features = torch.zeros(N_ROWS, N_FEATURES).scatter_(1, o.latent_indices, o.latent_acts)
+    _reference(folder, x, o.sae_out, features)
+    _source(folder, "eai-sparsify", f"sparsify SignSGD + ScheduleFreeWrapper steps x {steps} on SparseCoder "
+            "(the body of sparsify.Trainer.fit, loss fvu), then SparseCoder.save_to_disk",
+            f"TopK k=8 trained on synthetic sparse data; fvu {first:.4f} -> {last:.4f}; reference from "
+            "SparseCoder.load_from_disk(folder)(x)")
+    made.append(f"{name}/{hookpoint}")
+    print(f"{name}/{hookpoint}: fvu {first:.4f} -> {last:.4f}")
+    return made
+
+
 # ---------------------------------------------------------------------------------- graphs (JSON)
 def make_graphs(out: Path) -> list[str]:
     """A Neuronpedia graph JSON written by circuit-tracer's own writer (create_nodes /
@@ -327,7 +434,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=ROOT / "tests" / "fixtures" / "peers")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    made = make_saelens(args.out) + make_sparsify(args.out) + make_graphs(args.out)
+    made = make_saelens(args.out) + make_sparsify(args.out) + make_trained(args.out) + make_graphs(args.out)
     for name in made:
         size = sum(p.stat().st_size for p in (args.out / name.split("/")[0]).rglob("*") if p.is_file())
         print(f"  {name}: {size / 1024:.0f} KiB")
