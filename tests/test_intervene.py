@@ -336,6 +336,12 @@ def test_verify_schema_spearman_specificity_edges(lm, dicts):
         "predicted",
         "measured",
     }
+    # per-layer ablation: one row per circuit layer; each equals the single-feature effect of its only node
+    rows = {r["layer"]: r for r in res["layer_importance"]}
+    assert sorted(rows) == [1, 2] and all(r["n_features"] == 1 for r in rows.values())
+    single = {s["node"]: s["effect"] for s in res["single_feature_effects"]}
+    assert rows[1]["m_without"] == pytest.approx(res["m_full"] - single[f"1:{f1}"], abs=1e-6)
+    assert rows[2]["drop"] == pytest.approx(single[f"L2/F{f2}@-1"] / res["m_full"], abs=1e-6)
     json.dumps(res, allow_nan=False)
 
 

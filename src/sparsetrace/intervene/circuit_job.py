@@ -420,6 +420,9 @@ def format_verify(res: dict) -> str:
         f"  curve AUC              {f(res.get('curve_auc'))}",
         f"  Spearman(score, effect) {f(res.get('spearman'))} over {len(res.get('single_feature_effects') or [])} features",
     ]
+    if res.get("layer_importance"):
+        parts = [f"L{r['layer']} {r['component']} ({r['n_features']}) {f(r['drop'], '{:.0%}')}" for r in res["layer_importance"]]
+        lines.append("  drop by layer          " + ", ".join(parts))
     if res.get("edge_checks"):
         lines.append(f"  edge checks            {len(res['edge_checks'])} edges, sign agreement "
                      f"{f(res.get('edge_check_sign_agreement'), '{:.0%}')}, Spearman {f(res.get('edge_check_spearman'))}")

@@ -297,6 +297,17 @@ def verify_circuit(
             "mode": umode,
         }
 
+    # layer importance, measured: ablate only the circuit's features of one layer at a time
+    by_layer = []
+    if len(circuit) and abs(m_full) > 1e-9:
+        for layer in sorted(circuit.layers):
+            part = FeatureSet([n for n in circuit.nodes if n.layer == layer])
+            m_l = ev.m(part, invert=False)
+            d = dmap[layer]
+            by_layer.append({"layer": int(layer), "component": _component(d), "n_features": len(part),
+                             "m_without": m_l, "drop": _ratio(m_full - m_l, m_full)})
+        by_layer.sort(key=lambda r: -abs(r["drop"] or 0.0))
+
     checks = edge_checks(lm, dmap, task_batch, edges, max_checks=max_edge_checks) if edges else []
 
     return {
@@ -318,7 +329,18 @@ def verify_circuit(
         "n_prompts": len(task_batch),
         "m_without_circuit": m_without,
         "single_feature_effects": single,
+        "layer_importance": by_layer,
     }
+
+
+def _component(d) -> str:
+    """What a dictionary's features stand for: the MLP (transcoders) or a residual/attention hookpoint."""
+    cfg = getattr(d, "cfg", None)
+    if cfg is None:
+        return "?"
+    if cfg.kind in ("transcoder", "skip_transcoder"):
+        return "mlp"
+    return str(cfg.hookpoint_in)
 
 
 def edge_checks(lm, dictionaries: Dictionaries, task_batch, edges, *, max_checks: int = 20) -> list[dict]:

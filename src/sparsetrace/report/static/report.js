@@ -1125,6 +1125,17 @@
         sp ? ["specificity", (sp.task || "?") + ": " + fmt(sp.baseline) + " → " + fmt(sp.ablated) + " (" + fmtPct(sp.rel_change) + ")"] : ["specificity", "—"],
       ])
     );
+    if (Array.isArray(v.layer_importance) && v.layer_importance.length) {
+      // which layers carry the behaviour: the metric drop when only that layer's circuit features are ablated
+      card.appendChild(h("h3", { text: "Layer importance (ablate one layer's circuit features)" }));
+      card.appendChild(
+        kvTable(
+          v.layer_importance
+            .filter((r) => r && typeof r === "object")
+            .map((r) => ["L" + r.layer + " " + (r.component || "") + " · " + r.n_features + " features", fmtPct(r.drop) + " drop"])
+        )
+      );
+    }
     if (Array.isArray(v.curve) && v.curve.length) {
       card.appendChild(
         chart({
