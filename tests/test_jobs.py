@@ -292,6 +292,25 @@ def test_explain_random_live_features(run_dir, capsys):
     assert "causal verdicts on 6 labels" in stdout
 
 
+def test_explain_run_without_heldout_file(run_dir, tmp_path, capsys):
+    """A run folder that lost heldout_tokens.safetensors (e.g. dictionaries copied elsewhere) still gets
+    dashboards: the last tenth of the corpus windows is held out instead of the whole corpus."""
+    import shutil
+
+    bare = tmp_path / "copied"
+    bare.mkdir()
+    for p in run_dir.iterdir():
+        if p.name.startswith("L0") and p.is_dir():
+            shutil.copytree(p, bare / p.name)
+        elif p.suffix == ".json":
+            shutil.copy(p, bare / p.name)
+    assert not (bare / "heldout_tokens.safetensors").exists()
+    code, stdout, err = cli(capsys, "explain", bare, "--layer", "1", "--features", "random:3", "--n-tokens", "2000",
+                            "--no-verify", "--corpus", run_dir.parent / "corpus.txt")
+    assert code == 0, err
+    assert json.loads((bare / "features" / "L01" / "summary.json").read_text())["n_live"] == 3
+
+
 def test_align_same_run_and_other_seed(run_dir, tmp_path_factory, module_texts, tiny_llama, capsys):
     code, stdout, err = cli(capsys, "align", run_dir, run_dir, "--layer", "2", "--out", run_dir / "self-align.json")
     assert code == 0, err

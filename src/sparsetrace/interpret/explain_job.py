@@ -132,12 +132,16 @@ def explain_layer(
 
     check_matches_model(d, lm.model_id, lm.d_model, lm.n_layers)
     candidates, n_live = parse_features(features, d.n_features, seed)
-    try:
-        heldout = heldout_windows(run_dir, lm, None if (run_dir / "heldout_tokens.safetensors").exists() else corpus,
-                                  n_windows=10_000, context=context)
-    except DataError:
-        heldout = None
+    heldout = None
+    if (run_dir / "heldout_tokens.safetensors").exists():  # the run's own held-out windows
+        try:
+            heldout = heldout_windows(run_dir, lm, None, n_windows=10_000, context=context)
+        except DataError:
+            heldout = None
     windows = corpus_windows(lm, run_dir, corpus, n_tokens, context, heldout)
+    if len(windows) < 2:
+        raise DataError(f"the corpus gives {len(windows)} window(s) of {context} tokens outside the run's held-out "
+                        f"text; expected at least 2 (pass --corpus with more text)")
     if heldout is None:  # no held-out windows recorded: hold out the last 10% of the corpus windows
         cut = max(1, len(windows) // 10)
         windows, heldout = windows[:-cut], windows[-cut:]
