@@ -102,6 +102,6 @@ def format_table(result: dict) -> str:
         out.append("all trained layers substituted at once (first k layers):")
         for s in result["substitution"]:
             out.append(
-                f"  k={s['n_layers']} layers {s['layers']}: CE {s['ce_loss']:.3f} (+{s['ce_increase']:.3f}), KL {s['kl']:.4f}"
+                f"  k={s['n_layers']} layers {s['layers']}: CE {s['ce_loss']:.3f} ({s['ce_increase']:+.3f}), KL {s['kl']:.4f}"
             )
     return "\n".join(out)
