@@ -157,6 +157,8 @@ def test_cli_trace_task_and_verify_json(run_dir, tmp_path, capsys):
                             "2", "--max-features", "6", "--out", out)
     assert code == 0, err
     assert "circuit (" in stdout and (out / "graph.json").exists()
+    # --select effect (default) ranks by the ablation estimate: only the first prompt needs a graph
+    assert len(json.loads((out / "circuit.json").read_text())["graph_prompts"]) == 1
     code, stdout, err = cli(capsys, "verify", out, "--json")
     assert code == 0, err
     res = json.loads(stdout)

@@ -182,7 +182,7 @@ def trace(
     target: str = typer.Option(None, help="The next token to explain, e.g. ' Paris' (one token)."),
     contrast: str = typer.Option(None, help="Optional contrast token: metric = logit(target) - logit(contrast)."),
     n_prompts: int = typer.Option(32, "--n-prompts", help="Task prompts the circuit is verified on."),
-    graph_prompts: int = typer.Option(4, "--graph-prompts", help="Task prompts attributed to choose the circuit."),
+    graph_prompts: int = typer.Option(4, "--graph-prompts", help="Task prompts attributed to choose the circuit with --select influence (effect: 1)."),
     max_features: int = typer.Option(20, "--max-features", help="Circuit size."),
     node_threshold: float = typer.Option(0.8, "--node-threshold", help="Pruning: fraction of node influence kept."),
     edge_threshold: float = typer.Option(0.98, "--edge-threshold", help="Pruning: fraction of edge influence kept."),

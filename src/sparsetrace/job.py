@@ -31,8 +31,8 @@ class Preset:
 
 
 PRESETS = {
-    # <= 20 minutes on 2 CPU cores (measured 9.7 min with 200k tokens, training 5.5 min of it); the same
-    # token budget as `sparsetrace train`'s default
+    # <= 20 minutes on 2 CPU cores (measured 8 min 19 s, harvest + training 3.7 min of it); the same token
+    # budget as `sparsetrace train`'s default
     "default": Preset(layers=[3, 6], n_tokens=300_000, epochs=3.0, eval_windows=24, dashboard_features=30,
                       dashboard_tokens=40_000, circuit_prompts=24, graph_prompts=2, spearman_features=20),
     "quick": Preset(layers=[3], n_tokens=40_000, epochs=2.0, eval_windows=6, dashboard_features=24, dashboard_tokens=8_000,

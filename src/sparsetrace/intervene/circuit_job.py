@@ -61,7 +61,7 @@ class TraceConfig:
     target: str | None = None  # single token, e.g. " Paris"
     contrast: str | None = None  # optional single token: metric = logit(target) - logit(contrast)
     n_prompts: int = 32  # prompts the circuit is verified on
-    n_graph_prompts: int = 4  # prompts attributed to choose the circuit
+    n_graph_prompts: int = 4  # prompts attributed to choose the circuit (select="influence"; effect uses 1)
     max_features: int = 20
     max_feature_nodes: int = 3000
     node_threshold: float = 0.8
@@ -251,14 +251,17 @@ def trace_circuit(
     *,
     log: Callable[[str], None] | None = None,
 ) -> dict:
-    """Attribute ``cfg.n_graph_prompts`` task prompts, choose the circuit, write graph.json + circuit.json."""
+    """Attribute the task's first prompt (``cfg.n_graph_prompts`` of them with ``select="influence"``), choose
+    the circuit, write graph.json + circuit.json."""
     from ..attribute import attribute, check_edges
 
     cfg.validate()
     say = log or (lambda _m: None)
     out = Path(out)
     task = task_for(cfg)
-    n_graph = 1 if cfg.task is None else cfg.n_graph_prompts
+    # the graphs' influence ranks the circuit only with select="influence"; otherwise one graph (graph.json,
+    # the edge checks) is all that is used
+    n_graph = 1 if cfg.task is None or cfg.select == "effect" else cfg.n_graph_prompts
     batch = task.prompts(lm, n=max(cfg.n_prompts, n_graph) if cfg.task else 1, seed=cfg.seed)
     if cfg.positions == "relative" and len(set(batch.last_pos.tolist())) > 1:
         say(f"the '{cfg.name}' prompts differ in length, so positions counted from the end do not line up: "
