@@ -74,6 +74,22 @@ def test_html_references_scripts_and_css(built):
     assert html.index("data/report-data.js") < html.index("assets/report.js")
 
 
+def test_viewer_is_split_into_ordered_classic_scripts(built):
+    out, _ = built
+    from sparsetrace.report.html import SCRIPTS
+
+    html = (out / "index.html").read_text(encoding="utf-8")
+    static = Path(__file__).parents[1] / "src" / "sparsetrace" / "report" / "static"
+    assert sorted(p.name for p in static.glob("*.js")) == sorted(SCRIPTS)  # every script is loaded
+    positions = [html.index(f'<script src="assets/{name}"></script>') for name in SCRIPTS]
+    assert positions == sorted(positions) and html.index("data/report-data.js") < positions[0]
+    for name in SCRIPTS:
+        text = (out / "assets" / name).read_text(encoding="utf-8")
+        assert len(text.splitlines()) <= 700, name
+        assert "fetch(" not in text and "XMLHttpRequest" not in text and "import(" not in text, name
+        assert "window.ST" in text, name  # one shared namespace, no ES modules
+
+
 def test_data_is_embedded(built):
     out, _ = built
     data = load_data(out)

@@ -1,6 +1,6 @@
 """Build a static, self-contained HTML report from one or more run folders.
 
-The report is a single-page application (``index.html`` + ``assets/report.js`` + ``assets/report.css``)
+The report is a single-page application (``index.html`` + ``assets/*.js`` + ``assets/report.css``)
 whose data is embedded as JavaScript files under ``data/``. Every data file is a plain ``<script>``
 (either referenced from ``index.html`` or injected on demand), so the report opens straight from
 disk through ``file://``: it never uses ``fetch``/XHR and never touches the network.
@@ -8,7 +8,7 @@ disk through ``file://``: it never uses ``fetch``/XHR and never touches the netw
 Layout of the output folder::
 
     index.html
-    assets/report.css, assets/report.js, assets/favicon.svg
+    assets/report.css, assets/favicon.svg, assets/{core,charts,dashboard,graph-layout,graph-viewer,circuit,report}.js
     data/report-data.js              window.SPARSETRACE_DATA = {...}: runs, metrics, curves, indexes
     data/r{i}/circuit-{j}.js         SPARSETRACE_LOAD("r{i}/circuit/{j}", graph)   (loaded on demand)
     data/r{i}/features-L{ll}-c{k}.js SPARSETRACE_LOAD("r{i}/L{ll}/c{k}", {feature: dashboard, ...})
@@ -37,6 +37,8 @@ FEATURE_CHUNK = 128
 MAX_LOG_POINTS = 1500
 _MARKER = ".sparsetrace-report"
 _DICT_DIR = re.compile(r"^L(\d+)_([A-Za-z0-9_]+)$")
+#: the viewer's classic scripts, in load order (they share window.ST; ES modules do not load from file://)
+SCRIPTS = ("core.js", "charts.js", "dashboard.js", "graph-layout.js", "graph-viewer.js", "circuit.js", "report.js")
 _FEATURE_DIR = re.compile(r"^L(\d+)$")
 _DASHBOARD_FILE = re.compile(r"^f(\d+)\.json$")
 _LOG_KEYS = ("step", "tokens", "loss", "mse", "fvu", "l0", "lambda", "lr", "dead_frac")
@@ -355,7 +357,7 @@ _INDEX_HTML = """<!DOCTYPE html>
   </main>
 </div>
 <script src="data/report-data.js"></script>
-<script src="assets/report.js"></script>
+{scripts}
 </body>
 </html>
 """
@@ -422,5 +424,6 @@ def build_report(run_dirs: list[Path], out_dir: Path) -> Path:
     _copy_static(out_dir)
     title = "sparsetrace report — " + ", ".join(r["name"] for r in runs)
     index = out_dir / "index.html"
-    index.write_text(_INDEX_HTML.format(title=_html_escape(title)), encoding="utf-8")
+    scripts = "\n".join(f'<script src="assets/{name}"></script>' for name in SCRIPTS)
+    index.write_text(_INDEX_HTML.format(title=_html_escape(title), scripts=scripts), encoding="utf-8")
     return index
