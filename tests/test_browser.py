@@ -350,3 +350,81 @@ def test_multi_run_and_partial_run(browser, tmp_path):
         assert p.problems == []
     finally:
         p.close()
+
+
+def _upstream_and_stale_run(base: Path) -> Path:
+    """The fixture with tiny-llama transcoder weights at layers 1 and 3 (so feature pages get an upstream
+    panel), a verify.json of another circuit.json and dashboards of other weights (both stale)."""
+    import json
+    import shutil
+
+    import torch
+
+    from sparsetrace.dictionary.io import save_dictionary
+    from sparsetrace.dictionary.model import DictionaryConfig, SparseDictionary
+
+    run = base / "run"
+    shutil.copytree(FIXTURE, run)
+    for layer in (1, 3):
+        cfg = DictionaryConfig(kind="transcoder", d_in=64, d_out=64, n_features=512, layer=layer,
+                               model_id="tiny-llama")
+        d = SparseDictionary(cfg, seed=layer)
+        with torch.no_grad():
+            d.W_enc.mul_(torch.linspace(0.5, 2.0, 512)[:, None])
+        tmp = save_dictionary(d, base / f"dict{layer}")
+        for name in ("weights.safetensors", "config.json"):
+            shutil.copy(tmp / name, run / f"L{layer:02d}_transcoder" / name)
+    cdir = run / "circuits" / "ioi"
+    (cdir / "circuit.json").write_text('{"circuit": ["L3/F12@9"]}\n')
+    v = json.loads((cdir / "verify.json").read_text())
+    v["circuit_sha256"] = "0" * 64  # verified some other circuit.json
+    (cdir / "verify.json").write_text(json.dumps(v))
+    f77 = run / "features" / "L03" / "f77.json"
+    dash = json.loads(f77.read_text())
+    dash["dictionary_sha256"] = "f" * 64  # computed from other weights
+    f77.write_text(json.dumps(dash))
+    return run
+
+
+def test_upstream_panel_and_stale_marks(browser, tmp_path):
+    index = build_report([_upstream_and_stale_run(tmp_path)], tmp_path / "out")
+    p = Page(browser, "file://")
+    try:
+        page = p.page
+        page.goto(index.as_uri() + "#/r/0/feature/3/12")
+        panel = page.locator("#upstream-panel")
+        panel.wait_for(state="visible")
+        page.wait_for_selector("#upstream-table tbody tr")
+        assert page.locator("#upstream-table tbody tr").count() == 8
+        text = panel.inner_text()
+        assert "upstream features (weight-only)" in text.lower()  # headings are upper-cased by the CSS
+        assert "from the embedding (de-embedding)" in text.lower()
+        assert "L1 · F" in text and ("direct" in text or "attention head" in text)
+        assert page.locator("#upstream-panel .deembed .tok-pill").count() == 6
+        assert page.locator("#upstream-table .tok-pill").count() == 8 * 6
+        assert page.locator("#feature-page .stale-banner").count() == 0  # F12's dashboard is current
+        page.locator("#upstream-panel").scroll_into_view_if_needed()
+        ARTIFACTS.mkdir(exist_ok=True)
+        page.evaluate("() => window.scrollTo(0, document.body.scrollHeight)")
+        page.screenshot(path=str(ARTIFACTS / "feature-upstream.png"))
+
+        page.goto(index.as_uri() + "#/r/0/feature/3/77")  # a stale dashboard says so above everything
+        page.wait_for_selector("#feature-page .dash-stale")
+        assert "STALE dashboard" in page.locator("#feature-page .dash-stale").inner_text()
+        page.goto(index.as_uri() + "#/r/0/features/3")
+        page.wait_for_selector("#features-stale")
+        assert "1 dashboard(s) are STALE" in page.locator("#features-stale").inner_text()
+
+        page.goto(index.as_uri() + "#/r/0/circuit/ioi")  # a stale verification is not shown as current
+        page.wait_for_selector("#verify-stale")
+        assert page.locator("#verify-stale").is_visible()
+        assert "STALE" in page.locator("#verify h2").inner_text().upper()
+        assert page.locator("#verify .tiles").is_hidden()  # its numbers stay inside a closed disclosure
+        assert "0.787" not in page.locator("#verify").inner_text()
+        page.goto(index.as_uri() + "#/r/0")
+        page.wait_for_selector(".circuit-card")
+        card = page.locator(".circuit-card").inner_text()
+        assert "verification STALE" in card and "faithfulness" not in card
+        assert p.problems == []
+    finally:
+        p.close()

@@ -14,7 +14,7 @@
     const page = h("div", { class: "page circuit-page" });
     page.appendChild(h("h1", null, "Circuit ", h("span", { class: "accent", text: name })));
     app.appendChild(page);
-    const verifyCard = renderVerify(circuit.verify);
+    const verifyCard = renderVerify(circuit.verify, circuit.verify_status);
     if (!circuit.graph) {
       page.appendChild(section("Attribution graph", note("No graph.json for this circuit.")));
       page.appendChild(verifyCard);
@@ -39,12 +39,32 @@
     );
   }
 
-  function renderVerify(v) {
-    const card = h("section", { class: "card verify", id: "verify" }, h("h2", { text: "Causal verification" }));
+  /* status: verify.json checked against the circuit.json beside it (report/inputs.py). A stale verification
+   * describes another circuit: its numbers are kept out of sight, behind a closed "stale" disclosure. */
+  function renderVerify(v, status) {
+    const stale = !!(v && status && status.state === "stale");
+    const card = h(
+      "section",
+      { class: "card verify" + (stale ? " stale" : ""), id: "verify", dataset: { state: status ? status.state : "none" } },
+      h("h2", null, "Causal verification", stale ? h("span", { class: "badge badge-stale", text: "STALE" }) : null)
+    );
     if (!v) {
       card.appendChild(note("No verification (verify.json) for this circuit."));
       return card;
     }
+    if (stale) {
+      card.appendChild(h("p", { class: "stale-banner", id: "verify-stale", text: "STALE — not a verification of this circuit. " + status.reason }));
+      const body = h("details", { class: "stale-numbers" }, h("summary", { text: "numbers of the stale verification (they describe another circuit)" }));
+      fillVerify(body, v);
+      card.appendChild(body);
+      return card;
+    }
+    if (status && status.state === "unrecorded") card.appendChild(note(status.reason + ": cannot tell whether it is current.", "small unrecorded"));
+    fillVerify(card, v);
+    return card;
+  }
+
+  function fillVerify(card, v) {
     card.appendChild(h("div", { class: "muted small", text: "task " + (v.task || "—") + " · metric " + (v.metric_name || "—") }));
     const tiles = [
       ["faithfulness", v.faithfulness],

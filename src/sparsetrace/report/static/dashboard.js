@@ -73,7 +73,9 @@
   }
 
   function renderDashboard(run, dash, compact) {
-    const root = h("div", { class: "dashboard-body", dataset: { layer: String(dash.layer), feature: String(dash.feature) } });
+    const status = dash.dictionary_status || {};
+    const root = h("div", { class: "dashboard-body" + (status.state === "stale" ? " stale" : ""), dataset: { layer: String(dash.layer), feature: String(dash.feature), state: status.state || "none" } });
+    if (status.state === "stale") root.appendChild(h("p", { class: "stale-banner dash-stale", text: "STALE dashboard — " + status.reason }));
     root.appendChild(
       h(
         "div",
@@ -187,7 +189,7 @@
       { key: "verdict", label: "verdict", render: (e) => verdictBadge(e.verdict), sort: (e) => e.verdict || "" },
       { key: "density", label: "density", num: true, fmt: fmtPct },
       { key: "max_act", label: "max act", num: true, fmt: fmt },
-      { key: "dash", label: "dashboard", nosort: true, value: (e) => (hasDashboard(run, layer, e.feature) ? "yes" : "—") },
+      { key: "dash", label: "dashboard", nosort: true, render: (e) => (!hasDashboard(run, layer, e.feature) ? "—" : e.stale ? h("span", { class: "badge badge-stale", text: "STALE" }) : "yes") },
     ];
     function refill() {
       const q = search.value.trim().toLowerCase();
@@ -198,6 +200,8 @@
     }
     search.addEventListener("input", refill);
     refill();
+    const nStale = (fl.dashboard_states || {}).stale || 0;
+    if (nStale) page.appendChild(h("p", { class: "stale-banner", id: "features-stale", text: nStale + " dashboard(s) are STALE — " + (fl.stale_reason || "") }));
     page.appendChild(h("section", { class: "card" }, h("div", { class: "toolbar" }, search, info), holder));
     app.appendChild(page);
   }
@@ -224,6 +228,7 @@
         clear(page);
         if (!dash) return page.appendChild(note("No dashboard computed for this feature.", "no-dashboard"));
         page.appendChild(h("div", { class: "card" }, renderDashboard(run, dash, false)));
+        page.appendChild(renderUpstream(run, layer, dash.upstream));
       },
       (err) => {
         clear(page);
@@ -232,5 +237,66 @@
     );
   }
 
-  Object.assign(ST, { featureEntry, featureLayer, hasDashboard, loadDashboard, logitTable, renderDashboard, renderFeatureList, renderFeaturePage, tokenSeq });
+  /* ------------------------------------------------------------------ upstream panel */
+  function tokenPills(rows) {
+    const list = Array.isArray(rows) ? rows.filter((r) => Array.isArray(r) && r.length >= 2) : [];
+    if (!list.length) return h("span", { class: "muted", text: "—" });
+    return h("span", { class: "pills" }, list.map((r) => h("span", { class: "tok-pill", title: "score " + fmt(r[1], 3), text: showTok(r[0]) })));
+  }
+
+  /* panel: {deembedding: [[token, score]], features: [{layer, kind, feature, path, weight, deembedding}],
+   * n_sources} written by report/upstream.py; null when it was not computed */
+  function renderUpstream(run, layer, panel) {
+    const card = h("section", { class: "card upstream", id: "upstream-panel" }, h("h2", { text: "Upstream features (weight-only)" }));
+    if (!panel) {
+      card.appendChild(note("Not computed for this feature: the run's dictionary weights or model could not be loaded, or the report's time budget ran out (see the run's warnings).", "upstream-missing"));
+      return card;
+    }
+    card.appendChild(
+      note("What drives this feature by the weights alone, no prompt run: virtual weights from features of earlier dictionaries, directly through the residual stream or through one attention head's OV circuit. Exact up to each norm's per-token scale; per unit of the source feature's activation.", "small")
+    );
+    card.appendChild(h("div", { class: "deembed" }, h("h3", { text: "From the embedding (de-embedding)" }), tokenPills(panel.deembedding)));
+    const rows = Array.isArray(panel.features) ? panel.features.filter((r) => r && typeof r === "object") : [];
+    if (!rows.length) {
+      card.appendChild(note(panel.n_sources ? "No upstream feature path found." : "No dictionary of this run lies upstream of layer " + layer + ": only the embedding feeds it directly."));
+      return card;
+    }
+    const maxv = Math.max(1e-12, ...rows.map((r) => (isNum(r.weight) ? Math.abs(r.weight) : 0)));
+    const cols = [
+      {
+        key: "feature",
+        label: "feature",
+        render: (r) => {
+          const e = featureEntry(run, r.layer, r.feature);
+          const name = "L" + r.layer + " · F" + r.feature;
+          return h(
+            "span",
+            null,
+            hasDashboard(run, r.layer, r.feature) ? h("a", { href: featureHref(run, r.layer, r.feature), text: name }) : h("span", { text: name }),
+            e && e.label ? h("span", { class: "muted", text: " " + e.label }) : null
+          );
+        },
+        sort: (r) => r.layer * 1e9 + r.feature,
+      },
+      { key: "path", label: "path" },
+      {
+        key: "weight",
+        label: "virtual weight",
+        num: true,
+        render: (r) =>
+          h(
+            "span",
+            { class: "wcell " + (r.weight >= 0 ? "pos" : "neg") },
+            h("span", { class: "hbar", style: { width: ((Math.abs(r.weight) || 0) / maxv) * 60 + "px" } }),
+            " " + fmt(r.weight, 3)
+          ),
+        sort: (r) => -Math.abs(r.weight),
+      },
+      { key: "deembedding", label: "its de-embedding", nosort: true, render: (r) => tokenPills(r.deembedding) },
+    ];
+    card.appendChild(table(cols, rows, { id: "upstream-table" }));
+    return card;
+  }
+
+  Object.assign(ST, { featureEntry, featureLayer, hasDashboard, loadDashboard, logitTable, renderDashboard, renderFeatureList, renderFeaturePage, renderUpstream, tokenSeq });
 })((window.ST = window.ST || {}));

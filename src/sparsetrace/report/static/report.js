@@ -207,7 +207,11 @@
               { class: "stat-row" },
               c.graph ? h("span", null, h("b", { text: String(s.n_nodes) }), " nodes") : h("span", { text: "no graph" }),
               c.graph ? h("span", null, h("b", { text: String(s.n_links) }), " edges") : null,
-              c.verify ? h("span", null, "faithfulness ", h("b", { text: fmt(v.faithfulness, 3) })) : h("span", { class: "muted", text: "not verified" })
+              !c.verify
+                ? h("span", { class: "muted", text: "not verified" })
+                : c.verify_status && c.verify_status.state === "stale"
+                  ? h("span", { class: "badge badge-stale", title: c.verify_status.reason, text: "verification STALE" })
+                  : h("span", null, "faithfulness ", h("b", { text: fmt(v.faithfulness, 3) }))
             )
           )
         );
@@ -227,7 +231,8 @@
               "li",
               null,
               h("a", { href: "#/r/" + run.index + "/features/" + fl.layer, text: "Layer " + fl.layer }),
-              " — " + fl.entries.length + " features, " + Object.keys(fl.chunk_of || {}).length + " dashboards"
+              " — " + fl.entries.length + " features, " + Object.keys(fl.chunk_of || {}).length + " dashboards",
+              (fl.dashboard_states || {}).stale ? h("span", { class: "badge badge-stale", title: fl.stale_reason || "", text: fl.dashboard_states.stale + " STALE" }) : null
             )
           )
         )
