@@ -7,6 +7,7 @@ User mistakes raise :class:`sparsetrace.errors.SparsetraceError`; ``main`` print
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -370,6 +371,8 @@ def align(
 def report(
     run_dirs: list[Path] = typer.Argument(..., help="Run folders (or a folder of runs)."),
     out: Path = typer.Option(Path("report"), help="Output folder for the static site."),
+    upstream_seconds: float = typer.Option(60.0, "--upstream-seconds", help="Time budget per run for the feature "
+                                           "pages' upstream panel (weight-only attribution; loads the model); 0 = off."),
 ) -> None:
     """Build the static HTML report (opens from disk, no network)."""
     from .report.html import build_report
@@ -383,7 +386,9 @@ def report(
         else:
             subs = sorted(p.parent for p in d.glob("*/run.json"))
             dirs.extend(subs or [d])
-    index = build_report(dirs, out)
+    if not math.isfinite(upstream_seconds) or upstream_seconds < 0:
+        raise ConfigError(f"--upstream-seconds {upstream_seconds} is invalid; expected a finite number >= 0 (0 = off)")
+    index = build_report(dirs, out, upstream=upstream_seconds > 0, upstream_budget_s=upstream_seconds)
     typer.echo(f"report written: {index}")
 
 
