@@ -421,6 +421,8 @@ def test_upstream_panel_and_stale_marks(browser, tmp_path):
         assert "STALE" in page.locator("#verify h2").inner_text().upper()
         assert page.locator("#verify .tiles").is_hidden()  # its numbers stay inside a closed disclosure
         assert "0.787" not in page.locator("#verify").inner_text()
+        assert page.locator("#graph-svg .node").count() == 28  # the graph itself is shown as before ...
+        assert page.locator("label.ctl", has_text="verified circuit").count() == 0  # ... without the stale set
         page.goto(index.as_uri() + "#/r/0")
         page.wait_for_selector(".circuit-card")
         card = page.locator(".circuit-card").inner_text()

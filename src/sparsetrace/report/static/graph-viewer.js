@@ -14,7 +14,9 @@
     const groups = computeGroups(nodes);
     const groupOf = new Map();
     for (const g of groups) for (const m of g.members) groupOf.set(m.node_id, g.id);
-    const circuitSet = new Set(Array.isArray((circuit.verify || {}).circuit) ? circuit.verify.circuit : []);
+    // a stale verify.json describes another circuit: its node set is not offered as "verified"
+    const staleVerify = !!(circuit.verify_status && circuit.verify_status.state === "stale");
+    const circuitSet = new Set(!staleVerify && Array.isArray((circuit.verify || {}).circuit) ? circuit.verify.circuit : []);
     const state = { threshold: 0, logit: "", grouped: false, selected: null, showCircuit: false };
     const probs = new Map();
     for (const t of Array.isArray(meta.targets) ? meta.targets : []) if (t && isNum(t.token_id)) probs.set(t.token_id, t.prob);
