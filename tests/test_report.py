@@ -396,3 +396,26 @@ def test_upstream_panel_is_bounded_and_optional(tmp_path):
     build_report([run], tmp_path / "bad")  # the model cannot be loaded: a warning, the report still builds
     (r,) = load_data(tmp_path / "bad")["runs"]
     assert any("cannot load model 'no-such-model-here'" in w for w in r["warnings"])
+
+
+# ------------------------------------------------------------------------------------------ Chromium rule
+@pytest.mark.parametrize("ci", ["true", ""])
+def test_browser_tests_fail_under_ci_without_chromium(ci, tmp_path):
+    """With no browser, tests/test_browser.py fails under CI=true and skips (with its reason) elsewhere."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "CI": ci, "SPARSETRACE_CHROMIUM": str(tmp_path / "no-chromium")}
+    test_file = Path(__file__).parent / "test_browser.py"
+    res = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", str(test_file)],
+        env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path,
+    )
+    out = res.stdout + res.stderr
+    if ci:
+        assert res.returncode != 0 and "CI=true and" in out and "no-chromium not found" in out
+        assert " passed" not in out and "skipped" not in out
+    else:
+        assert res.returncode == 0 and "skipped" in out and "no-chromium not found" in out
+        assert "browser tests SKIPPED" in out  # the loud line in the warnings summary
