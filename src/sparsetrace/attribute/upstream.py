@@ -118,17 +118,22 @@ def upstream_features(lm: LanguageModel, dictionaries: Sequence[SparseDictionary
             cands += [_entry(src, i, w) for i, w in zip(idx.tolist(), vals.tolist(), strict=True)]
     n_paths = sum(W.path_exists(s, tgt, parallel) for s in sources)
     if through_attention:
-        for a in range(lm.n_layers):
-            via = [s for s in sources if W.path_exists(s, tgt, parallel, a)]
-            if not via:
+        readers: dict[int, Tensor] = {}  # attention layer -> [H, d], computed once per layer
+        for src in sources:
+            layers = [a for a in range(lm.n_layers) if W.path_exists(src, tgt, parallel, a)]
+            if not layers:
                 continue
-            uh = W.ov_readers(lm, a, u)  # [H, d]
-            for src in via:
-                scores = uh @ src.W_dec.detach().float().t()  # [H, n_src]
-                idx, vals = _top_abs(scores, top)
-                n_src = scores.shape[1]
-                cands += [_entry(src, i % n_src, w, a, i // n_src) for i, w in zip(idx.tolist(), vals.tolist(), strict=True)]
-                n_paths += scores.shape[0]
+            for a in layers:
+                if a not in readers:
+                    readers[a] = W.ov_readers(lm, a, u)
+            uh = torch.cat([readers[a] for a in layers])  # [n_layers * H, d]: one matmul per source
+            H = readers[layers[0]].shape[0]
+            scores = uh @ src.W_dec.detach().float().t()  # [n_layers * H, n_src]
+            idx, vals = _top_abs(scores, top)
+            n_src = scores.shape[1]
+            cands += [_entry(src, i % n_src, w, layers[i // n_src // H], i // n_src % H)
+                      for i, w in zip(idx.tolist(), vals.tolist(), strict=True)]
+            n_paths += scores.shape[0]
     cands.sort(key=lambda e: -abs(e["weight"]))
     _, emb_scores = W.feature_input_tokens(lm, tgt, feature, k=1, return_scores=True)
     tv, ti = emb_scores.topk(min(n_tokens, emb_scores.numel()))
