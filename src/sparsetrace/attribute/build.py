@@ -24,7 +24,6 @@ floats per layer up to the deepest dictionary (measured: 360 MB for batch 64, 24
 lower ``batch_size``; the dense per-batch gradients are ``batch_size * seq * d_model`` per site.
 """
 
-
 from __future__ import annotations
 
 import sys
