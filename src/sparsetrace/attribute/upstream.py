@@ -114,7 +114,7 @@ def upstream_features(lm: LanguageModel, dictionaries: Sequence[SparseDictionary
     cands: list[dict] = []
     for src in sources:
         if W.path_exists(src, tgt, parallel):
-            idx, vals = _top_abs(src.W_dec.detach().float() @ u, top)
+            idx, vals = _top_abs(src.W_dec.detach().float() @ u.to(src.W_dec.device), top)
             cands += [_entry(src, i, w) for i, w in zip(idx.tolist(), vals.tolist(), strict=True)]
     n_paths = sum(W.path_exists(s, tgt, parallel) for s in sources)
     if through_attention:
@@ -128,7 +128,7 @@ def upstream_features(lm: LanguageModel, dictionaries: Sequence[SparseDictionary
                     readers[a] = W.ov_readers(lm, a, u)
             uh = torch.cat([readers[a] for a in layers])  # [n_layers * H, d]: one matmul per source
             H = readers[layers[0]].shape[0]
-            scores = uh @ src.W_dec.detach().float().t()  # [n_layers * H, n_src]
+            scores = uh.to(src.W_dec.device) @ src.W_dec.detach().float().t()  # [n_layers * H, n_src]
             idx, vals = _top_abs(scores, top)
             n_src = scores.shape[1]
             cands += [_entry(src, i % n_src, w, layers[i // n_src // H], i // n_src % H)

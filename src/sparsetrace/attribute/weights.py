@@ -80,7 +80,7 @@ def norm_linear(lm: LanguageModel, layer: int | None, which: str) -> tuple[Tenso
 
 def _norm_T(u: Tensor, gamma: Tensor, centred: bool, scale: float) -> Tensor:
     """``N^T u`` for ``N = scale * diag(gamma) * C`` (C = centring, or identity): ``scale * C(gamma * u)``."""
-    v = u * gamma.to(u.dtype)
+    v = u * gamma.to(device=u.device, dtype=u.dtype)
     if centred:
         v = v - v.mean(-1, keepdim=True)
     return v * scale
@@ -252,7 +252,7 @@ def ov_readers(lm: LanguageModel, attn_layer: int, u: Tensor, attn_scale: float 
     reader ``u`` (e.g. from :func:`reader_vectors`) reads, through each head's OV circuit, from the
     residual stream at the attended position."""
     W_V, W_O = head_ov(lm, attn_layer)
-    uh = torch.einsum("hdk,d->hk", W_O, u.float())  # W_O^T u per head: [H, dh]
+    uh = torch.einsum("hdk,d->hk", W_O, u.float().to(W_O.device))  # W_O^T u per head: [H, dh]
     uh = torch.einsum("hkd,hk->hd", W_V, uh)  # W_V^T (.): [H, d]
     gamma, centred = norm_linear(lm, attn_layer, "attn")
     return _norm_T(uh, gamma, centred, 1.0 if attn_scale is None else attn_scale)
@@ -272,7 +272,7 @@ def feature_input_tokens(lm: LanguageModel, dictionary: SparseDictionary, featur
     full ``[vocab]`` scores with ``return_scores``)."""
     u = reader_vectors(lm, dictionary, torch.tensor([feature]), 1.0)[0]
     W_E = lm.arch.embed.weight.detach().float()
-    scores = W_E @ u
+    scores = W_E @ u.to(W_E.device)
     top = _top(lm, scores, k)
     return (top, scores) if return_scores else top
 
@@ -286,9 +286,9 @@ def feature_logit_effects(lm: LanguageModel, dictionary: SparseDictionary, featu
     gamma, centred = norm_linear(lm, None, "final")
     if centred:
         v = v - v.mean()
-    v = v * gamma
+    v = v * gamma.to(v.device)
     W_U = lm.arch.unembed.weight.detach().float()
-    scores = W_U @ v
+    scores = W_U @ v.to(W_U.device)
     out = {"top": _top(lm, scores, k), "bottom": _top(lm, scores, k, largest=False)}
     if return_scores:
         out["scores"] = scores
