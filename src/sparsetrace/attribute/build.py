@@ -269,7 +269,6 @@ def _build_graph(rm: ReplacementModel, targets: list[tuple[int, float]], *, max_
         raise ConfigError(f"max_feature_nodes={max_feature_nodes}; expected >= 0")
     t_start = time.perf_counter()
     c_start = time.process_time()
-    lm = rm.lm
     log = (lambda m: print(f"[attribute] {m}", file=sys.stderr)) if verbose else (lambda m: None)
     at = _Attributor(rm, batch_size)
     n_logits = len(targets)
@@ -288,7 +287,40 @@ def _build_graph(rm: ReplacementModel, targets: list[tuple[int, float]], *, max_
                    [at.n_cols + j for j in chunk], last=chunk[-1] == n_logits - 1)
     log(f"{n_logits} logit rows; {n_feat} active features, budget {budget}")
 
-    # feature rows in influence order, on a forward that stops at the deepest dictionary
+    visited = _feature_rows(at, budget, logit_w, batch_size, update_interval, log)
+    n_visited = int(visited.sum())
+    at.fwd = None
+    t_rows = time.perf_counter() - t_start
+
+    nodes, col_node = _nodes(at, targets, visited)
+    r, c, v = at.rows.arrays()
+    row_node = np.asarray(at.rows.row_node, dtype=np.int64)
+    at.rows = None  # free the building copies
+    dst = col_node[row_node[r]]
+    src = col_node[c]
+    keep = src >= 0
+    edges = Edges.from_numpy(src[keep].astype(np.int32), dst[keep].astype(np.int32), v[keep])
+
+    meta = _metadata(at, targets, prompt, batch_size, n_visited)
+    meta["timings"] = {"forward_s": round(at.forward_s, 3), "rows_s": round(t_rows, 3),
+                       "backward_s": round(at.backward_s, 3)}
+    g = Graph(nodes, edges, meta)
+    g.replacement = rm
+    infl = compute_influence(normalised_adjacency(len(nodes), *edges.numpy()), g.logit_weights()) + g.logit_weights()
+    for n, x in zip(nodes, infl.tolist(), strict=True):
+        n.influence = x
+    g.metadata["scores"] = graph_scores(g)
+    g.metadata["timings"]["total_s"] = round(time.perf_counter() - t_start, 3)
+    g.metadata["timings"]["cpu_s"] = round(time.process_time() - c_start, 3)
+    log(f"{len(nodes)} nodes, {len(edges)} edges, scores {g.metadata['scores']}")
+    return g
+
+
+def _feature_rows(at: _Attributor, budget: int, logit_w: np.ndarray, batch_size: int, update_interval: int,
+                  log) -> np.ndarray:
+    """Feature rows in influence order, on a forward that stops at the deepest dictionary; returns which
+    feature columns got a row."""
+    n_feat = at.n_feat
     visited = np.zeros(n_feat, dtype=bool)
     n_visited = 0
     if budget:
@@ -312,14 +344,19 @@ def _build_graph(rm: ReplacementModel, targets: list[tuple[int, float]], *, max_
             at.compute([at.feature_item(int(c)) for c in chunk], chunk.tolist())
             visited[chunk] = True
         log(f"{n_visited}/{budget} feature rows, {at.rows.n_edges} edges")
-    at.fwd = None
-    t_rows = time.perf_counter() - t_start
+    return visited
 
-    # ------------------------------------------------------------------ assemble nodes
+
+def _nodes(at: _Attributor, targets: list[tuple[int, float]], visited: np.ndarray) -> tuple[list[Node], np.ndarray]:
+    """The graph's nodes (embeddings, visited features, errors, logits) and, per column of the rows
+    (then per logit), its node index (-1: a feature without a row, left out)."""
+    rm = at.rm
+    lm = rm.lm
     P = rm.n_pos
+    last = P - 1
     ids = rm.input_ids[0].tolist()
     toks = lm.to_str_tokens(ids)
-    n_layers = lm.n_layers
+    n_logits = len(targets)
     nodes: list[Node] = []
     col_node = np.full(at.n_cols + n_logits, -1, dtype=np.int64)
     for p in range(P):
@@ -341,18 +378,18 @@ def _build_graph(rm: ReplacementModel, targets: list[tuple[int, float]], *, max_
     mean_logit = float(final_logits.mean())
     for j, (tid, prob) in enumerate(targets):
         col_node[at.n_cols + j] = len(nodes)
-        nodes.append(Node(f"LOGIT/{tid}@{last}", "logit", n_layers, last, activation=float(final_logits[tid]) - mean_logit,
+        nodes.append(Node(f"LOGIT/{tid}@{last}", "logit", lm.n_layers, last, activation=float(final_logits[tid]) - mean_logit,
                           token=lm.to_str_tokens([tid])[0], token_id=int(tid), prob=float(prob)))
+    return nodes, col_node
 
-    r, c, v = at.rows.arrays()
-    row_node = np.asarray(at.rows.row_node, dtype=np.int64)
-    at.rows = None  # free the building copies
-    dst = col_node[row_node[r]]
-    src = col_node[c]
-    keep = src >= 0
-    edges = Edges.from_numpy(src[keep].astype(np.int32), dst[keep].astype(np.int32), v[keep])
 
-    meta = {
+def _metadata(at: _Attributor, targets: list[tuple[int, float]], prompt: str | None, batch_size: int,
+              n_visited: int) -> dict:
+    rm = at.rm
+    lm = rm.lm
+    ids = rm.input_ids[0].tolist()
+    toks = lm.to_str_tokens(ids)
+    return {
         "model": lm.model_id,
         "prompt": prompt if prompt is not None else "".join(toks),
         "prompt_tokens": toks,
@@ -361,7 +398,7 @@ def _build_graph(rm: ReplacementModel, targets: list[tuple[int, float]], *, max_
         "node_threshold": None,
         "edge_threshold": None,
         "scores": {},
-        "n_layers": n_layers,
+        "n_layers": lm.n_layers,
         "logit_target": "logit - mean(logits)",
         "dictionaries": [
             {"site": s.key, "layer": s.layer, "kind": s.dictionary.cfg.kind, "hookpoint_in": s.dictionary.cfg.hookpoint_in,
@@ -371,22 +408,11 @@ def _build_graph(rm: ReplacementModel, targets: list[tuple[int, float]], *, max_
         ],
         "transcoder_list": [f"L{s.layer}" for s in at.feat_sites if s.kind == "mlp"],
         "exactness": rm.exactness,
-        "n_active_features": n_feat,
+        "n_active_features": at.n_feat,
         "batch_size": batch_size,
         "num_threads": torch.get_num_threads(),
         "n_feature_rows": int(n_visited),
-        "timings": {"forward_s": round(at.forward_s, 3), "rows_s": round(t_rows, 3), "backward_s": round(at.backward_s, 3)},
     }
-    g = Graph(nodes, edges, meta)
-    g.replacement = rm
-    infl = compute_influence(normalised_adjacency(len(nodes), *edges.numpy()), g.logit_weights()) + g.logit_weights()
-    for n, x in zip(nodes, infl.tolist(), strict=True):
-        n.influence = x
-    g.metadata["scores"] = graph_scores(g)
-    g.metadata["timings"]["total_s"] = round(time.perf_counter() - t_start, 3)
-    g.metadata["timings"]["cpu_s"] = round(time.process_time() - c_start, 3)
-    log(f"{len(nodes)} nodes, {len(edges)} edges, scores {g.metadata['scores']}")
-    return g
 
 
 def attribute(lm: LanguageModel, prompt: str | Tensor, dictionaries: Sequence[SparseDictionary], *,
