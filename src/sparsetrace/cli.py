@@ -296,6 +296,32 @@ def export_graph(
     typer.echo(f"written: {dest}")
 
 
+@app.command()
+def upstream(
+    run_dir: Path = typer.Argument(..., metavar="RUN", help="Run folder with the dictionaries (e.g. runs/tc)."),
+    feature: str = typer.Option(..., help="Target feature as LAYER:INDEX, e.g. 6:123."),
+    top: int = typer.Option(10, help="How many upstream features to list."),
+    through_attention: bool = typer.Option(True, "--through-attention/--no-through-attention",
+                                           help="Also score paths through each attention head's OV circuit."),
+    as_json: bool = typer.Option(False, "--json", help="Print the JSON instead of the table."),
+    model: str = typer.Option(None, help="Model (default: the one the dictionaries were trained on)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing RUN/upstream/LXX_FN.json."),
+    device: str = typer.Option("cpu"),
+) -> None:
+    """Top upstream features of a feature (virtual weights from the weights alone) and its top input tokens."""
+    from .attribute import upstream as up
+
+    layer, index = up.parse_feature(feature)
+    if top < 1:
+        raise ConfigError(f"--top {top} is invalid; expected a positive integer")
+    dest = up.upstream_file(run_dir, layer, index, overwrite=overwrite)
+    lm, dicts = _dictionaries_and_model([run_dir], model, device)
+    doc = up.upstream_features(lm, dicts, layer, index, top=top, through_attention=through_attention)
+    up.write_upstream(dest, doc)
+    typer.echo(json.dumps(doc, indent=1, ensure_ascii=False) if as_json else up.format_upstream(doc))
+    _say(f"written: {dest}")
+
+
 # ---------------------------------------------------------------------------------------------- interpret
 @app.command()
 def explain(
