@@ -140,6 +140,7 @@ class Graph:
         self.metadata = dict(metadata or {})
         self.replacement: ReplacementModel | None = None
         self.unpruned: Graph | None = None
+        self.qk: list[dict] | None = None  # QK terms of attention-mediated edges (attribute.heads.add_qk)
         self._index: dict[str, int] | None = None
 
     # ------------------------------------------------------------------ access
@@ -193,7 +194,10 @@ class Graph:
         src, dst, w = self.edges.numpy()
         ids = [n.node_id for n in self.nodes]
         links = [{"source": ids[s], "target": ids[t], "weight": float(x)} for s, t, x in zip(src.tolist(), dst.tolist(), w, strict=True)]
-        return {"format": GRAPH_FORMAT, "metadata": _jsonable(self.metadata), "nodes": nodes, "links": links}
+        doc = {"format": GRAPH_FORMAT, "metadata": _jsonable(self.metadata), "nodes": nodes, "links": links}
+        if self.qk is not None:
+            doc["qk"] = _jsonable(self.qk)
+        return doc
 
     def save(self, path: str | Path) -> Path:
         from ..dictionary.io import atomic_write_text
@@ -236,6 +240,10 @@ class Graph:
             w.append(x)
         g = cls(nodes, Edges.from_numpy(np.array(src, dtype=np.int32), np.array(dst, dtype=np.int32), np.array(w)), meta)
         g._index = index
+        qk = doc.get("qk")
+        if qk is not None and not (isinstance(qk, list) and all(isinstance(e, dict) for e in qk)):
+            raise DataError(f"{where}: 'qk' is not a list of objects")
+        g.qk = qk
         return g
 
     @classmethod
