@@ -69,6 +69,28 @@ def _edges(rm: ReplacementModel, layers: list[int], n: int) -> list[tuple[int, i
     return [(L, h, qq, k) for _, L, h, qq, k in cands[:n]]
 
 
+def _summary(rows: list[dict], edges_out: list[dict], head: dict) -> dict:
+    pred = np.array([r["predicted"] for r in rows])
+    rel = np.array([r["rel_err_frozen"] for r in rows])
+    live = np.array([r["live"] for r in rows])
+    real = np.array([r["real"] for r in rows])
+    exact = np.array([e["abs_err"] for e in edges_out])
+    scale = np.array([max(abs(e["score"]), 1.0) for e in edges_out])
+    big = np.abs(pred) >= 0.01  # ablations predicted to move the score by at least 0.01 (chosen before measuring)
+    return {
+        **head, "tasks": sorted({e["task"] for e in edges_out}), "n_edges": len(edges_out), "n_checks": len(rows),
+        "exactness_max_abs": float(exact.max()), "exactness_max_rel": float((exact / scale).max()),
+        "frozen_max_rel_err": float(rel.max()), "frozen_median_rel_err": float(np.median(rel)),
+        "live_sign_agreement": float(np.mean(np.sign(live) == np.sign(pred))),
+        "real_sign_agreement": float(np.mean(np.sign(real) == np.sign(pred))),
+        "n_checks_pred_ge_0.01": int(big.sum()),
+        "live_sign_agreement_pred_ge_0.01": float(np.mean(np.sign(live[big]) == np.sign(pred[big]))) if big.any() else None,
+        "real_sign_agreement_pred_ge_0.01": float(np.mean(np.sign(real[big]) == np.sign(pred[big]))) if big.any() else None,
+        "live_pearson": float(np.corrcoef(pred, live)[0, 1]) if len(rows) > 1 else None,
+        "median_seconds_per_edge": float(np.median([e["seconds"] for e in edges_out])),
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--dictionaries", nargs="*", default=None)
@@ -83,7 +105,14 @@ def main() -> None:
     ap.add_argument("--dtype", default="float64", choices=["float32", "float64"],
                     help="model dtype (float64: the frozen check is not limited by float32 rounding of the score)")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--summarise", default=None, help="only re-print the summary of a JSON written by --out")
     args = ap.parse_args()
+    if args.summarise:
+        doc = json.loads(Path(args.summarise).read_text())
+        rows = [{"task": e["task"], **c} for e in doc["edges"] for c in e["checks"]]
+        keep = ("model", "dtype", "dictionaries", "seed", "layers", "total_seconds")
+        _print(_summary(rows, doc["edges"], {k: doc["summary"].get(k) for k in keep}))
+        return
     torch.set_num_threads(args.threads)
     name = args.model or ("smollm2-135m" if args.dictionaries else "tiny-llama")
     lm = LanguageModel.load(name, dtype=getattr(torch, args.dtype))
@@ -114,30 +143,26 @@ def main() -> None:
                       ", ".join(f"{c['node']} pred {c['predicted']:+.3g} frozen {c['frozen']:+.3g} "
                                 f"live {c['live']:+.3g} real {c.get('real', float('nan')):+.3g}" for c in checks),
                       file=sys.stderr, flush=True)
-    pred = np.array([r["predicted"] for r in rows])
-    rel = np.array([r["rel_err_frozen"] for r in rows])
-    live = np.array([r["live"] for r in rows])
-    real = np.array([r["real"] for r in rows])
-    exact = np.array([e["abs_err"] for e in edges_out])
-    scale = np.array([max(abs(e["score"]), 1.0) for e in edges_out])
-    summary = {
-        "model": lm.model_id, "dtype": args.dtype, "dictionaries": args.dictionaries, "seed": args.seed, "layers": layers,
-        "tasks": sorted({e["task"] for e in edges_out}), "n_edges": len(edges_out), "n_checks": len(rows),
-        "exactness_max_abs": float(exact.max()), "exactness_max_rel": float((exact / scale).max()),
-        "frozen_max_rel_err": float(rel.max()), "frozen_median_rel_err": float(np.median(rel)),
-        "live_sign_agreement": float(np.mean(np.sign(live) == np.sign(pred))),
-        "real_sign_agreement": float(np.mean(np.sign(real) == np.sign(pred))),
-        "live_pearson": float(np.corrcoef(pred, live)[0, 1]) if len(rows) > 1 else None,
-        "median_seconds_per_edge": float(np.median([e["seconds"] for e in edges_out])),
-        "total_seconds": round(time.perf_counter() - t_start, 1),
-    }
+    summary = _summary(rows, edges_out, {"model": lm.model_id, "dtype": args.dtype, "dictionaries": args.dictionaries,
+                                         "seed": args.seed, "layers": layers})
+    summary["total_seconds"] = round(time.perf_counter() - t_start, 1)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps({"summary": summary, "edges": edges_out}, indent=1) + "\n")
+    _print(summary)
+
+
+def _pct(x) -> str:
+    return "n/a" if x is None else f"{x:.1%}"
+
+
+def _print(summary: dict) -> None:
     print(json.dumps(summary))
     print(f"QK: {summary['n_edges']} attention edges over {len(summary['tasks'])} tasks, {summary['n_checks']} ablations: "
           f"sign agreement (norms live) {summary['live_sign_agreement']:.1%}, real model {summary['real_sign_agreement']:.1%}; "
           f"max relative error (norms frozen) {summary['frozen_max_rel_err']:.2e}; "
+          f"(predicted |change| >= 0.01: {summary['n_checks_pred_ge_0.01']} ablations, sign agreement live "
+          f"{_pct(summary['live_sign_agreement_pred_ge_0.01'])}, real {_pct(summary['real_sign_agreement_pred_ge_0.01'])}); "
           f"decomposition max |sum - score| {summary['exactness_max_abs']:.1e}")
 
 
