@@ -74,7 +74,9 @@ def load_dictionary(path: str | Path, *, device: str | torch.device = "cpu") -> 
             f"expected a folder with {CONFIG} + {WEIGHTS}"
         )
     if not path.is_dir():
-        raise DictionaryFileError(f"'{path}' is not a dictionary folder; expected a folder with {CONFIG} + {WEIGHTS}")
+        raise DictionaryFileError(
+            f"'{path}' is not a dictionary folder; expected a folder with {CONFIG} + {WEIGHTS}"
+        )
     if fmt == "sparsetrace":
         return load_native(path, device=device)
     if fmt == "saelens":

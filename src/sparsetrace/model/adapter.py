@@ -110,7 +110,9 @@ class LanguageModel:
 
     # ------------------------------------------------------------------ loading
     @classmethod
-    def load(cls, name_or_path: str, *, device: str = "cpu", dtype: torch.dtype = torch.float32) -> LanguageModel:
+    def load(
+        cls, name_or_path: str, *, device: str = "cpu", dtype: torch.dtype = torch.float32
+    ) -> LanguageModel:
         from .zoo import load_hf_model
 
         model, tok, model_id = load_hf_model(name_or_path, dtype=dtype, device=device)
@@ -202,7 +204,13 @@ class LanguageModel:
                     del m.forward
 
     def _install(
-        self, hp: Hookpoint, fn: Edit | None, save: Saver | None, replace_mlp: bool, handles: list, patched: list
+        self,
+        hp: Hookpoint,
+        fn: Edit | None,
+        save: Saver | None,
+        replace_mlp: bool,
+        handles: list,
+        patched: list,
     ) -> None:
         """Register the hook(s) that read and/or edit one hookpoint."""
         layer = self.arch.layer(hp.layer)
@@ -240,7 +248,10 @@ class LanguageModel:
         """One forward pass with hooks. Returns logits (None if stopped early) and read activations."""
         read = list(read)
         ctx = contextlib.nullcontext() if grad else torch.no_grad()
-        with ctx, self.hooks(read, edit, replace_mlp=replace_mlp, stop_after=stop_after, detach=not grad) as acts:
+        with (
+            ctx,
+            self.hooks(read, edit, replace_mlp=replace_mlp, stop_after=stop_after, detach=not grad) as acts,
+        ):
             try:
                 out = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
                 logits = out.logits
