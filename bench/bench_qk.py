@@ -2,7 +2,7 @@
 
     python bench/bench_qk.py --dictionaries RUN_OR_DICT_FOLDER [--model smollm2-135m] \
         [--tasks ioi,greater-than,sva,facts] [--prompts 2] [--edges 7] [--layers 7,8,9] [--checks 2] \
-        [--seed 1] [--dtype float64] [--out bench/out/qk.json]
+        [--seed 1] [--dtype float64] [--float32-norms] [--out bench/out/qk.json]
 
 Without ``--dictionaries``: tiny-llama with random transcoders on layers 0 and 2 (a smoke run).
 
@@ -51,6 +51,20 @@ def _dictionaries(args, lm):
     return out
 
 
+def _float64_rms_norms(lm) -> int:
+    """Make Llama-style RMSNorms compute in the model's dtype: transformers' upcasts to float32 even in a
+    float64 model, which puts float32 rounding (~1e-7 of the score) into every check. Same function, more
+    digits. Returns how many norms were changed."""
+    n = 0
+    for m in lm.model.modules():
+        if type(m).__name__ in ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm") and hasattr(m, "variance_epsilon"):
+            def fwd(x, m=m):
+                return m.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + m.variance_epsilon))
+            m.forward = fwd
+            n += 1
+    return n
+
+
 def _edges(rm: ReplacementModel, layers: list[int], n: int) -> list[tuple[int, int, int, int]]:
     q = rm.n_pos - 1
     pats = _patterns(rm)
@@ -81,6 +95,8 @@ def _summary(rows: list[dict], edges_out: list[dict], head: dict) -> dict:
         **head, "tasks": sorted({e["task"] for e in edges_out}), "n_edges": len(edges_out), "n_checks": len(rows),
         "exactness_max_abs": float(exact.max()), "exactness_max_rel": float((exact / scale).max()),
         "frozen_max_rel_err": float(rel.max()), "frozen_median_rel_err": float(np.median(rel)),
+        "frozen_max_abs_err": float(np.max([abs(r["frozen"] - r["predicted"]) for r in rows])),
+        "frozen_max_rel_err_pred_ge_0.01": float(rel[big].max()) if big.any() else None,
         "live_sign_agreement": float(np.mean(np.sign(live) == np.sign(pred))),
         "real_sign_agreement": float(np.mean(np.sign(real) == np.sign(pred))),
         "n_checks_pred_ge_0.01": int(big.sum()),
@@ -105,17 +121,20 @@ def main() -> None:
     ap.add_argument("--dtype", default="float64", choices=["float32", "float64"],
                     help="model dtype (float64: the frozen check is not limited by float32 rounding of the score)")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--float32-norms", action="store_true",
+                    help="keep transformers' float32 RMSNorm inside a float64 model (default: norms in float64)")
     ap.add_argument("--summarise", default=None, help="only re-print the summary of a JSON written by --out")
     args = ap.parse_args()
     if args.summarise:
         doc = json.loads(Path(args.summarise).read_text())
         rows = [{"task": e["task"], **c} for e in doc["edges"] for c in e["checks"]]
-        keep = ("model", "dtype", "dictionaries", "seed", "layers", "total_seconds")
+        keep = ("model", "dtype", "float64_rms_norms", "dictionaries", "seed", "layers", "total_seconds")
         _print(_summary(rows, doc["edges"], {k: doc["summary"].get(k) for k in keep}))
         return
     torch.set_num_threads(args.threads)
     name = args.model or ("smollm2-135m" if args.dictionaries else "tiny-llama")
     lm = LanguageModel.load(name, dtype=getattr(torch, args.dtype))
+    n_norms = _float64_rms_norms(lm) if args.dtype == "float64" and not args.float32_norms else 0
     dicts = _dictionaries(args, lm)
     deepest = max(d.cfg.layer for d in dicts)
     layers = [int(x) for x in args.layers.split(",")] if args.layers else \
@@ -143,7 +162,8 @@ def main() -> None:
                       ", ".join(f"{c['node']} pred {c['predicted']:+.3g} frozen {c['frozen']:+.3g} "
                                 f"live {c['live']:+.3g} real {c.get('real', float('nan')):+.3g}" for c in checks),
                       file=sys.stderr, flush=True)
-    summary = _summary(rows, edges_out, {"model": lm.model_id, "dtype": args.dtype, "dictionaries": args.dictionaries,
+    summary = _summary(rows, edges_out, {"model": lm.model_id, "dtype": args.dtype, "float64_rms_norms": n_norms,
+                                         "dictionaries": args.dictionaries,
                                          "seed": args.seed, "layers": layers})
     summary["total_seconds"] = round(time.perf_counter() - t_start, 1)
     if args.out:
