@@ -94,21 +94,22 @@ def head_loadings(rm: ReplacementModel, edges: list[tuple[Node, Node]]) -> tuple
     return load, at_key
 
 
-def attention_edges(graph: Graph, n: int) -> list[int]:
+def attention_edges(graph: Graph, n: int, *, skip_source_positions: tuple[int, ...] = ()) -> list[int]:
     """Indices of the ``n`` strongest edges whose source and target sit at different positions (so every
-    path between them runs through attention)."""
+    path between them runs through attention), leaving out sources at ``skip_source_positions``."""
     src, dst, w = graph.edges.numpy()
     pos = np.array([nd.position for nd in graph.nodes])
     kinds = np.array([nd.kind for nd in graph.nodes])
     ok = (pos[src] != pos[dst]) & np.isin(kinds[src], ["feature", "error", "embedding"]) & \
-        np.isin(kinds[dst], ["feature", "logit"])
+        np.isin(kinds[dst], ["feature", "logit"]) & ~np.isin(pos[src], list(skip_source_positions))
     idx = np.flatnonzero(ok)
     return idx[np.argsort(-np.abs(w[idx]), kind="stable")][:n].tolist()
 
 
 def add_qk(graph: Graph, rm: ReplacementModel | None = None, *, n_edges: int = 5, n_heads: int = 2,
            n_pairs: int = 10, n_checks: int = 0, log=None) -> list[dict]:
-    """Head loadings and QK terms for the ``n_edges`` strongest attention-mediated edges of ``graph``, stored
+    """Head loadings and QK terms for the ``n_edges`` strongest attention-mediated edges of ``graph`` (sources
+    at a BOS position left out), stored
     as ``graph.qk`` (written to graph.json's top-level ``"qk"``) and returned.
 
     For each edge: every head's loading (the ``n_heads`` largest listed, the rest summed as ``other``); for
@@ -119,7 +120,10 @@ def add_qk(graph: Graph, rm: ReplacementModel | None = None, *, n_edges: int = 5
     rm = rm if rm is not None else graph.replacement
     if rm is None:
         raise DataError("add_qk needs the graph's replacement model (build the graph in this process)")
-    idx = attention_edges(graph, n_edges)
+    # a BOS token is an attention sink: edges from it are strong in every prompt and say nothing about this one
+    bos = getattr(rm.lm.tokenizer, "bos_token_id", None)
+    skip = (0,) if bos is not None and int(rm.input_ids[0, 0]) == int(bos) and rm.n_pos > 1 else ()
+    idx = attention_edges(graph, n_edges, skip_source_positions=skip)
     src, dst, w = graph.edges.numpy()
     pairs = [(graph.nodes[src[e]], graph.nodes[dst[e]]) for e in idx]
     load, at_key = head_loadings(rm, pairs)
