@@ -159,6 +159,10 @@ def test_graph_viewer_from_file_url(file_page):
     page.goto(url)
     page.locator("#sidebar a", has_text="ioi").click()
     page.wait_for_selector("#graph-svg .node")
+    # the viewer opens pruned by influence (issue 13 §5): fewer nodes than graph.json has; "show all" brings
+    # back the whole graph, on which the checks below run as before
+    assert visible_nodes(page) < 28 and "/ 28 nodes" in page.inner_text("#graph-stats")
+    page.click("#prune-none")
     assert page.locator("#graph-svg .node").count() == 28
     assert page.locator("#graph-svg .edge").count() == 62
     assert visible_edges(page) == 62
@@ -315,6 +319,7 @@ def test_report_over_http_server(http_page):
     page.wait_for_selector("#train-loss svg .series-line")
     page.goto(url + "#/r/0/circuit/ioi")
     page.wait_for_selector("#graph-svg .node")
+    page.click("#prune-none")  # the viewer opens pruned; L3/F77@13 is among the nodes pruning hides
     page.click('[data-node-id="L3/F77@13"] .shape')
     page.wait_for_selector("#dashboard .dash-examples .tok")
     assert "S-inhibition" in page.locator("#dashboard").inner_text()
@@ -421,6 +426,7 @@ def test_upstream_panel_and_stale_marks(browser, tmp_path):
         assert "STALE" in page.locator("#verify h2").inner_text().upper()
         assert page.locator("#verify .tiles").is_hidden()  # its numbers stay inside a closed disclosure
         assert "0.787" not in page.locator("#verify").inner_text()
+        page.click("#prune-none")  # (the viewer opens pruned)
         assert page.locator("#graph-svg .node").count() == 28  # the graph itself is shown as before ...
         assert page.locator("label.ctl", has_text="verified circuit").count() == 0  # ... without the stale set
         page.goto(index.as_uri() + "#/r/0")
@@ -455,7 +461,7 @@ def _synthetic_run(base: Path, seed: int = 0) -> tuple[Path, dict]:
             " gave", " a", " drink", " to"]
     n_layers, last = 30, len(toks) - 1
     nodes = [{"node_id": f"E@{p}", "kind": "embedding", "layer": -1, "position": p, "token": t} for p, t in enumerate(toks)]
-    for i in range(640):
+    for _ in range(640):
         layer = min(n_layers - 1, int(rng.random() ** 0.8 * n_layers))
         pos = last if rng.random() < 0.35 else rng.randrange(1, len(toks))
         f = rng.randrange(8192)
