@@ -625,3 +625,49 @@ def test_supernode_grouping_round_trips(browser, tmp_path):
         assert p.problems == []
     finally:
         p.close()
+
+
+def test_tiny_model_ioi_trace_opens_pruned(browser, tmp_path):
+    """A real attribution graph (tiny-llama, random transcoders on every layer, the IOI prompt, pruned at
+    0.8 / 0.98 as `trace` writes it) opens with at most 80 nodes and its top feature labelled."""
+    import json
+    import shutil
+
+    import torch
+
+    from sparsetrace.attribute import attribute
+    from sparsetrace.dictionary.model import DictionaryConfig, SparseDictionary
+    from sparsetrace.model.adapter import LanguageModel
+
+    lm = LanguageModel.load("tiny-llama")
+    dicts = []
+    for layer in range(lm.n_layers):
+        d = SparseDictionary(DictionaryConfig(kind="transcoder", d_in=lm.d_model, d_out=lm.d_model, n_features=96,
+                                              layer=layer), seed=layer)
+        with torch.no_grad():
+            d.W_enc.mul_(20.0)  # the tiny model's normalised MLP inputs are small; make many features fire
+            d.b_enc.fill_(-0.1)
+        dicts.append(d)
+    g = attribute(lm, "When Mary and John went to the store, John gave a drink to", dicts, target=" Mary")
+    run = tmp_path / "run"
+    shutil.copytree(FIXTURE, run)
+    g.save(run / "circuits" / "ioi" / "graph.json")
+    n_nodes = len(g.nodes)
+    index = build_report([run], tmp_path / "out")
+    p = Page(browser, "file://")
+    try:
+        page = p.page
+        page.goto(index.as_uri() + "#/r/0/circuit/ioi")
+        page.wait_for_selector("#graph-svg .node")
+        shown = _shown_nodes(page)
+        assert 0 < len(shown) <= 80 and len(shown) < n_nodes, (len(shown), n_nodes)
+        infl = {n.node_id: n.influence for n in g.nodes if n.kind == "feature"}
+        top = max((i for i in shown if i in infl), key=infl.get)
+        label = page.locator(f'[data-node-id="{top}"] .node-text')
+        assert label.is_visible() and top.split("@")[0].startswith(label.text_content().rstrip("…"))
+        page.click("#prune-none")
+        assert len(_shown_nodes(page)) == n_nodes
+        assert json.loads((run / "circuits" / "ioi" / "graph.json").read_text())["format"] == "sparsetrace-graph/1"
+        assert p.problems == []
+    finally:
+        p.close()

@@ -124,17 +124,22 @@
       if (list[0].kind === "error") lanes[c] = Math.max(lanes[c], list.length);
       else slots[c] = Math.max(slots[c], list.length);
     }
+    const mains = slots.map((k, p) => (k ? Math.max(MIN_COL * 2, k * slot) : lanes[p] ? 8 : MIN_COL));
+    const laneW = lanes.map((k) => (k ? k * ERR_SLOT + 6 : 0));
+    const natural = mains.reduce((a, b) => a + b, 0) + laneW.reduce((a, b) => a + b, 0);
+    // rows with nodes share a height that keeps the drawing about as tall as it is wide (30..ROW) ...
+    const nEmpty = maxRow - minRow + 1 - used.size;
+    const rowH = Math.max(30, Math.min(ROW, (Math.max(natural, 640) * 0.7 - nEmpty * ROW_EMPTY) / Math.max(1, used.size)));
+    // ... and columns widen when many layers make it tall and narrow
+    const tall = used.size * rowH + nEmpty * ROW_EMPTY;
+    const stretch = Math.max(1, (tall * 1.25 - natural) / Math.max(1, mains.reduce((a, b) => a + b, 0)) + 1);
     const colX = [];
     let x = 0;
     for (let p = 0; p < nPos; p++) {
-      const main = slots[p] ? Math.max(MIN_COL * 2, slots[p] * slot) : lanes[p] ? 8 : MIN_COL;
-      const lane = lanes[p] ? lanes[p] * ERR_SLOT + 6 : 0;
-      colX.push({ start: x, width: main + lane, main: main, lane: lane });
-      x += main + lane;
+      const main = mains[p] * stretch;
+      colX.push({ start: x, width: main + laneW[p], main: main, lane: laneW[p] });
+      x += main + laneW[p];
     }
-    // rows with nodes share a height that keeps the drawing about as tall as it is wide (ROW at most)
-    const nEmpty = maxRow - minRow + 1 - used.size;
-    const rowH = Math.max(40, Math.min(ROW, (Math.max(x, 640) * 0.7 - nEmpty * ROW_EMPTY) / Math.max(1, used.size)));
     const rowY = new Map();
     let y = 0;
     for (let row = maxRow; row >= minRow; row--) {

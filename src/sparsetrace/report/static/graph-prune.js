@@ -149,15 +149,25 @@
       return { nodes: keptNodes, links: keptLinks };
     }
 
-    /* the default: τe = 0.98 and τn = 0.8, lowered in steps of 0.01 until at most NODE_BUDGET nodes show */
+    /* the default: τe = 0.98 and τn = 0.8, or when that shows more than NODE_BUDGET nodes the largest τn
+     * (in hundredths, down to MIN_NODE_THRESHOLD) that shows at most NODE_BUDGET (a bisection: the count
+     * grows with τn) */
     function defaults() {
-      let tn = NODE_THRESHOLD;
-      let kept = prune(tn, EDGE_THRESHOLD);
-      while (kept.nodes.size > NODE_BUDGET && tn > MIN_NODE_THRESHOLD + 1e-9) {
-        tn = Math.round((tn - 0.01) * 100) / 100;
-        kept = prune(tn, EDGE_THRESHOLD);
+      let kept = prune(NODE_THRESHOLD, EDGE_THRESHOLD);
+      if (kept.nodes.size <= NODE_BUDGET) return { node: NODE_THRESHOLD, edge: EDGE_THRESHOLD, lowered: false, kept: kept };
+      let lo = Math.round(MIN_NODE_THRESHOLD * 100);
+      let hi = Math.round(NODE_THRESHOLD * 100); // shows too many
+      let best = null;
+      while (lo < hi) {
+        const mid = Math.floor((lo + hi) / 2);
+        const k = prune(mid / 100, EDGE_THRESHOLD);
+        if (k.nodes.size <= NODE_BUDGET) {
+          best = { tn: mid, kept: k };
+          lo = mid + 1;
+        } else hi = mid;
       }
-      return { node: tn, edge: EDGE_THRESHOLD, lowered: tn < NODE_THRESHOLD, kept: kept };
+      if (!best) best = { tn: Math.round(MIN_NODE_THRESHOLD * 100), kept: prune(MIN_NODE_THRESHOLD, EDGE_THRESHOLD) };
+      return { node: best.tn / 100, edge: EDGE_THRESHOLD, lowered: true, kept: best.kept };
     }
 
     const influenceOf = new Map(nodes.map((x, i) => [x.node_id, influence[i]]));

@@ -314,7 +314,7 @@
     pruneNote.textContent =
       "Opened pruned: the nodes that carry " + Math.round(NODE_THRESHOLD * 100) + "% of the influence on the target logits and the edges that carry " +
       Math.round(EDGE_THRESHOLD * 100) + "% (Circuit Tracing's defaults)" +
-      (dflt.lowered ? ", with the node threshold lowered to " + dflt.node.toFixed(2) + " so that at most " + NODE_BUDGET + " nodes show" : "") +
+      (!dflt.lowered ? "" : dflt.kept.nodes.size <= NODE_BUDGET ? ", with the node threshold lowered to " + dflt.node.toFixed(2) + " so that at most " + NODE_BUDGET + " nodes show" : ", with the node threshold lowered to its minimum, " + dflt.node.toFixed(2) + ": still more than " + NODE_BUDGET + " nodes") +
       ". " + dflt.kept.nodes.size + " of " + nodes.length + " nodes; “show all” or the sliders at 1.00 show the rest." +
       (pruner.storedInfluence ? "" : " (Influence computed here: graph.json has none.)");
 
@@ -642,9 +642,9 @@
       applyCircuit();
     });
 
-    // very large graphs start pruned to roughly their MAX_INITIAL_EDGES strongest edges
-    if (links.length > MAX_INITIAL_EDGES) {
-      const mags = links.map((l) => Math.abs(l.weight)).sort((a, b) => b - a);
+    // a default view that still draws very many edges also hides all but its MAX_INITIAL_EDGES strongest
+    if (dflt.kept.links.size > MAX_INITIAL_EDGES) {
+      const mags = Array.from(dflt.kept.links, (i) => Math.abs(links[i].weight)).sort((a, b) => b - a);
       if (mags[0] > 0) {
         state.threshold = Math.min(1, Math.ceil((mags[MAX_INITIAL_EDGES] / mags[0]) * 100 + 1e-9) / 100);
         slider.value = String(state.threshold);
