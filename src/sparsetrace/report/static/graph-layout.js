@@ -184,7 +184,7 @@
     let firstFeature = true;
     for (const n of cands.slice(0, Math.max(limit, 1))) {
       const t = truncate(text(n), LABEL_CHARS);
-      const w = t.length * 5.3 + 4;
+      const w = t.length * 6.1 + 4;
       const r = nodeRadius(n, maxInf) + (n.kind === "supernode" ? 5 : 0);
       const tries = n.slot % 2 === 1 ? [-1, 1] : [1, -1];
       const must = n.kind === "supernode" || firstFeature;
