@@ -88,7 +88,7 @@ def _profile(a) -> dict:
     if a.tiny:
         return dict(shape=TINY_SHAPE, train=TINY_TRAIN_CONFIGS, headline=TINY_HEADLINE_TRAIN, k=8,
                     warmup=1, steps=3, ceiling_n=256, ceiling_reps=3, mm_reps=3, n_features=256, l0=8.0,
-                    cases=[(16, m, 1) for m in MODES], max_feature_nodes=64, headline_len=16, budget=100.0)
+                    cases=[(16, m, 1) for m in MODES], max_feature_nodes=64, headline_len=16, budget=300.0)
     return dict(shape=SMOLLM2_SHAPE, train=TRAIN_CONFIGS, headline=HEADLINE_TRAIN, k=32, warmup=10, steps=50,
                 ceiling_n=8192, ceiling_reps=10, mm_reps=20, n_features=4608, l0=32.0,
                 cases=[*((32, m, 2) for m in MODES), *((128, m, 2) for m in MODES), (512, "fp32", 1),
@@ -115,8 +115,8 @@ def mm_rate(n: int, reps: int, device: str, dtype) -> dict:
     """Median time of an n x n x n ``torch.mm`` on random data (never zeros) and its TFLOP/s."""
     import torch
 
-    g = torch.Generator().manual_seed(0)
-    xs = [torch.randn(n, n, generator=g).to(device, dtype) for _ in range(2)]
+    g = torch.Generator(device=device).manual_seed(0)
+    xs = [torch.randn(n, n, generator=g, device=device).to(dtype) for _ in range(2)]
     out = torch.empty(n, n, device=device, dtype=dtype)
     inner = 5 if device.startswith("cuda") else 1  # products per timed region (launch and sync overhead)
     for _ in range(3):
@@ -138,12 +138,12 @@ def five_mm_ceiling(B: int, d: int, n: int, reps: int, device: str, dtype) -> di
     """``bench_ceiling.py``'s ceiling: the five matmuls of a dense ReLU step, bare, same layouts."""
     import torch
 
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(B, d, generator=g).to(device, dtype)
-    w_enc = torch.randn(n, d, generator=g).to(device, dtype)
-    w_dec = torch.randn(n, d, generator=g).to(device, dtype)
-    f = torch.randn(B, n, generator=g).to(device, dtype)
-    dy = torch.randn(B, d, generator=g).to(device, dtype)
+    g = torch.Generator(device=device).manual_seed(0)
+
+    def rnd(*shape):  # on the device (a [16384, 18432] tensor drawn on the CPU would take seconds)
+        return torch.randn(*shape, generator=g, device=device).to(dtype)
+
+    x, w_enc, w_dec, f, dy = rnd(B, d), rnd(n, d), rnd(n, d), rnd(B, n), rnd(B, d)
     out_bn = torch.empty(B, n, device=device, dtype=dtype)
     out_bd = torch.empty(B, d, device=device, dtype=dtype)
     out_nd = torch.empty(n, d, device=device, dtype=dtype)
@@ -389,7 +389,7 @@ def environment(device: str) -> dict:
            "cpu_count": os.cpu_count(), "device": device}
     if device.startswith("cuda"):
         prop = torch.cuda.get_device_properties(torch.device(device))
-        env.update(gpu=prop.name, capability=f"{prop.major}.{prop.minor}", gpu_memory_gb=prop.total_memory / 2**30,
+        env.update(tf32_matmul=torch.backends.cuda.matmul.allow_tf32, gpu=prop.name, capability=f"{prop.major}.{prop.minor}", gpu_memory_gb=prop.total_memory / 2**30,
                    multiprocessors=prop.multi_processor_count, cuda=torch.version.cuda,
                    bf16_supported=torch.cuda.is_bf16_supported())
         with contextlib.suppress(Exception):
@@ -440,7 +440,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tiny", action="store_true", help="tiny shapes: a smoke test of the whole path")
     p.add_argument("--parts", default="ceiling,train,attribute", help="comma list of ceiling, train, attribute")
     p.add_argument("--budget-s", type=float, default=None,
-                   help="overall wall budget in seconds for all parts (default 420; --tiny 100)")
+                   help="overall wall budget in seconds for all parts (default 360; --tiny 300)")
     p.add_argument("--out", default=None, help="results JSON (default $OUT/gpu_results.json or bench/out/)")
     p.add_argument("--cpu-autocast", action="store_true",
                    help="on CPU, train under bf16 autocast too (attribution always has a bf16-autocast mode)")
