@@ -252,10 +252,9 @@ def random_smollm2(shape: dict, device: str, seed: int = 0):
     rope = s.pop("rope_theta")
     cfg = LlamaConfig(**s, hidden_act="silu", attention_bias=False, mlp_bias=False, bos_token_id=1,
                       eos_token_id=2, pad_token_id=2, rope_parameters={"rope_type": "default", "rope_theta": rope})
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[]), torch.device(device):  # initialised on the device: fast on a GPU
         torch.manual_seed(seed)
         model = LlamaForCausalLM(cfg)
-    model.to(device)
     return LanguageModel(model, _IdTokenizer(), "random-smollm2-shape")
 
 
@@ -405,7 +404,8 @@ def check_prerequisites(device: str) -> str | None:
         import torch
         import transformers  # noqa: F401
     except ImportError as exc:
-        return f"error: python package missing: {exc.name}; the suite needs torch and transformers"
+        return (f"error: python package missing: {exc.name}; the suite needs torch and transformers "
+                f"(carry missing ones as wheels in .whl/, see bench/README.md)")
     if device.startswith("cuda"):
         if not torch.cuda.is_available():
             return (f"error: --device {device} asked, but torch {torch.__version__} sees no CUDA device "
