@@ -526,7 +526,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _peers(c, prof, a, timeout: float) -> list[dict]:
+def _peers(c, prof, a, timeout: float, python: Path = PEER_PYTHON) -> list[dict]:
     """sae-lens (ReLU SAE) / sparsify (TopK) through their own bench_train workers, when the venv exists."""
     name, kind, act, regime, d, e, B = c
     peer = "sae-lens" if (act == "relu" and kind == "sae") else ("sparsify" if act == "topk" else None)
@@ -535,7 +535,7 @@ def _peers(c, prof, a, timeout: float) -> list[dict]:
     args = ["--worker", peer, "--kind", kind, "--activation", act, "--d-model", str(d), "--expansion", str(e),
             "--batch", str(B), "--k", str(prof["k"]), "--warmup", str(prof["warmup"]), "--steps",
             str(prof["steps"]), "--device", a.device, "--regime", regime]
-    r = run_part(args, timeout, python=str(PEER_PYTHON), script=BENCH / "bench_train.py",
+    r = run_part(args, timeout, python=str(python), script=BENCH / "bench_train.py",
                  env={"PYTHONPATH": "", "SPARSIFY_DISABLE_TRITON": "1"})
     rec = r[0] if r else {"error": "no result"}
     rec.update(part="train-peer", peer=peer, config=name)

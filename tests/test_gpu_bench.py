@@ -6,6 +6,7 @@ have what the README promises, and that user mistakes fail with one ``error:`` l
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import os
@@ -110,6 +111,17 @@ def test_gpu_sh_end_to_end_writes_one_json(tmp_path):
     # an existing results file is never overwritten
     assert gpu_suite.main(["--device", "cpu", "--tiny", "--parts", "ceiling", "--out", str(out)]) == 2
     assert json.loads(out.read_text()) == res
+
+
+def test_peer_worker_arguments_reach_bench_train(capsys):
+    """The peer plumbing hands bench_train.py arguments it accepts: with a python that lacks sae-lens
+    the recorded error is the missing package, not an argument error."""
+    if importlib.util.find_spec("sae_lens") is not None:
+        pytest.skip("sae_lens is installed in this python")
+    (rec,) = gpu_suite._peers(gpu_suite.TINY_TRAIN_CONFIGS[0], gpu_suite._profile(_args()), _args(), timeout=120,
+                              python=Path(sys.executable))
+    assert rec["part"] == "train-peer" and rec["peer"] == "sae-lens"
+    assert "sae_lens" in rec["error"] and "unrecognized arguments" not in rec["error"]
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
