@@ -7,7 +7,9 @@ Accepted forms (whitespace around them is ignored):
 - ``6:1234``      at every position; ``6:1234@5`` at position 5.
 
 Negative positions count from each prompt's last real token (``@-1`` = the last token), which is what
-you want for a batch of prompts with different lengths.
+you want for a batch of prompts with different lengths. A name as position (``L6/F1234@S2``) is a token
+*role* of a task's prompts (``TaskBatch.roles``: IOI's S1, IO, S2, END, ...): the feature at the token
+that plays that role in each prompt, whatever the template; rows without the role are left alone.
 
 Other graph node kinds (``E@3`` embeddings, ``L6/ERR@3`` errors, ``LOGIT/123@9`` logits) are not
 features: :meth:`FeatureSet.parse` refuses them unless ``skip_non_features=True``.
@@ -24,8 +26,9 @@ from torch import Tensor
 
 from ..errors import DataError
 
-_NODE_RE = re.compile(r"^L(\d+)/F(\d+)(?:@(-?\d+))?$")
-_SHORT_RE = re.compile(r"^(\d+):(\d+)(?:@(-?\d+))?$")
+_POS = r"(?:@(-?\d+|[A-Z][A-Za-z0-9_]*))?"
+_NODE_RE = re.compile(r"^L(\d+)/F(\d+)" + _POS + "$")
+_SHORT_RE = re.compile(r"^(\d+):(\d+)" + _POS + "$")
 _NON_FEATURE_RE = re.compile(r"^(E@-?\d+|L\d+/ERR@-?\d+|LOGIT/\d+@-?\d+)$")
 
 EXPECTED = "expected 'L6/F1234@5', 'L6/F1234' or '6:1234' (layer, feature, optional position)"
@@ -35,7 +38,7 @@ EXPECTED = "expected 'L6/F1234@5', 'L6/F1234' or '6:1234' (layer, feature, optio
 class FeatureNode:
     layer: int
     feature: int
-    position: int | None = None  # None = every position
+    position: int | str | None = None  # None = every position; a str is a token role ("S2")
 
     @property
     def node_id(self) -> str:
@@ -58,6 +61,8 @@ def parse_node_id(text: str) -> FeatureNode:
             raise DataError(f"node '{text}' is not a feature node (embedding, error or logit); {EXPECTED}")
         raise DataError(f"cannot parse node id '{text}'; {EXPECTED}")
     layer, feature, pos = m.group(1), m.group(2), m.group(3)
+    if pos is not None and not pos.lstrip("-").isdigit():
+        return FeatureNode(int(layer), int(feature), pos)
     return FeatureNode(int(layer), int(feature), None if pos is None else int(pos))
 
 
@@ -183,8 +188,10 @@ class FeatureSet:
         *,
         last_pos: Tensor | None = None,
         device: torch.device | str | None = None,
+        roles: Mapping[str, Tensor] | None = None,
     ) -> Tensor:
-        """Bool [batch, seq, n_features]: True where this set selects (row, position, feature)."""
+        """Bool [batch, seq, n_features]: True where this set selects (row, position, feature).
+        ``roles``: {role: [batch] token positions, -1 = absent} for role-keyed nodes."""
         m = torch.zeros(batch, seq, n_features, dtype=torch.bool, device=device)
         for n in self.on_layer(layer):
             if n.feature >= n_features:
@@ -194,6 +201,13 @@ class FeatureSet:
                 )
             if n.position is None:
                 m[:, :, n.feature] = True
+            elif isinstance(n.position, str):
+                if not roles or n.position not in roles:
+                    raise DataError(f"node '{n}' is keyed by the role {n.position}, but these prompts mark "
+                                    f"the roles {sorted(roles or {}) or 'none'}")
+                pos = roles[n.position].to(m.device)
+                rows = (pos >= 0).nonzero().flatten()
+                m[rows, pos[rows], n.feature] = True
             elif n.position >= 0:
                 if n.position >= seq:
                     raise DataError(

@@ -90,13 +90,15 @@ def ablation_interventions(
     corrupted: Tensor | None = None,
     corrupted_acts: Mapping[int, Tensor] | None = None,
     token_mask: Tensor | None = None,
+    roles: Mapping[str, Tensor] | None = None,
 ) -> dict[int, LayerIntervention]:
     """The :class:`LayerIntervention` per layer that ablates ``features`` (or, with ``invert``, every
     feature of every dictionary *except* ``features``).
 
     mode ``"zero"``: set to 0; ``"mean"``: set to ``means`` (per layer [n_features] or [seq, n_features];
     computed over ``ids``' real tokens when not given); ``"patch"``: set to the activations on the
-    ``corrupted`` prompts (or the given ``corrupted_acts``).
+    ``corrupted`` prompts (or the given ``corrupted_acts``). ``roles`` ({role: [batch] positions}, e.g.
+    ``TaskBatch.roles``) places role-keyed nodes such as ``L6/F12@S2``.
     """
     if mode not in MODES:
         raise DataError(f"ablation mode '{mode}' is unknown; expected one of {', '.join(MODES)}")
@@ -126,7 +128,7 @@ def ablation_interventions(
     out: dict[int, LayerIntervention] = {}
     for layer in layers:
         d = dmap[layer]
-        mask = fs.mask(layer, b, s, d.n_features, last_pos=last_pos, device=d.W_dec.device)
+        mask = fs.mask(layer, b, s, d.n_features, last_pos=last_pos, device=d.W_dec.device, roles=roles)
         if invert:
             mask = ~mask
         if bos is not None:
@@ -158,6 +160,7 @@ def ablate(
     corrupted: Tensor | None = None,
 ) -> Tensor:
     """Logits [batch, seq, vocab] with ``features`` ablated (``invert``: everything but them)."""
+    roles = getattr(ids, "roles", None)  # a TaskBatch places role-keyed nodes (L6/F12@S2)
     ids, corr, last_pos, tmask = _unpack(ids, last_pos, corrupted)
     dmap = as_layer_map(dictionaries)
     ivs = ablation_interventions(
@@ -171,6 +174,7 @@ def ablate(
         last_pos=last_pos,
         corrupted=corr,
         token_mask=tmask,
+        roles=roles,
     )
     return run_with_interventions(lm, dmap, ids, ivs).logits
 

@@ -147,6 +147,7 @@ class _Evaluator:
         self.batch_size = batch_size
         self.ids = batch.clean.to(lm.device)
         self.last_pos = batch.last_pos.to(lm.device)
+        self.roles = {k: v.to(lm.device) for k, v in getattr(batch, "roles", {}).items()}
         self.means = None
         self.corrupted_acts = None
         if mode == "mean":
@@ -172,6 +173,7 @@ class _Evaluator:
                 invert=invert,
                 last_pos=self.last_pos[sl],
                 corrupted_acts=cacts,
+                roles={k: v[sl] for k, v in self.roles.items()},
             )
             out.append(run_with_interventions(self.lm, self.dmap, ids, ivs).logits)
         return torch.cat(out, 0)

@@ -9,6 +9,10 @@ which does not depend on which tense the model prefers. The corrupted prompt fli
 (same token length: only nouns whose singular and plural are both one token are used).
 
 ``answer_ids`` / ``wrong_ids`` are " is" / " are" (or the reverse) for tools that need one target token.
+
+Splits: "selection" and "heldout" draw nouns, containers and clause verbs from disjoint halves of the
+lists and use disjoint templates (``HELDOUT_TEMPLATES``). Roles: SUBJ (the subject noun), OTHER (the
+attractor noun), VERB (the clause verb, relative-clause templates only) and END (where the verb goes).
 """
 
 from __future__ import annotations
@@ -17,7 +21,20 @@ import torch
 from torch import Tensor
 
 from ..errors import DataError
-from .base import Task, TaskBatch, build_batch, check_n, last_logits, load_data, rng_for
+from .base import (
+    Task,
+    TaskBatch,
+    build_batch,
+    check_n,
+    fill_spans,
+    last_logits,
+    load_data,
+    split_items,
+    split_rng,
+    split_templates,
+)
+
+HELDOUT_TEMPLATES = (2, 5)  # one prepositional ("next to") and one relative-clause ("who") template
 
 
 def _pairs(lm, pairs: list[list[str]]) -> list[tuple[str, str]]:
@@ -31,6 +48,7 @@ def _pairs(lm, pairs: list[list[str]]) -> list[tuple[str, str]]:
 
 class AgreementTask(Task):
     name = "sva"
+    roles = ("SUBJ", "OTHER", "VERB", "END")
     metric_name = "logit_diff"
     description = "subject-verb agreement: logit(agreeing verbs) - logit(disagreeing verbs)"
 
@@ -57,13 +75,19 @@ class AgreementTask(Task):
             }
         return self._cache[key]
 
-    def prompts(self, lm, n: int | None = None, seed: int = 0) -> TaskBatch:
+    def prompts(self, lm, n: int | None = None, seed: int = 0, split: str = "all") -> TaskBatch:
         n = check_n(n, self.default_n)
-        rng = rng_for(seed, "sva")
-        v = self.vocab(lm)
-        templates = self.data["templates"]
+        rng = split_rng(seed, "sva", split)
+        v = dict(self.vocab(lm))
+        for k in ("people", "things", "containers"):
+            v[k] = split_items(v[k], split)
+        if len(v["people"]) < 2 or not v["containers"]:
+            raise DataError(f"the agreement '{split}' split has too few single-token nouns")
+        clause_verbs = split_items(self.data["clause_verbs"], split)
+        all_t = self.data["templates"]
+        templates = split_templates(all_t, [all_t[i] for i in HELDOUT_TEMPLATES], split)
         is_id, are_id = v["sing"][0], v["plur"][0]
-        rows, plural = [], []
+        rows, plural, roles = [], [], []
         for i in range(n):
             tpl = templates[i % len(templates)]
             if tpl["kind"] == "rc":
@@ -73,17 +97,18 @@ class AgreementTask(Task):
                 other = rng.choice(v["containers"])
             subj_plural = rng.random() < 0.5
             other_plural = rng.random() < 0.5
-            verb = rng.choice(self.data["clause_verbs"])
+            verb = rng.choice(clause_verbs)
 
             def fill(s_plural: bool, tpl=tpl, subj=subj, other=other, other_plural=other_plural, verb=verb):
-                return tpl["text"].format(SUBJ=subj[int(s_plural)], OTHER=other[int(other_plural)], VERB=verb)
+                return fill_spans(tpl["text"], SUBJ=subj[int(s_plural)], OTHER=other[int(other_plural)], VERB=verb)
 
-            clean = fill(subj_plural)
-            corrupted = fill(not subj_plural)
+            clean, ends = fill(subj_plural)
+            corrupted = fill(not subj_plural)[0]
+            roles.append(ends)
             ans, wrong = (are_id, is_id) if subj_plural else (is_id, are_id)
             rows.append((clean, corrupted, ans, wrong))
             plural.append(int(subj_plural))
-        batch = build_batch(lm, self, rows, extra={"plural": plural})
+        batch = build_batch(lm, self, rows, extra={"plural": plural}, roles=roles)
         batch.extra["singular_ids"] = torch.tensor(v["sing"], device=batch.clean.device).expand(n, -1).clone()
         batch.extra["plural_ids"] = torch.tensor(v["plur"], device=batch.clean.device).expand(n, -1).clone()
         return batch

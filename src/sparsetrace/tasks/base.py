@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import random
+import string
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
@@ -40,6 +41,12 @@ class TaskBatch:
 
     def __len__(self) -> int:
         return int(self.clean.shape[0])
+
+    @property
+    def roles(self) -> dict[str, Tensor]:
+        """{role: [n] long}: each row's token position of the role (``S2``, ``END``...; -1 = not in
+        that row). Circuit nodes ``L6/F12@S2`` are ablated there."""
+        return {k[5:]: v for k, v in self.extra.items() if k.startswith("role:")}
 
     @property
     def seq_len(self) -> int:
@@ -131,7 +138,11 @@ class Task:
     description: str = ""
     default_n: int = 32
 
-    def prompts(self, lm, n: int | None = None, seed: int = 0) -> TaskBatch:
+    roles: tuple[str, ...] = ("END",)  # token roles every prompt of the task marks (batch.roles)
+
+    def prompts(self, lm, n: int | None = None, seed: int = 0, split: str = "all") -> TaskBatch:
+        """``n`` prompts from ``seed``; ``split`` = "selection" | "heldout" (disjoint vocabularies and
+        templates, different random streams) or "all" (the whole prompt space)."""
         raise NotImplementedError
 
     def metric_per_example(self, logits: Tensor, batch: TaskBatch) -> Tensor:
@@ -176,6 +187,64 @@ def rng_for(seed: int, salt: str) -> random.Random:
     return random.Random(f"{salt}:{int(seed)}")
 
 
+SPLITS = ("all", "selection", "heldout")
+
+
+def check_split(split: str) -> str:
+    if split not in SPLITS:
+        raise DataError(f"prompt split '{split}' is unknown; expected one of {', '.join(SPLITS)}")
+    return split
+
+
+def split_items(items: Sequence, split: str) -> list:
+    """The part of a vocabulary list a split draws from: selection = even indices, heldout = odd ones."""
+    items = list(items)
+    if check_split(split) == "all":
+        return items
+    return items[0::2] if split == "selection" else items[1::2]
+
+
+def split_templates(templates: Sequence, heldout: Sequence, split: str) -> list:
+    """Templates of a split: ``heldout`` ones only in the heldout split, the rest in selection. When a
+    side would be empty (the task was restricted to held-out or selection templates only), it keeps all."""
+    templates = list(templates)
+    if check_split(split) == "all":
+        return templates
+    side = [t for t in templates if (t in heldout) == (split == "heldout")]
+    return side or templates
+
+
+def split_rng(seed: int, salt: str, split: str) -> random.Random:
+    """The split's private RNG: selection and heldout never share a random stream, even for one seed."""
+    return rng_for(seed, salt if check_split(split) == "all" else f"{salt}:{split}")
+
+
+def fill_spans(template: str, **values) -> tuple[str, dict[str, int]]:
+    """``template.format(**values)`` and, per field, the character index where its (last) value ends."""
+    out, ends = [], {}
+    for literal, field_name, spec, conv in string.Formatter().parse(template):
+        out.append(literal)
+        if field_name is None:
+            continue
+        text = format(values[field_name], spec or "")
+        out.append(text)
+        ends[field_name] = sum(len(x) for x in out)
+    return "".join(out), ends
+
+
+def role_positions(lm, text: str, ends: dict[str, int]) -> dict[str, int]:
+    """{role: index of the token that ends at that character} in ``lm.tokenize(text)`` (with BOS)."""
+    full = lm.tokenize(text)[0].tolist()
+    out = {}
+    for role, end in ends.items():
+        prefix = lm.tokenize(text[:end])[0].tolist()
+        pos = len(prefix) - 1
+        if full[: pos + 1] != prefix:
+            raise DataError(f"role {role} of {text!r} does not end on a token boundary for this tokenizer")
+        out[role] = pos
+    return out
+
+
 def single_tokens(lm, words: Sequence[str], *, prefix: str = " ") -> list[str]:
     """The words that are one token (with ``prefix`` prepended) for this model's tokenizer."""
     out = []
@@ -198,8 +267,12 @@ def build_batch(
     *,
     extra: dict[str, list] | None = None,
     check_equal_length: bool = True,
+    roles: list[dict[str, int]] | None = None,
 ) -> TaskBatch:
-    """Tokenise (clean, corrupted, answer_id, wrong_id) rows into a right-padded :class:`TaskBatch`."""
+    """Tokenise (clean, corrupted, answer_id, wrong_id) rows into a right-padded :class:`TaskBatch`.
+
+    ``roles``: per row {role: character index where the role's word ends in the clean prompt}; stored as
+    ``extra["role:NAME"]`` token positions (-1 where a row lacks the role), plus ``role:END``."""
     if not rows:
         raise DataError(f"task '{task.name}' produced no prompts")
     clean_ids, corr_ids = [], []
@@ -227,6 +300,12 @@ def build_batch(
         corr_t[i, : len(b)] = torch.tensor(b)
         last[i] = len(a) - 1
     ex = {k: torch.as_tensor(v) for k, v in (extra or {}).items()}
+    if roles is not None:
+        names = sorted({r for row in roles for r in row})
+        pos_rows = [role_positions(lm, r[0], e) for r, e in zip(rows, roles, strict=True)]
+        for name in names:
+            ex[f"role:{name}"] = torch.tensor([p.get(name, -1) for p in pos_rows], dtype=torch.long)
+    ex["role:END"] = last.clone()
     return TaskBatch(
         task=task.name,
         clean=clean_t.to(lm.device),

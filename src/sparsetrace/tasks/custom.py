@@ -34,8 +34,9 @@ class CustomTask(Task):
             + f" after {prompt!r}"
         )
 
-    def prompts(self, lm, n: int | None = None, seed: int = 0) -> TaskBatch:
-        """The prompt, repeated ``n`` times (default once); ``seed`` is unused (the task is fixed)."""
+    def prompts(self, lm, n: int | None = None, seed: int = 0, split: str = "all") -> TaskBatch:
+        """The prompt, repeated ``n`` times (default once); ``seed`` and ``split`` are unused (the task is
+        one fixed prompt, so it has no held-out part)."""
         n = check_n(n, 1)
         target = lm.single_token_id(self.target)
         contrast = lm.single_token_id(self.contrast) if self.contrast is not None else target

@@ -18,6 +18,10 @@ metric is still scored against the clean ``YY``.
 
 ``answer_ids`` / ``wrong_ids`` hold a representative greater / smaller units digit (u+1 / u-1) for tools
 that need a single target token at the last position.
+
+Splits: "selection" uses the centuries 11-14, nouns at even indices and the first two templates;
+"heldout" uses the centuries 15-18 (so no year is shared), the other nouns and the third template.
+Roles: NOUN, YY (the start year's last digit), XX2 (the end year's century) and END (the tens digit t).
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ import torch
 from torch import Tensor
 
 from ..errors import DataError
-from .base import Task, TaskBatch, build_batch, check_n, last_logits, rng_for
+from .base import Task, TaskBatch, build_batch, check_n, fill_spans, last_logits, split_items, split_rng
 
 NOUNS = (
     "war",
@@ -46,10 +50,13 @@ TEMPLATES = (
     "The {NOUN} went on from the year {XX}{YY} until the year {XX}{T}",
 )
 CENTURIES = tuple(range(11, 19))
+SPLIT_CENTURIES = {"all": CENTURIES, "selection": tuple(range(11, 15)), "heldout": tuple(range(15, 19))}
+HELDOUT_TEMPLATES = (TEMPLATES[2],)
 
 
 class GreaterThanTask(Task):
     name = "greater-than"
+    roles = ("NOUN", "YY", "XX2", "END")
     metric_name = "prob_diff"
     description = "greater-than on digit tokens: P(end year > start year) - P(end year < start year)"
 
@@ -70,26 +77,31 @@ class GreaterThanTask(Task):
                 ) from e
         return ids
 
-    def prompts(self, lm, n: int | None = None, seed: int = 0) -> TaskBatch:
+    def prompts(self, lm, n: int | None = None, seed: int = 0, split: str = "all") -> TaskBatch:
+        from .base import split_templates
+
         n = check_n(n, self.default_n)
-        rng = rng_for(seed, "greater-than")
+        rng = split_rng(seed, "greater-than", split)
         digits = self.digit_ids(lm)
-        rows, yy_list = [], []
+        templates = split_templates(self.templates, HELDOUT_TEMPLATES, split)
+        nouns = split_items(self.nouns, split)
+        rows, yy_list, roles = [], [], []
         for i in range(n):
-            template = self.templates[i % len(self.templates)]
-            noun = rng.choice(self.nouns)
-            xx = rng.choice(CENTURIES)
+            template = templates[i % len(templates)]
+            noun = rng.choice(nouns)
+            xx = rng.choice(SPLIT_CENTURIES[split])
             t = rng.randint(1, 8)
             u = rng.randint(1, 8)
 
             def fill(yy: str, template=template, noun=noun, xx=xx, t=t):
-                return template.format(NOUN=noun, XX=xx, YY=yy, T=t)
+                return fill_spans(template.replace("{XX}{T}", "{XX2}{T}"), NOUN=noun, XX=xx, XX2=xx, YY=yy, T=t)
 
-            clean = fill(f"{t}{u}")
-            corrupted = fill("01")
+            clean, ends = fill(f"{t}{u}")
+            corrupted = fill("01")[0]
+            roles.append({"NOUN": ends["NOUN"], "YY": ends["YY"], "XX2": ends["XX2"]})
             rows.append((clean, corrupted, digits[u + 1], digits[u - 1]))
             yy_list.append([t, u])
-        batch = build_batch(lm, self, rows, extra={"yy": yy_list})
+        batch = build_batch(lm, self, rows, extra={"yy": yy_list}, roles=roles)
         # the prompt must end with the digit t, preceded by the century digits
         for i in range(n):
             if int(batch.clean[i, batch.last_pos[i]]) != digits[yy_list[i][0]]:
