@@ -167,7 +167,7 @@ def test_sparse_storage_and_structure(graph64):
     assert any(nd.node_id.startswith("resid_pre.2/F") for nd in g.nodes)  # residual SAE features
     assert any(nd.node_id.startswith("L2/ERR@") for nd in g.nodes)  # MLP 2 has no transcoder: an error node
     sc = g.scores
-    assert 0 <= sc["replacement"] <= 1 and 0 <= sc["completeness"] <= 1
+    assert 0 <= sc["replacement"] <= 1 and 0 <= sc["graph_completeness"] <= 1
 
 
 @pytest.mark.parametrize("name", ["tiny-gpt2", "tiny-neox"])
@@ -231,7 +231,7 @@ def test_scores_by_hand():
     assert sc["replacement"] == pytest.approx(0.875 / (0.875 + 0.125))
     # completeness: F1 is 3/4 complete with weight 0.5, the logit complete with weight 1, E0/ERR complete
     w = np.array([0.875, 0.5, 0.125, 1.0])
-    assert sc["completeness"] == pytest.approx((w * [1, 0.75, 1, 1]).sum() / w.sum())
+    assert sc["graph_completeness"] == pytest.approx((w * [1, 0.75, 1, 1]).sum() / w.sum())
 
 
 def test_pruning_keeps_logits_and_reduces(graph64):

@@ -275,12 +275,12 @@ def test_faithfulness_full_circuit_is_one_and_empty_is_zero(lm, dicts, custom_ba
     assert abs(full["m_full"] - full["m_empty"]) > 1e-4
     assert full["faithfulness"] == pytest.approx(1.0, abs=1e-4)
     assert full["m_circuit"] == pytest.approx(full["m_full"], abs=1e-4)
-    assert full["completeness"] == pytest.approx(0.0, abs=1e-4)  # ablating everything = the empty model
+    assert full["ablation_completeness"] == pytest.approx(0.0, abs=1e-4)  # ablating everything = the empty model
     assert full["curve"][0] == {"size": 0, "faithfulness": 0.0}
     assert full["curve"][-1]["size"] == len(everything)
     empty = verify_circuit(lm, dicts, custom_batch, None, [], mode=mode)
     assert empty["faithfulness"] == pytest.approx(0.0, abs=1e-6)
-    assert empty["completeness"] == pytest.approx(1.0, abs=1e-6)
+    assert empty["ablation_completeness"] == pytest.approx(1.0, abs=1e-6)
     assert empty["ablation_drop"] == pytest.approx(0.0, abs=1e-6)
 
 
@@ -315,7 +315,7 @@ def test_verify_schema_spearman_specificity_edges(lm, dicts):
         "m_empty",
         "m_circuit",
         "faithfulness",
-        "completeness",
+        "ablation_completeness",
         "specificity",
         "ablation_drop",
         "curve",

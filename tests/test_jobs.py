@@ -107,7 +107,7 @@ def test_verify_whole_dictionary_is_fully_faithful(traced, tiny_llama):
     (full / "circuit.json").write_text(json.dumps({**doc, "circuit": every, "scores": {}}))
     res = verify_trace(tiny_llama, dicts, full)
     assert res["faithfulness"] == pytest.approx(1.0, abs=1e-4)
-    assert res["completeness"] == pytest.approx(0.0, abs=1e-4)
+    assert res["ablation_completeness"] == pytest.approx(0.0, abs=1e-4)
     assert res["m_circuit"] == pytest.approx(res["m_full"], abs=1e-4)
 
 
@@ -163,7 +163,7 @@ def test_cli_trace_task_and_verify_json(run_dir, tmp_path, capsys):
     assert code == 0, err
     res = json.loads(stdout)
     assert res["task"] == "ioi" and res["n_prompts"] == 4 and len(res["circuit"]) <= 6
-    assert {"faithfulness", "completeness", "specificity", "curve", "spearman"} <= set(res)
+    assert {"faithfulness", "ablation_completeness", "specificity", "curve", "spearman"} <= set(res)
 
 
 def test_relative_positions_use_one_template(run_dir, tiny_llama, tmp_path):

@@ -191,11 +191,13 @@ def trace(
     unrelated_task: str = typer.Option(None, "--unrelated-task", help="Specificity task (default facts)."),
     select: str = typer.Option("effect", help="Circuit ranking: effect (estimated effect of the verify ablation on the "
                                "task metric) | influence (attribution graphs)."),
-    positions: str = typer.Option("relative", help="relative: nodes at positions from the end, prompts of one "
-                                  "template | any: features at every position, all templates."),
+    positions: str = typer.Option("role", help="role: nodes at token roles (IOI S1/IO/S2/END...), every template | "
+                                  "relative: positions from the end, one template | any: every position."),
     template: int = typer.Option(0, help="With --positions relative: which task template."),
-    seed: int = typer.Option(0),
-    verify: bool = typer.Option(False, "--verify", help="Also run `sparsetrace verify` on the result."),
+    seed: int = typer.Option(0, help="Seed of the selection prompts the circuit is chosen on."),
+    heldout_seed: int = typer.Option(None, "--heldout-seed", help="Seed of the held-out prompts verify uses "
+                                     "(default seed + 1)."),
+    verify: bool = typer.Option(False, "--verify", help="Also run `sparsetrace verify` on the result (held-out prompts)."),
     qk: bool = typer.Option(False, "--qk", help="Add QK terms and head loadings of the 5 strongest attention-mediated "
                             "edges to graph.json (key \"qk\")."),
     device: str = typer.Option("cpu"),
@@ -208,7 +210,7 @@ def trace(
                       n_prompts=n_prompts, n_graph_prompts=graph_prompts, max_features=max_features,
                       node_threshold=node_threshold, edge_threshold=edge_threshold, mode=mode,
                       unrelated_task=unrelated_task, select=select, positions=positions, template=template,
-                      seed=seed, qk_edges=5 if qk else 0).validate()
+                      seed=seed, heldout_seed=heldout_seed, qk_edges=5 if qk else 0).validate()
     task_for(cfg)  # an unknown task name fails before the model loads
     lm, dicts = _dictionaries_and_model(dictionaries, model, device)
     if out is None:
@@ -217,9 +219,9 @@ def trace(
     doc = trace_circuit(lm, dicts, cfg, out, log=_say)
     gs, ps, ec = doc.get("graph_scores") or {}, doc.get("pruned_scores") or {}, doc.get("edge_check") or {}
     typer.echo(f"task {doc['task']}: clean {doc['metric_name']} {doc['baseline']:.3f}")
-    typer.echo(f"graph: replacement score {gs.get('replacement', float('nan')):.3f}, completeness "
-               f"{gs.get('completeness', float('nan')):.3f} (pruned: {ps.get('replacement', float('nan')):.3f} / "
-               f"{ps.get('completeness', float('nan')):.3f}); exactness max|dlogit| {doc.get('exactness', float('nan')):.2e}")
+    typer.echo(f"graph: replacement score {gs.get('replacement', float('nan')):.3f}, graph_completeness "
+               f"{gs.get('graph_completeness', float('nan')):.3f} (pruned: {ps.get('replacement', float('nan')):.3f} / "
+               f"{ps.get('graph_completeness', float('nan')):.3f}); exactness max|dlogit| {doc.get('exactness', float('nan')):.2e}")
     if ec.get("frozen"):
         typer.echo(f"edge check ({ec['n']} strongest edges, finite differences): max rel err "
                    f"{ec['frozen']['max_rel_err']:.2e} frozen; sign agreement with live attention "
@@ -240,14 +242,17 @@ def verify_cmd(
     n_prompts: int = typer.Option(None, "--n-prompts"),
     device: str = typer.Option("cpu"),
     as_json: bool = typer.Option(False, "--json", help="Print verify.json."),
+    in_sample: bool = typer.Option(False, "--in-sample", help="Also measure on the selection prompts the circuit "
+                                   "was chosen on; shown beside the held-out figures, labelled."),
 ) -> None:
-    """Faithfulness, completeness and specificity of a traced circuit, by ablation inside the real model."""
+    """Faithfulness, ablation_completeness and specificity of a traced circuit, by ablation inside the real model."""
     from .intervene.circuit_job import format_verify, read_circuit, verify_trace
 
     doc = read_circuit(trace_dir)
     paths = dictionaries or [Path(p) for p in doc.get("dictionaries") or [] if p]
     lm, dicts = _dictionaries_and_model(paths, model or doc.get("model"), device)
-    res = verify_trace(lm, dicts, trace_dir, mode=mode, max_features=max_features, n_prompts=n_prompts, log=_say)
+    res = verify_trace(lm, dicts, trace_dir, mode=mode, max_features=max_features, n_prompts=n_prompts,
+                       in_sample=in_sample, log=_say)
     if as_json:
         typer.echo((trace_dir / "verify.json").read_text(encoding="utf-8").strip())
     else:

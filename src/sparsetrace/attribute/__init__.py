@@ -3,7 +3,7 @@
 - :func:`attribute` builds an input-dependent attribution graph (nodes: embeddings, active features,
   error nodes, target logits; edges: activation x virtual weight through the frozen linear model);
 - :func:`prune_graph`, :func:`graph_scores`, :func:`node_influence`: influence-based pruning and the
-  replacement / completeness scores;
+  replacement / graph_completeness scores;
 - :func:`find_paths`, :func:`select_circuit`: greedy path search and top-influence features;
 - :func:`check_edges`: finite-difference checks of edges (frozen and live attention);
 - ``weights``: prompt-independent (weight-only) virtual weights, de-embeddings and logit effects;

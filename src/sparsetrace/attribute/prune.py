@@ -65,7 +65,7 @@ def graph_scores(graph: Graph) -> dict[str, float]:
       the fraction that starts at embeddings rather than at error nodes:
       ``I(embeddings) / (I(embeddings) + I(errors))``. 1.0 means every path from the input to the
       output runs through features only.
-    - ``completeness``: for every node, the fraction of its incoming (absolute, normalised) edge
+    - ``graph_completeness``: for every node, the fraction of its incoming (absolute, normalised) edge
       weight that does not come from error nodes, averaged over nodes weighted by their influence
       on the logits (logit nodes count with their logit weight): ``sum_n (1 - err_frac(n)) * w_n /
       sum_n w_n`` with ``w_n = influence(n) + logit_weight(n)``. Nodes without incoming edges count
@@ -83,7 +83,7 @@ def graph_scores(graph: Graph) -> dict[str, float]:
     err_frac = np.asarray(N[:, np.flatnonzero(is_err)].sum(axis=1)).ravel() if is_err.any() else np.zeros(n)
     out = infl + lw
     completeness = float(((1.0 - err_frac) * out).sum() / out.sum()) if out.sum() > 0 else float("nan")
-    return {"replacement": replacement, "completeness": completeness}
+    return {"replacement": replacement, "graph_completeness": completeness}
 
 
 def find_threshold(scores: np.ndarray, threshold: float) -> float:

@@ -14,12 +14,19 @@ circuit, ranked (``select``) by
 - ``"influence"``: each node's influence on the target logit in the graphs, summed over the prompts
   (every graph normalised to total feature influence 1).
  Features at the BOS position are left out: under
-causal attention that position's state is the same in every prompt. Two ways to name a node (``positions``):
+causal attention that position's state is the same in every prompt. Three ways to name a node (``positions``):
 
-- ``"relative"`` (default): ``L6/F12@-3`` = feature 12 of layer 6 at the third token from the end. The
-  task's prompts all come from one template (``template``, default 0), so a position means the same
-  word (S2, END, ...) in every prompt, and the circuit is ablated exactly there;
+- ``"role"`` (default): ``L6/F12@S2`` = feature 12 of layer 6 at the token playing the role S2 (IOI: S1, IO,
+  S2, END; agreement: SUBJ, OTHER, VERB, END; greater-than: NOUN, YY, XX2, END; facts: SUBJ, END) in each
+  prompt, whatever its template, so a circuit chosen on some templates can be ablated on others;
+- ``"relative"``: ``L6/F12@-3`` = the feature at the third token from the end, on prompts of one template
+  (``template``, default 0);
 - ``"any"``: ``6:12`` = the feature at every position, over prompts of all the task's templates.
+
+Selection and verification are disjoint: ``trace`` scores and chooses the circuit on the task's
+``split="selection"`` prompts (``seed``); ``verify`` measures it on ``split="heldout"`` prompts (names,
+objects, numbers, templates or relations the circuit never saw; ``heldout_seed``, default ``seed + 1``),
+and with ``in_sample=True`` also on the selection prompts, stored beside them under ``"in_sample"``.
 
 Written to the trace folder::
 
@@ -46,10 +53,11 @@ from ..dictionary.load import load_dictionary
 from ..errors import ConfigError, DataError
 from ..model.adapter import LanguageModel
 from .verify import edge_checks, verify_circuit, write_verify_json
+from .verify_text import format_verify  # noqa: F401  (re-exported: the CLI prints verify results with it)
 
 CIRCUIT_FORMAT = "sparsetrace-circuit/1"
 MODES = ("mean", "zero", "patch")
-POSITIONS = ("relative", "any")
+POSITIONS = ("role", "relative", "any")
 SELECTS = ("effect", "influence")
 
 
@@ -72,9 +80,10 @@ class TraceConfig:
     n_edge_checks: int = 100  # finite-difference checks of the strongest graph edges
     n_spearman: int = 30  # top-scored features whose single ablation effect is measured
     select: str = "effect"  # effect: first-order estimate of the verify ablation on the metric | influence: graphs
-    positions: str = "relative"  # relative: nodes at positions from the end, one template | any: every position
+    positions: str = "role"  # role: nodes at token roles (S2, END) | relative: from the end, one template | any
     template: int | None = 0  # with positions="relative": the task template used (None: all templates)
-    seed: int = 0
+    seed: int = 0  # selection prompts (trace)
+    heldout_seed: int | None = None  # held-out prompts (verify); None: seed + 1
     qk_edges: int = 0  # QK terms and head loadings for this many attention-mediated graph edges (--qk: 5)
 
     def validate(self) -> TraceConfig:
@@ -105,6 +114,11 @@ class TraceConfig:
     @property
     def name(self) -> str:
         return self.task or "custom"
+
+    def split_seed(self, split: str) -> int:
+        if split == "heldout":
+            return self.seed + 1 if self.heldout_seed is None else self.heldout_seed
+        return self.seed
 
     def unrelated(self) -> str:
         if self.unrelated_task:
@@ -173,11 +187,24 @@ def task_for(cfg: TraceConfig):
     return task
 
 
-def node_key(node, last: int, positions: str) -> str:
-    """The circuit node id of a graph feature node (``L6/F12@-3`` or ``6:12``)."""
+def node_key(node, last: int, positions: str, roles: dict[int, str] | None = None) -> str | None:
+    """The circuit node id of a graph feature node (``L6/F12@S2``, ``L6/F12@-3`` or ``6:12``); None for a
+    role-keyed circuit when the node's position plays no role (``roles``: {position: role})."""
     if positions == "any":
         return f"{node.layer}:{node.feature}"
+    if positions == "role":
+        role = (roles or {}).get(int(node.position))
+        return None if role is None else f"L{node.layer}/F{node.feature}@{role}"
     return f"L{node.layer}/F{node.feature}@{int(node.position) - last - 1}"
+
+
+def _roles_of_row(batch, i: int) -> dict[int, str]:
+    """{position: role} of prompt ``i`` (END wins where two roles share a token)."""
+    out: dict[int, str] = {}
+    for role, pos in sorted(batch.roles.items(), key=lambda kv: kv[0] == "END"):
+        if int(pos[i]) >= 0:
+            out[int(pos[i])] = role
+    return out
 
 
 def _prompt_ids(batch, i: int):
@@ -235,6 +262,15 @@ def effect_scores(lm: LanguageModel, dictionaries: list, batch, task, mode: str,
                 nz = per.nonzero().flatten().tolist()
                 for f in nz:
                     scores[f"{layer}:{f}"] = float(per[f])
+            elif positions == "role":
+                # the feature at the token of each role, wherever that token sits in each prompt
+                rows = torch.arange(B, device=ids.device)
+                for role, pos in batch.roles.items():
+                    pos = pos.to(ids.device)
+                    ok = pos >= 0
+                    per = drop[rows[ok], pos[ok]].sum(0)
+                    for f in per.nonzero().flatten().tolist():
+                        scores[f"L{layer}/F{f}@{role}"] = float(per[f])
             else:
                 # same-length prompts: aggregate by position from the end
                 for r in sorted(set(rel[real].tolist())):
@@ -264,7 +300,9 @@ def trace_circuit(
     # the graphs' influence ranks the circuit only with select="influence"; otherwise one graph (graph.json,
     # the edge checks) is all that is used
     n_graph = 1 if cfg.task is None or cfg.select == "effect" else cfg.n_graph_prompts
-    batch = task.prompts(lm, n=max(cfg.n_prompts, n_graph) if cfg.task else 1, seed=cfg.seed)
+    batch = task.prompts(lm, n=max(cfg.n_prompts, n_graph) if cfg.task else 1, seed=cfg.seed, split="selection")
+    if cfg.positions == "role" and not batch.roles:
+        cfg.positions = "relative"  # a prompt without marked roles (custom): positions from its end
     if cfg.positions == "relative" and len(set(batch.last_pos.tolist())) > 1:
         say(f"the '{cfg.name}' prompts differ in length, so positions counted from the end do not line up: "
             "circuit nodes are features at every position (--positions any)")
@@ -288,9 +326,11 @@ def trace_circuit(
         feats = [n for n in full.nodes if n.kind == "feature" and n.influence and not (skip0 and n.position == 0)]
         total = sum(abs(float(n.influence)) for n in feats) or 1.0
         last = int(batch.last_pos[i])
+        roles = _roles_of_row(batch, i)
         for n in feats:
-            key = node_key(n, last, cfg.positions)
-            totals[key] = totals.get(key, 0.0) + abs(float(n.influence)) / total
+            key = node_key(n, last, cfg.positions, roles)
+            if key is not None:
+                totals[key] = totals.get(key, 0.0) + abs(float(n.influence)) / total
         if first is None:
             first = g
     graph_s = time.perf_counter() - t0
@@ -324,6 +364,8 @@ def trace_circuit(
         "metric_name": batch.metric_name,
         "baseline": baseline,
         "graph_prompts": batch.prompts[:n_graph],
+        "selection": {"split": "selection" if cfg.task else "custom prompt", "seed": cfg.seed,
+                      "n_prompts": len(batch), "prompts": batch.prompts[:5]},
         "circuit": circuit,
         "scores": dict(list(scores.items())[: max(cfg.n_spearman, cfg.max_features, 200)]),
         "graph_scores": first.metadata.get("scores"),
@@ -374,9 +416,11 @@ def verify_trace(
     max_features: int | None = None,
     n_prompts: int | None = None,
     max_edge_checks: int = 20,
+    in_sample: bool = False,
     log: Callable[[str], None] | None = None,
 ) -> dict:
-    """Verify the circuit of a trace folder causally; writes and returns verify.json."""
+    """Verify the circuit of a trace folder causally on held-out prompts (and, with ``in_sample``, also on
+    the selection prompts it was chosen on, stored under ``"in_sample"``); writes and returns verify.json."""
     say = log or (lambda _m: None)
     trace_dir = Path(trace_dir)
     doc = read_circuit(trace_dir)
@@ -388,17 +432,37 @@ def verify_trace(
     cfg.validate()
     circuit = doc["circuit"][: max_features] if max_features else doc["circuit"]
     task = task_for(cfg)
-    batch = task.prompts(lm, n=cfg.n_prompts if cfg.task else 1, seed=cfg.seed)
     scores = dict(list((doc.get("scores") or {}).items())[: cfg.n_spearman])
-    say(f"verifying {len(circuit)} features on {len(batch)} '{cfg.name}' prompts ({cfg.mode} ablation); "
-        f"unrelated task: {cfg.unrelated()}")
+    if cfg.task is None:  # one fixed prompt: nothing is held out
+        splits = ["custom prompt"]
+    else:
+        splits = ["heldout", "selection"] if in_sample else ["heldout"]
     t0 = time.perf_counter()
-    res = verify_circuit(lm, dictionaries, batch, None, circuit, unrelated_task=cfg.unrelated(), mode=cfg.mode,
-                         scores=scores, seed=cfg.seed, task_name=cfg.name)
+    results = {}
+    for split in splits:
+        n = cfg.n_prompts if cfg.task else 1
+        seed = cfg.split_seed(split)
+        batch = task.prompts(lm, n=n, seed=seed, split="all" if cfg.task is None else split)
+        say(f"verifying {len(circuit)} features on {len(batch)} {split} '{cfg.name}' prompts (seed {seed}, "
+            f"{cfg.mode} ablation); unrelated task: {cfg.unrelated()}")
+        r = verify_circuit(lm, dictionaries, batch, None, circuit, unrelated_task=cfg.unrelated(), mode=cfg.mode,
+                           scores=scores, seed=seed, task_name=cfg.name)
+        r["split"] = {"name": split, "seed": seed, "example_prompts": batch.prompts[:3]}
+        if split == "heldout" and cfg.positions == "relative":
+            r["split"]["note"] = ("--positions relative keeps one template, so only the vocabulary is held out, "
+                                  "not the template")
+        results[split] = r
+    res = results[splits[0]]
+    res["selection"] = doc.get("selection") or {"split": "all (circuit traced before prompt splits existed)",
+                                                "seed": cfg.seed}
+    if "selection" in results:
+        res["in_sample"] = results["selection"]
     edges = _strong_feature_edges(trace_dir / "graph.json", max_edge_checks)
     if edges:
+        # graph positions are those of the graph's own prompt: the first selection prompt
         say(f"edge-level check: zero-ablating the sources of the {len(edges)} strongest feature edges")
-        res["edge_checks"] = edge_checks(lm, dictionaries, batch.subset([0]), edges, max_checks=max_edge_checks)
+        first = task.prompts(lm, n=1, seed=cfg.seed, split="selection" if cfg.task else "all")
+        res["edge_checks"] = edge_checks(lm, dictionaries, first, edges, max_checks=max_edge_checks)
         pairs = [(e["predicted"], e["measured"]) for e in res["edge_checks"] if e["measured"] is not None]
         if pairs:
             from .verify import spearman
@@ -410,30 +474,3 @@ def verify_trace(
     res["seconds"] = round(time.perf_counter() - t0, 2)
     write_verify_json(res, trace_dir / "verify.json")
     return res
-
-
-def format_verify(res: dict) -> str:
-    def f(x, spec="{:.3f}"):
-        return "n/a" if x is None else spec.format(x)
-
-    spec = res.get("specificity") or {}
-    lines = [
-        f"task {res['task']} ({res['metric_name']}, {res['n_prompts']} prompts, {res['mode']} ablation), "
-        f"circuit of {len(res['circuit'])} features",
-        f"  m(model) {f(res['m_full'])}   m(circuit only) {f(res['m_circuit'])}   m(no features) {f(res['m_empty'])}"
-        f"   m(model without circuit) {f(res['m_without_circuit'])}",
-        f"  faithfulness f(C)      {f(res['faithfulness'])}",
-        f"  completeness f(M\\C)    {f(res['completeness'])}",
-        f"  ablation drop          {f(res['ablation_drop'], '{:.1%}')}",
-        f"  specificity ({spec.get('task', 'n/a')})  {f(spec.get('rel_change'), '{:+.1%}')} "
-        f"(baseline {f(spec.get('baseline'))}, ablated {f(spec.get('ablated'))})",
-        f"  curve AUC              {f(res.get('curve_auc'))}",
-        f"  Spearman(score, effect) {f(res.get('spearman'))} over {len(res.get('single_feature_effects') or [])} features",
-    ]
-    if res.get("layer_importance"):
-        parts = [f"L{r['layer']} {r['component']} ({r['n_features']}) {f(r['drop'], '{:.0%}')}" for r in res["layer_importance"]]
-        lines.append("  drop by layer          " + ", ".join(parts))
-    if res.get("edge_checks"):
-        lines.append(f"  edge checks            {len(res['edge_checks'])} edges, sign agreement "
-                     f"{f(res.get('edge_check_sign_agreement'), '{:.0%}')}, Spearman {f(res.get('edge_check_spearman'))}")
-    return "\n".join(lines)

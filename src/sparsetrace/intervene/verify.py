@@ -6,7 +6,7 @@ With ``m(.)`` the task metric and the given dictionaries spliced in as intervent
 - ``m_empty`` = m(empty): every feature of every given dictionary ablated;
 - ``m_circuit`` = m(C): every feature ablated except the circuit's nodes;
 - ``faithfulness`` f(C) = (m(C) - m(empty)) / (m(M) - m(empty))   (1 for C = everything, 0 for C = {});
-- ``completeness`` = f(M \\ C) = (m(M \\ C) - m(empty)) / (m(M) - m(empty)), with only C ablated: how
+- ``ablation_completeness`` = f(M \\ C) = (m(M \\ C) - m(empty)) / (m(M) - m(empty)), with only C ablated: how
   much of the task the model still does without the circuit (near 0 for a circuit that carries all of
   it, near 1 for one the model does not need);
 - ``ablation_drop`` = 1 - m(M \\ C) / m(M);
@@ -223,7 +223,7 @@ def verify_circuit(
     task_name: str | None = None,
     batch_size: int = 32,
 ) -> dict:
-    """Faithfulness, completeness, ablation drop, specificity, curve and Spearman check of a circuit.
+    """Faithfulness, ablation_completeness, ablation drop, specificity, curve and Spearman check of a circuit.
 
     ``task_batch``: a :class:`~sparsetrace.tasks.TaskBatch` (clean prompts; corrupted ones for
     ``mode="patch"``). ``metric(logits, batch) -> float``; None uses the batch's task metric.
@@ -320,7 +320,7 @@ def verify_circuit(
         "m_empty": m_empty,
         "m_circuit": m_circuit,
         "faithfulness": _ratio(m_circuit - m_empty, den),
-        "completeness": _ratio(m_without - m_empty, den),
+        "ablation_completeness": _ratio(m_without - m_empty, den),
         "specificity": specificity,
         "ablation_drop": _ratio(m_full - m_without, m_full),
         "curve": curve,

@@ -222,7 +222,7 @@ def split_rng(seed: int, salt: str, split: str) -> random.Random:
 def fill_spans(template: str, **values) -> tuple[str, dict[str, int]]:
     """``template.format(**values)`` and, per field, the character index where its (last) value ends."""
     out, ends = [], {}
-    for literal, field_name, spec, conv in string.Formatter().parse(template):
+    for literal, field_name, spec, _conv in string.Formatter().parse(template):
         out.append(literal)
         if field_name is None:
             continue

@@ -66,9 +66,16 @@
 
   function fillVerify(card, v) {
     card.appendChild(h("div", { class: "muted small", text: "task " + (v.task || "—") + " · metric " + (v.metric_name || "—") }));
+    // which prompts the figures come from: held-out ones (not those the circuit was chosen on) since verify
+    // splits them; older verify.json files carry no split and were measured in-sample
+    const split = v.split && typeof v.split === "object" ? v.split : null;
+    const where = split
+      ? (split.name === "heldout" ? "held-out prompts" : split.name + " prompts") + " (seed " + split.seed + ")"
+      : "in-sample prompts (verify.json from before held-out splits)";
+    card.appendChild(h("div", { class: "muted small", dataset: { split: split ? split.name : "in-sample" }, text: "measured on " + where }));
     const tiles = [
       ["faithfulness", v.faithfulness],
-      ["completeness", v.completeness],
+      ["ablation_completeness", v.ablation_completeness ?? v.completeness],
       ["ablation drop", v.ablation_drop],
       ["curve AUC", v.curve_auc],
       ["spearman", v.spearman],
@@ -80,6 +87,16 @@
         tiles.map(([k, val]) => h("div", { class: "tile", dataset: { metric: k } }, h("div", { class: "tile-v", text: fmt(val, 3) }), h("div", { class: "tile-k", text: k })))
       )
     );
+    const ins = v.in_sample && typeof v.in_sample === "object" ? v.in_sample : null;
+    if (ins) {
+      card.appendChild(
+        h(
+          "div",
+          { class: "muted small", dataset: { split: "in-sample" } },
+          "in-sample (the selection prompts), for comparison: faithfulness " + fmt(ins.faithfulness, 3) + " · ablation drop " + fmtPct(ins.ablation_drop)
+        )
+      );
+    }
     const sp = v.specificity && typeof v.specificity === "object" ? v.specificity : null;
     card.appendChild(
       kvTable([
@@ -104,7 +121,7 @@
     if (Array.isArray(v.curve) && v.curve.length) {
       card.appendChild(
         chart({
-          title: "Faithfulness vs circuit size",
+          title: "Faithfulness vs circuit size" + (split && split.name === "heldout" ? " (held-out prompts)" : ""),
           width: 360,
           height: 200,
           xLabel: "nodes kept",

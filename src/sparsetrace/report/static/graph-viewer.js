@@ -46,7 +46,7 @@
           { class: "stat-row" },
           (Array.isArray(meta.targets) ? meta.targets : []).map((t) => h("span", null, "target ", h("b", { text: showTok(t.token) }), " p=" + fmt(t.prob, 3))),
           h("span", null, "replacement ", h("b", { text: fmt(scores.replacement, 3) })),
-          h("span", null, "completeness ", h("b", { text: fmt(scores.completeness, 3) })),
+          h("span", null, "graph_completeness ", h("b", { text: fmt(scores.graph_completeness ?? scores.completeness, 3) })),
           meta.model ? h("span", { class: "muted", text: String(meta.model) }) : null
         )
       )
