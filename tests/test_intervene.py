@@ -381,3 +381,17 @@ def test_circuit_from_graph_and_write_verify_json(tmp_path):
         tmp_path / "v.json",
     )
     assert json.loads(out.read_text()) == {"faithfulness": None, "curve": [{"size": 0, "faithfulness": None}]}
+
+
+def test_role_keyed_nodes():
+    """``L6/F12@S2``: the feature at the token that plays the role S2 in each prompt."""
+    assert parse_node_id("L6/F12@S2") == FeatureNode(6, 12, "S2")
+    assert parse_node_id("6:12@END").node_id == "L6/F12@END"
+    fs = FeatureSet.parse(["L6/F1@S2", "L6/F2@END"])
+    roles = {"S2": torch.tensor([1, 3, -1]), "END": torch.tensor([4, 5, 2])}
+    m = fs.mask(6, 3, 6, 4, roles=roles)
+    assert m.sum() == 5
+    assert m[0, 1, 1] and m[1, 3, 1] and not m[2, :, 1].any()  # row 2 has no S2: left alone
+    assert m[0, 4, 2] and m[1, 5, 2] and m[2, 2, 2]
+    with pytest.raises(DataError, match="role S2"):
+        fs.mask(6, 3, 6, 4, roles={"END": roles["END"]})

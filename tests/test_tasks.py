@@ -201,3 +201,137 @@ def test_custom_task(lm):
 def test_smollm2_ioi_baseline_positive():
     model = LanguageModel.load("smollm2-135m")
     assert get_task("ioi").baseline(model, n=6, seed=0) > 0
+
+
+# ------------------------------------------------------------------------------------- held-out splits
+def _role_words(lm, batch, roles):
+    """The token texts at the given roles of every row (rows lacking a role skipped)."""
+    out = set()
+    for role in roles:
+        pos = batch.roles[role]
+        for i in range(len(batch)):
+            if int(pos[i]) >= 0:
+                out.add(lm.tokenizer.decode([int(batch.clean[i, pos[i]])]).strip())
+                out.add(lm.tokenizer.decode([int(batch.corrupted[i, pos[i]])]).strip())
+    return out
+
+
+def _template_of(prompt, templates):
+    """The index of the template (a str.format pattern) that produced ``prompt``."""
+    import re
+    import string
+
+    hits = []
+    for k, tpl in enumerate(templates):
+        parts = [re.escape(lit) + ("(.+?)" if field is not None else "")
+                 for lit, field, _, _ in string.Formatter().parse(tpl)]
+        if re.fullmatch("".join(parts), prompt):
+            hits.append(k)
+    assert len(hits) == 1, (prompt, hits)
+    return hits[0]
+
+
+def test_split_names_are_checked(lm):
+    with pytest.raises(DataError, match="split 'train' is unknown"):
+        get_task("ioi").prompts(lm, 4, split="train")
+
+
+def test_ioi_splits_are_disjoint(lm):
+    from sparsetrace.tasks.base import split_items
+
+    task = get_task("ioi")
+    sel = task.prompts(lm, 60, seed=0, split="selection")
+    held = task.prompts(lm, 60, seed=0, split="heldout")
+    # no name, place or object is shared, and no template
+    assert set(split_items(task.names(lm), "selection")).isdisjoint(split_items(task.names(lm), "heldout"))
+    names_sel, names_held = _role_words(lm, sel, ["S1", "IO", "S2"]), _role_words(lm, held, ["S1", "IO", "S2"])
+    assert names_sel and names_held and names_sel.isdisjoint(names_held)
+    for words in (task.places, task.objects):
+        a, b = set(split_items(words, "selection")), set(split_items(words, "heldout"))
+        assert a and b and a.isdisjoint(b)
+        assert not any(w in p.split() for w in b for p in sel.prompts)
+    t_sel = {_template_of(p, task.templates) for p in sel.prompts}
+    t_held = {_template_of(p, task.templates) for p in held.prompts}
+    assert t_held and t_sel and t_sel.isdisjoint(t_held)
+    # different random streams: the same seed does not give the same draw order on both sides
+    assert sel.extra["io_first"].tolist() != held.extra["io_first"].tolist()
+
+
+def test_ioi_roles_point_at_their_tokens(lm):
+    for split in ("selection", "heldout"):
+        b = get_task("ioi").prompts(lm, 20, seed=1, split=split)
+        rows = torch.arange(len(b))
+        r = b.roles
+        assert set(r) == {"S1", "IO", "S2", "END"}
+        assert torch.equal(b.clean[rows, r["IO"]], b.answer_ids)
+        assert torch.equal(b.clean[rows, r["S1"]], b.wrong_ids)
+        assert torch.equal(b.clean[rows, r["S2"]], b.wrong_ids)
+        assert torch.equal(r["END"], b.last_pos)
+        assert (r["S1"] < r["S2"]).all() and (r["IO"] < r["S2"]).all()
+        # the ABC corruption changes exactly the S2 token
+        assert (b.corrupted[rows, r["S2"]] != b.clean[rows, r["S2"]]).all()
+
+
+def test_sva_splits_and_roles(lm):
+    task = get_task("sva")
+    sel = task.prompts(lm, 40, seed=0, split="selection")
+    held = task.prompts(lm, 40, seed=0, split="heldout")
+    assert _role_words(lm, sel, ["SUBJ", "OTHER"]).isdisjoint(_role_words(lm, held, ["SUBJ", "OTHER"]))
+    texts = [t["text"] for t in task.data["templates"]]
+    t_sel = {_template_of(p, texts) for p in sel.prompts}
+    t_held = {_template_of(p, texts) for p in held.prompts}
+    assert t_held and t_sel.isdisjoint(t_held)
+    kinds = {task.data["templates"][k]["kind"] for k in t_held}
+    assert kinds == {"pp", "rc"}  # one template of each kind is held out
+    for b in (sel, held):
+        rows = torch.arange(len(b))
+        subj = b.roles["SUBJ"]
+        # the corruption flips the subject's number: only the SUBJ token differs
+        assert (b.clean[rows, subj] != b.corrupted[rows, subj]).all()
+        assert (b.roles["OTHER"] > subj).all()
+        has_verb = b.roles["VERB"] >= 0
+        assert has_verb.any() and (~has_verb).any()  # VERB marked on relative-clause prompts only
+
+
+def test_greater_than_splits_share_no_year(byte_lm):
+    import re
+
+    task = get_task("greater-than")
+    sel = task.prompts(byte_lm, 40, seed=0, split="selection")
+    held = task.prompts(byte_lm, 40, seed=0, split="heldout")
+
+    def years(b):
+        return {y for p in b.prompts for y in re.findall(r"\d{4}", p)}
+
+    def centuries(b):
+        return {y[:2] for y in years(b)}
+
+    assert years(sel).isdisjoint(years(held)) and centuries(sel).isdisjoint(centuries(held))
+    assert {_template_of(p, task.templates) for p in sel.prompts}.isdisjoint(
+        {_template_of(p, task.templates) for p in held.prompts})
+    nouns_sel = {p.split()[1] for p in sel.prompts}
+    nouns_held = {p.split()[1] for p in held.prompts}
+    assert nouns_sel.isdisjoint(nouns_held)
+    for b in (sel, held):
+        rows = torch.arange(len(b))
+        digits = b.extra["digit_ids"][0]
+        t = b.extra["yy"][:, 0]
+        assert torch.equal(b.clean[rows, b.roles["END"]], digits[t])
+        assert torch.equal(b.clean[rows, b.roles["YY"]], digits[b.extra["yy"][:, 1]])  # start year's units
+        assert (b.roles["YY"] < b.roles["XX2"]).all() and (b.roles["XX2"] == b.roles["END"] - 1).all()
+
+
+def test_facts_hold_out_whole_relations(lm):
+    task = get_task("facts")
+    sel, held = task.split_facts("selection"), task.split_facts("heldout")
+    rel_sel, rel_held = {f["relation"] for f in sel}, {f["relation"] for f in held}
+    assert rel_sel and rel_held and rel_sel.isdisjoint(rel_held)
+    ent_sel = {x.strip() for f in sel for x in (f["subject"], f["answer"])}
+    ent_held = {x.strip() for f in held for x in (f["subject"], f["answer"])}
+    assert ent_sel.isdisjoint(ent_held)
+    b = task.prompts(lm, 8, seed=0, split="heldout")
+    assert all(any(p == f["template"].format(f["subject"]) for f in held) for p in b.prompts)
+    for i in range(len(b)):
+        pos = int(b.roles["SUBJ"][i])
+        prefix = lm.tokenizer.decode(b.clean[i, 1 : pos + 1].tolist())
+        assert any(prefix.endswith(f["subject"]) for f in held)

@@ -101,14 +101,14 @@ class GreaterThanTask(Task):
             roles.append({"NOUN": ends["NOUN"], "YY": ends["YY"], "XX2": ends["XX2"]})
             rows.append((clean, corrupted, digits[u + 1], digits[u - 1]))
             yy_list.append([t, u])
-        batch = build_batch(lm, self, rows, extra={"yy": yy_list}, roles=roles)
         # the prompt must end with the digit t, preceded by the century digits
-        for i in range(n):
-            if int(batch.clean[i, batch.last_pos[i]]) != digits[yy_list[i][0]]:
+        for (clean, *_), (t, _u) in zip(rows, yy_list, strict=True):
+            if int(lm.tokenize(clean)[0, -1]) != digits[t]:
                 raise DataError(
                     "the greater-than task needs a tokenizer that splits years into single digits; "
-                    f"prompt {batch.prompts[i]!r} does not end with the digit token {yy_list[i][0]}"
+                    f"prompt {clean!r} does not end with the digit token {t}"
                 )
+        batch = build_batch(lm, self, rows, extra={"yy": yy_list}, roles=roles)
         batch.extra["digit_ids"] = torch.tensor(digits, device=batch.clean.device).expand(n, 10).clone()
         return batch
 
