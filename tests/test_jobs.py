@@ -172,7 +172,7 @@ def test_relative_positions_use_one_template(run_dir, tiny_llama, tmp_path):
     from sparsetrace.intervene.features import parse_node_id
 
     cfg = TraceConfig(task="ioi", n_prompts=6, n_graph_prompts=2, max_features=4, n_edge_checks=0, n_spearman=3,
-                      template=2)
+                      template=2, positions="relative")
     batch = task_for(cfg).prompts(tiny_llama, n=6)
     assert len(set(batch.last_pos.tolist())) == 1
     assert all(p.startswith("After ") for p in batch.prompts)  # template 2
@@ -186,15 +186,15 @@ def test_relative_positions_use_one_template(run_dir, tiny_llama, tmp_path):
     assert len(set(task_for(any_cfg).prompts(tiny_llama, n=10).last_pos.tolist())) > 1
     # a task whose prompts differ in length falls back to features at every position
     facts = TraceConfig(task="facts", n_prompts=4, n_graph_prompts=1, max_features=3, n_edge_checks=0, n_spearman=2,
-                        unrelated_task="sva")
+                        unrelated_task="sva", positions="relative")
     assert len(set(task_for(facts).prompts(tiny_llama, n=4).last_pos.tolist())) > 1
     doc = trace_circuit(tiny_llama, dicts, facts, tmp_path / "f")
     assert doc["config"]["positions"] == "any" and all(parse_node_id(n).position is None for n in doc["circuit"])
     assert verify_trace(tiny_llama, dicts, tmp_path / "f")["circuit"] == doc["circuit"]
 
 
-@pytest.mark.parametrize("mode", ["zero", "patch"])
-def test_effect_scores_are_first_order_ablation_effects(run_dir, tiny_llama, mode):
+@pytest.mark.parametrize("mode,positions", [("zero", "relative"), ("patch", "relative"), ("patch", "role")])
+def test_effect_scores_are_first_order_ablation_effects(run_dir, tiny_llama, mode, positions):
     """score(node) = -(a_ablated - a) . dm/da: moving the feature (where it is active) a small step eps
     towards its ablated value in the real model (errors kept) changes the metric by -eps * score."""
     import copy
@@ -206,11 +206,11 @@ def test_effect_scores_are_first_order_ablation_effects(run_dir, tiny_llama, mod
 
     # float64, so that a small step is far above rounding
     lm = LanguageModel(copy.deepcopy(tiny_llama.model).double(), tiny_llama.tokenizer, tiny_llama.model_id)
-    cfg = TraceConfig(task="ioi", n_prompts=6)
+    cfg = TraceConfig(task="ioi", n_prompts=6, positions=positions)
     task = task_for(cfg)
     batch = task.prompts(lm, n=6)
     dicts = [d.double() for d in load_dictionaries(run_dir, lm)]
-    scores = effect_scores(lm, dicts, batch, task, mode, "relative")
+    scores = effect_scores(lm, dicts, batch, task, mode, positions)
     top = list(scores)[:3]
     assert top and scores[top[0]] > 0
     dmap = {d.cfg.layer: d for d in dicts}
@@ -229,11 +229,38 @@ def test_effect_scores_are_first_order_ablation_effects(run_dir, tiny_llama, mod
         node = FeatureSet.parse([node_id]).nodes[0]
         a, t = clean[node.layer], target[node.layer]
         b, n, f = a.shape
-        mask = FeatureSet([node]).mask(node.layer, b, n, f, last_pos=batch.last_pos)
+        mask = FeatureSet([node]).mask(node.layer, b, n, f, last_pos=batch.last_pos, roles=batch.roles)
         # the score sums over the prompts where the feature is active there: move only those
         iv = {node.layer: LayerIntervention(mask=mask & (a > 0), values=a + eps * (t - a))}
         m = metric(run_with_interventions(lm, dmap, batch.clean, iv).logits)
         assert (base - m) / eps == pytest.approx(scores[node_id], rel=0.02), node_id
+
+
+def test_trace_selects_on_selection_prompts_and_verify_holds_out(run_dir, tiny_llama, tmp_path, capsys):
+    """Role-keyed circuit chosen on selection prompts; verify measures it on held-out prompts (other names,
+    other templates, another seed) and, with --in-sample, also on the selection ones, labelled."""
+    from sparsetrace.intervene.features import parse_node_id
+
+    out = tmp_path / "ioi"
+    code, stdout, err = cli(capsys, "trace", "-d", run_dir, "--task", "ioi", "--n-prompts", "6", "--max-features", "5",
+                            "--out", out, "--verify")
+    assert code == 0, err
+    assert "in-sample" not in stdout  # held-out figures only unless asked
+    doc = json.loads((out / "circuit.json").read_text())
+    assert doc["config"]["positions"] == "role"
+    assert doc["circuit"] and all(parse_node_id(n).position in {"S1", "IO", "S2", "END"} for n in doc["circuit"])
+    assert doc["selection"]["split"] == "selection" and doc["selection"]["seed"] == 0
+    res = json.loads((out / "verify.json").read_text())
+    assert res["split"]["name"] == "heldout" and res["split"]["seed"] == 1 and "in_sample" not in res
+    selection = {p for p in doc["selection"]["prompts"]}
+    assert selection.isdisjoint(res["split"]["example_prompts"])
+    code, stdout, err = cli(capsys, "verify", out, "--in-sample")
+    assert code == 0, err
+    res2 = json.loads((out / "verify.json").read_text())
+    assert res2["in_sample"]["split"]["name"] == "selection" and res2["in_sample"]["split"]["seed"] == 0
+    assert res2["faithfulness"] == pytest.approx(res["faithfulness"], abs=1e-6)  # held-out stays the headline
+    assert res2["in_sample"]["split"]["example_prompts"][0] == doc["selection"]["prompts"][0]
+    assert "faithfulness f(C)" in stdout and "(in-sample " in stdout
 
 
 def test_cli_trace_default_out_is_inside_the_run(run_dir, capsys):

@@ -179,10 +179,10 @@ def task_for(cfg: TraceConfig):
         return get_task("custom", prompt=cfg.prompt, target=cfg.target, contrast=cfg.contrast)
     task = get_task(cfg.task)
     templates = getattr(task, "templates", None)
+    if cfg.template is not None and templates and cfg.template >= len(templates):
+        raise ConfigError(f"--template {cfg.template} is out of range; task '{cfg.task}' has templates "
+                          f"0..{len(templates) - 1}")
     if cfg.positions == "relative" and cfg.template is not None and templates:
-        if cfg.template >= len(templates):
-            raise ConfigError(f"--template {cfg.template} is out of range; task '{cfg.task}' has templates "
-                              f"0..{len(templates) - 1}")
         task.templates = type(templates)([templates[cfg.template]])
     return task
 
@@ -301,7 +301,7 @@ def trace_circuit(
     # the edge checks) is all that is used
     n_graph = 1 if cfg.task is None or cfg.select == "effect" else cfg.n_graph_prompts
     batch = task.prompts(lm, n=max(cfg.n_prompts, n_graph) if cfg.task else 1, seed=cfg.seed, split="selection")
-    if cfg.positions == "role" and not batch.roles:
+    if cfg.positions == "role" and set(batch.roles) <= {"END"}:
         cfg.positions = "relative"  # a prompt without marked roles (custom): positions from its end
     if cfg.positions == "relative" and len(set(batch.last_pos.tolist())) > 1:
         say(f"the '{cfg.name}' prompts differ in length, so positions counted from the end do not line up: "
