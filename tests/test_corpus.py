@@ -438,6 +438,8 @@ def test_default_mix_dedups_interleaves_and_caps(monkeypatch):
         load_texts("default-factbook")
     with pytest.raises(DataError, match="leaves out 'nope'"):
         load_texts("default-nope")
+    with pytest.raises(DataError, match="nothing"):
+        load_texts("default-")
 
 
 def test_mix_without_apt_sources_goes_on(monkeypatch, capsys):
@@ -461,6 +463,16 @@ def test_interleave_stops_before_an_exhausted_kind_falls_below_its_floor():
     assert labels.count("small") == 40 and 0.1 <= share < 0.12
     texts, labels = interleave(docs, {"big": 0.5, "small": 0.5}, {"big": "a", "small": "b"}, min_chars=1000)
     assert 1000 <= sum(map(len, texts)) < 1200 and set(labels) == {"big", "small"}
+
+
+def test_interleave_retires_a_source_past_its_cap():
+    from sparsetrace.data.mix import interleave
+
+    docs = {n: [f"{n} {i} " + "z" * 100 for i in range(500)] for n in "abcde"}
+    weights = {"a": 0.6, "b": 0.1, "c": 0.1, "d": 0.1, "e": 0.1}
+    texts, labels = interleave(docs, weights, dict.fromkeys(docs, "k"), warmup_chars=5000, max_source=0.3)
+    share_a = sum(len(t) for t, s in zip(texts, labels, strict=True) if s == "a") / sum(map(len, texts))
+    assert share_a <= 0.3 and all(labels.count(n) == 500 for n in "bcde")
 
 
 def test_window_source_counts_match_the_windows(tiny_llama):

@@ -146,8 +146,8 @@ def _load_one(spec: str, encoding: str | None) -> Corpus:
         return _mix()
     if key.startswith("default-") and not is_path_like(spec):
         names = [n for n in key[len("default-") :].split("-") if n]
-        bad = [n for n in names if n not in SOURCES or SOURCES[n].weight <= 0]
-        if bad or not names:
+        bad = [n for n in names if n not in SOURCES or SOURCES[n].weight <= 0] or ([] if names else ["(nothing)"])
+        if bad:
             raise DataError(
                 f"corpus '{spec}' leaves out '{'-'.join(bad)}', which is not in the default mix; expected "
                 f"default-NAME with NAME among {', '.join(n for n, s in SOURCES.items() if s.weight > 0)}"
