@@ -5,8 +5,8 @@
 * ``pycode``: the Python source of the ``docutils`` package (and ``tools/``), cut into chunks at
   top-level statements (a ``def``/``class``/assignment after a blank line), at most ~3,000 characters.
 
-Licence: docutils is mostly public domain, with parts under BSD-2-Clause and the Python licence (see the
-sdist's ``COPYING.txt``); the files used here are in the public domain or BSD-2-Clause.
+Licence: docutils is in the public domain except a few files under BSD-2-Clause or ZPL-2.1 (see the sdist's
+``COPYING.txt``; its one GPL file, an Emacs mode, is not used here).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from ..text import group_paragraphs, split_documents
 __all__ = ["DOCUTILS_SDIST", "code_chunks", "load_docutils_docs", "load_pycode"]
 
 DOCUTILS_SDIST = "docutils==0.21.2"
-VERSION = 1
+VERSION = 2
 CODE_CHARS = 3000
 
 
@@ -68,7 +68,7 @@ def _info(name: str, sdist: Path, n_files: int) -> dict:
         "package_version": DOCUTILS_SDIST.split("==")[1],
         "package_sha256": sha256_file(sdist),
         "n_files": n_files,
-        "license": "public domain / BSD-2-Clause (docutils COPYING.txt)",
+        "license": "public domain; a few files BSD-2-Clause or ZPL-2.1 (docutils COPYING.txt)",
     }
 
 
