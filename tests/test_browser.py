@@ -167,6 +167,8 @@ def test_graph_viewer_from_file_url(file_page):
     assert page.locator("#graph-svg .edge").count() == 62
     assert visible_edges(page) == 62
     assert "0.787" in page.locator("#verify").inner_text()  # verification numbers beside the graph
+    # the fixture's verify.json predates held-out splits: the card says its figures are in-sample
+    assert "measured on in-sample prompts" in page.locator("#verify").inner_text()
 
     # hover: tooltip with label / activation / influence
     page.hover('[data-node-id="L3/F40@13"] .shape')
