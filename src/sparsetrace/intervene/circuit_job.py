@@ -17,7 +17,7 @@ circuit, ranked (``select``) by
 causal attention that position's state is the same in every prompt. Three ways to name a node (``positions``):
 
 - ``"role"`` (default): ``L6/F12@S2`` = feature 12 of layer 6 at the token playing the role S2 (IOI: S1, IO,
-  S2, END; agreement: SUBJ, OTHER, VERB, END; greater-than: NOUN, YY, XX2, END; facts: SUBJ, END) in each
+  S2, END; agreement: SUBJ, OTHER, END; greater-than: NOUN, YY, XX2, END; facts: SUBJ, END) in each
   prompt, whatever its template, so a circuit chosen on some templates can be ablated on others;
 - ``"relative"``: ``L6/F12@-3`` = the feature at the third token from the end, on prompts of one template
   (``template``, default 0);

@@ -12,7 +12,8 @@ which does not depend on which tense the model prefers. The corrupted prompt fli
 
 Splits: "selection" and "heldout" draw nouns, containers and clause verbs from disjoint halves of the
 lists and use disjoint templates (``HELDOUT_TEMPLATES``). Roles: SUBJ (the subject noun), OTHER (the
-attractor noun), VERB (the clause verb, relative-clause templates only) and END (where the verb goes).
+attractor noun, where it is not the last token) and END (the last token: the attractor or the clause verb,
+where the agreeing verb is predicted).
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ def _pairs(lm, pairs: list[list[str]]) -> list[tuple[str, str]]:
 
 class AgreementTask(Task):
     name = "sva"
-    roles = ("SUBJ", "OTHER", "VERB", "END")
+    roles = ("SUBJ", "OTHER", "END")
     metric_name = "logit_diff"
     description = "subject-verb agreement: logit(agreeing verbs) - logit(disagreeing verbs)"
 
@@ -104,7 +105,7 @@ class AgreementTask(Task):
 
             clean, ends = fill(subj_plural)
             corrupted = fill(not subj_plural)[0]
-            roles.append(ends)
+            roles.append({"SUBJ": ends["SUBJ"], "OTHER": ends["OTHER"]})
             ans, wrong = (are_id, is_id) if subj_plural else (is_id, are_id)
             rows.append((clean, corrupted, ans, wrong))
             plural.append(int(subj_plural))

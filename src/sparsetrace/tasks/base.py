@@ -272,7 +272,8 @@ def build_batch(
     """Tokenise (clean, corrupted, answer_id, wrong_id) rows into a right-padded :class:`TaskBatch`.
 
     ``roles``: per row {role: character index where the role's word ends in the clean prompt}; stored as
-    ``extra["role:NAME"]`` token positions (-1 where a row lacks the role), plus ``role:END``."""
+    ``extra["role:NAME"]`` token positions (-1 where a row lacks the role, or where the role's token is the
+    last one, which is always ``role:END``)."""
     if not rows:
         raise DataError(f"task '{task.name}' produced no prompts")
     clean_ids, corr_ids = [], []
@@ -304,7 +305,10 @@ def build_batch(
         names = sorted({r for row in roles for r in row})
         pos_rows = [role_positions(lm, r[0], e) for r, e in zip(rows, roles, strict=True)]
         for name in names:
-            ex[f"role:{name}"] = torch.tensor([p.get(name, -1) for p in pos_rows], dtype=torch.long)
+            # a role on the last token is that row's END (one name per token, so a circuit never holds the
+            # same feature twice under two names): it is marked absent (-1) there
+            pos = torch.tensor([p.get(name, -1) for p in pos_rows], dtype=torch.long)
+            ex[f"role:{name}"] = torch.where(pos == last, -1, pos)
     ex["role:END"] = last.clone()
     return TaskBatch(
         task=task.name,
