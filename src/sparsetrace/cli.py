@@ -240,7 +240,9 @@ def trace(
         typer.echo(f"edge check ({ec['n']} strongest edges, finite differences): max rel err "
                    f"{ec['frozen']['max_rel_err']:.2e} frozen; sign agreement with live attention "
                    f"{ec.get('causal_agreement', {}).get('sign_agreement', float('nan')):.0%}")
-    typer.echo(f"circuit ({len(doc['circuit'])} features): " + ", ".join(doc["circuit"]))
+    sel = doc.get("selection") or {}
+    typer.echo(f"circuit ({len(doc['circuit'])} features, chosen on {sel.get('split', 'the')} prompts, seed "
+               f"{sel.get('seed', cfg.seed)}): " + ", ".join(doc["circuit"]))
     typer.echo(f"written: {out}/graph.json, {out}/circuit.json")
     if verify:
         typer.echo(format_verify(verify_trace(lm, dicts, out, log=_say)))
