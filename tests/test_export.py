@@ -203,7 +203,7 @@ def test_overwrite(tmp_path):
     (out / "stale.txt").write_text("old")
     export_run(run, "sparsify", out, overwrite=True)
     assert sorted(p.name for p in out.iterdir()) == ["config.json", "layers.1"]  # nothing stale left
-    for bad in (run, tmp_path):  # the run itself, or a folder holding it: never replaced
+    for bad in (run, tmp_path, run / "L01_sae"):  # the run, a folder holding it, one of its dictionaries
         with pytest.raises(ConfigError, match="is the input"):
             export_run(run, "saelens", bad, overwrite=True)
     assert (run / "L01_sae" / "weights.safetensors").is_file()

@@ -35,14 +35,15 @@ def check_target(to: str) -> str:
     return to
 
 
-def check_out(out: Path, overwrite: bool, *, protect: Path | None = None, kind: str = "folder") -> None:
+def check_out(out: Path, overwrite: bool, *, protect: Path | list[Path] = (), kind: str = "folder") -> None:
     """Refuse an existing ``out`` without ``overwrite``, a file where a folder is expected (or the reverse),
-    and an ``out`` that is ``protect`` or one of its parents (replacing it would delete the input)."""
+    and an ``out`` that is one of ``protect`` or holds one (replacing it would delete the input)."""
     out = Path(out)
-    if protect is not None:
-        o, p = out.resolve(), Path(protect).resolve()
-        if o == p or o in p.parents:
-            raise ConfigError(f"--out {out} is the input {protect} or holds it; choose another output folder")
+    o = out.resolve()
+    for p in [protect] if isinstance(protect, Path) else protect:
+        r = Path(p).resolve()
+        if o == r or o in r.parents:
+            raise ConfigError(f"--out {out} is the input {p} or holds it; choose another output folder")
     if not out.exists() and not out.is_symlink():
         return
     if kind == "folder" and not out.is_dir():
@@ -125,7 +126,7 @@ def export_run(run: str | Path, to: str, out: str | Path, *, overwrite: bool = F
     check_target(to)
     run, out = Path(run), Path(out)
     paths = find_dictionaries(run)
-    check_out(out, overwrite, protect=run)
+    check_out(out, overwrite, protect=[run, *paths])
     dicts = [load_dictionary(p) for p in paths]
     shape = _model_shape(dicts, model, n_layers) if to == "circuit-tracer" else None
     try:
