@@ -94,8 +94,9 @@ def _write_circuit_tracer(dicts, tmp: Path, *, n_layers: int, d_model: int, prog
     from safetensors.torch import save_file
     from tqdm.auto import tqdm
 
-    from .export_circuit_tracer import circuit_tracer_files
+    from .export_circuit_tracer import check_dictionaries, circuit_tracer_files
 
+    check_dictionaries(dicts, n_layers, d_model)  # refusals before the progress bar starts
     files = circuit_tracer_files(dicts, n_layers=n_layers, d_model=d_model)
     for name, content in tqdm(files, total=n_layers + 1, desc="circuit-tracer layers", disable=not progress,
                               unit="file"):
@@ -128,7 +129,12 @@ def export_run(run: str | Path, to: str, out: str | Path, *, overwrite: bool = F
     paths = find_dictionaries(run)
     check_out(out, overwrite, protect=[run, *paths])
     dicts = [load_dictionary(p) for p in paths]
-    shape = _model_shape(dicts, model, n_layers) if to == "circuit-tracer" else None
+    shape = None
+    if to == "circuit-tracer":
+        from .export_circuit_tracer import check_dictionaries
+
+        check_dictionaries(dicts, None, None)  # kinds and activations, before loading the model
+        shape = _model_shape(dicts, model, n_layers)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))

@@ -81,7 +81,8 @@ def _threshold(d: SparseDictionary) -> torch.Tensor | None:
         "train with --activation relu, jumprelu or batchtopk to export")
 
 
-def _check(dicts: list[SparseDictionary], n_layers: int, d_model: int) -> None:
+def check_dictionaries(dicts: list[SparseDictionary], n_layers: int | None, d_model: int | None) -> None:
+    """Refuse what circuit-tracer cannot load (``None``: skip the checks against the model)."""
     if not dicts:
         raise DictionaryFileError("no dictionaries to export to circuit-tracer")
     seen: dict[int, SparseDictionary] = {}
@@ -91,11 +92,11 @@ def _check(dicts: list[SparseDictionary], n_layers: int, d_model: int) -> None:
             raise DictionaryFileError(
                 f"cannot export the {c.kind} at layer {c.layer} ({c.hookpoint_in} -> {c.hookpoint_out}) to "
                 "circuit-tracer: its replacement model takes transcoders mlp_in -> mlp_out only")
-        if c.d_in != d_model or c.d_out != d_model:
+        if d_model is not None and (c.d_in != d_model or c.d_out != d_model):
             raise DictionaryFileError(
                 f"layer {c.layer}: d_in={c.d_in}, d_out={c.d_out}; circuit-tracer needs both equal to the "
                 f"model's d_model={d_model}")
-        if not 0 <= c.layer < n_layers:
+        if n_layers is not None and not 0 <= c.layer < n_layers:
             raise DictionaryFileError(f"layer {c.layer} is out of range for a model of {n_layers} layers")
         if c.layer in seen:
             raise DictionaryFileError(
@@ -164,7 +165,7 @@ def circuit_tracer_files(dicts: list[SparseDictionary], *, n_layers: int, d_mode
                          scan: str | None = None):
     """Yield ``(file name, content)`` of the circuit-tracer transcoder set: ``config.yaml`` first, then one
     tensor dict per layer (generated one at a time, so memory stays at one layer's worth)."""
-    _check(dicts, n_layers, d_model)
+    check_dictionaries(dicts, n_layers, d_model)
     by_layer = {d.cfg.layer: d for d in dicts}
     n = max(d.cfg.n_features for d in dicts)
     skip = any(d.W_skip is not None for d in dicts)
