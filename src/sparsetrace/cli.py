@@ -196,6 +196,8 @@ def trace(
     template: int = typer.Option(0, help="With --positions relative: which task template."),
     seed: int = typer.Option(0),
     verify: bool = typer.Option(False, "--verify", help="Also run `sparsetrace verify` on the result."),
+    qk: bool = typer.Option(False, "--qk", help="Add QK terms and head loadings of the 5 strongest attention-mediated "
+                            "edges to graph.json (key \"qk\")."),
     device: str = typer.Option("cpu"),
     out: Path = typer.Option(None, help="Output folder (default DICTIONARIES/circuits/TASK)."),
 ) -> None:
@@ -206,7 +208,7 @@ def trace(
                       n_prompts=n_prompts, n_graph_prompts=graph_prompts, max_features=max_features,
                       node_threshold=node_threshold, edge_threshold=edge_threshold, mode=mode,
                       unrelated_task=unrelated_task, select=select, positions=positions, template=template,
-                      seed=seed).validate()
+                      seed=seed, qk_edges=5 if qk else 0).validate()
     task_for(cfg)  # an unknown task name fails before the model loads
     lm, dicts = _dictionaries_and_model(dictionaries, model, device)
     if out is None:
