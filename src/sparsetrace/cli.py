@@ -312,6 +312,31 @@ def export_graph(
     typer.echo(f"written: {dest}")
 
 
+@app.command(name="export")
+def export_cmd(
+    run: Path = typer.Argument(..., help="A run folder or one dictionary folder (or a graph.json: see --to)."),
+    to: str = typer.Option(..., "--to", help="circuit-tracer | saelens | sparsify (a graph.json: circuit-tracer)."),
+    out: Path = typer.Option(..., "--out", help="Output folder (a graph.json: output file)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace --out if it exists."),
+    model: str = typer.Option(None, help="circuit-tracer: the model (default: the dictionaries' own)."),
+    n_layers: int = typer.Option(None, "--n-layers", help="circuit-tracer: the model's layer count (skips loading it)."),
+) -> None:
+    """Write a run's dictionaries in circuit-tracer's, SAELens' or sparsify's own layout."""
+    from .dictionary.export import check_out, check_target, export_run
+
+    check_target(to)
+    if run.is_file() and run.suffix.lower() == ".json":
+        if to != "circuit-tracer":
+            raise ConfigError(f"--to '{to}' cannot take a graph ({run}); expected --to circuit-tracer")
+        from .attribute.export import export_graph_file
+
+        check_out(out, overwrite, protect=run, kind="file")
+        typer.echo(f"written: {export_graph_file(run, out)}")
+        return
+    for dest in export_run(run, to, out, overwrite=overwrite, model=model, n_layers=n_layers, progress=_progress()):
+        typer.echo(f"written: {dest}")
+
+
 @app.command()
 def upstream(
     run_dir: Path = typer.Argument(..., metavar="RUN", help="Run folder with the dictionaries (e.g. runs/tc)."),
