@@ -34,6 +34,10 @@ class TrainConfig:
     decay_frac: float = 0.2
     l1_init: float | None = None  # initial lambda; None = automatic
     lambda_gain: float = 0.05  # log-lambda change per step per unit of log-L0 error
+    lambda_horizon: float = 20.0  # steps the λ controller looks ahead at the current rate of change of L0
+    init_l0_factor: float = 4.0  # JumpReLU: thresholds start where L0 = this x target (from the first batch)
+    threshold_lr_scale: float = 10.0  # JumpReLU: learning-rate multiplier of the log-thresholds
+    calibrate: bool = True  # ReLU/JumpReLU: shift encoder biases at the end so the L0 equals the target
     dead_window_tokens: int = 200_000  # a feature silent this long is dead
     resample_every: int = 400  # steps between dead-feature resamples (ReLU/JumpReLU)
     aux_k_coef: float = 1 / 32  # AuxK loss weight (TopK/BatchTopK)

@@ -113,6 +113,7 @@ def run_training(
         lm, train_windows, hookpoints, cache_dir=cache_dir, progress=progress, dtype=tcfg.dtype, **mem_kw
     )
     t_harvest = time.time() - t0
+    sparsity: dict = {}
     dictionaries = train_dictionaries(
         tcfg,
         cache,
@@ -122,6 +123,7 @@ def run_training(
         resume=resume,
         progress=progress,
         stop_at_step=stop_at_step,
+        sparsity=sparsity,
     )
     info = {
         "model": lm.model_id,
@@ -135,6 +137,10 @@ def run_training(
         "seconds_total": round(time.time() - t0, 1),
         "peak_rss_mb": round(peak_resident_bytes() / 1e6),
     }
+    # per layer: the controller's own L0 before the final calibration, the calibration shift, L0/FVU on a
+    # training sample before and after it (train/stats.py); warnings are also printed on stderr
+    info["sparsity"] = {str(layer): rec for layer, rec in sorted(sparsity.items())}
+    info["warnings"] = [w for rec in info["sparsity"].values() for w in rec["warnings"]]
     if plan is not None:
         info["max_memory_gb"] = tcfg.max_memory_gb
         info["cache_reads"] = "mapped" if cache.mapped else "pread"
