@@ -35,13 +35,16 @@ def _cfg(corpus_file, **kw):
 def test_auto_lambda_reaches_target(tmp_path, corpus_file, tiny_llama):
     from sparsetrace.evaluate.job import evaluate_run
 
-    info = run_training(_cfg(corpus_file), tmp_path / "run", lm=tiny_llama, progress=False, cache_dir=tmp_path / "c")
+    # 10 epochs (312 steps): at its largest step the controller needs ~90 steps to raise λ from its start
+    # to where L0 is 8 on this model, so the 125 steps of the other tests end it mid-approach
+    info = run_training(_cfg(corpus_file, epochs=10.0), tmp_path / "run", lm=tiny_llama, progress=False,
+                        cache_dir=tmp_path / "c")
     for layer in (1, 2):
         rows = [json.loads(x) for x in (tmp_path / "run" / f"L{layer:02d}_transcoder" / "train_log.jsonl").open()]
         assert rows[0]["l0"] > 3 * 8  # starts dense
         assert rows[-1]["lambda"] > rows[0]["lambda"]  # λ was raised automatically
         assert rows[-1]["mse"] < rows[0]["mse"]
-    result = evaluate_run(tmp_path / "run", lm=tiny_llama, progress=False, n_windows=8)
+    result = evaluate_run(tmp_path / "run", lm=tiny_llama, progress=False)  # 64 windows: L0 varies a lot by window
     for row in result["dictionaries"]:
         assert abs(row["l0"] - 8.0) / 8.0 < 0.25, row  # held-out L0 on target
         assert row["dead_frac"] < 0.5

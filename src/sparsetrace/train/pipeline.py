@@ -30,6 +30,7 @@ from .config import TrainConfig
 from .trainer import train_dictionaries, world_from_env, write_run_json
 
 HELDOUT = "heldout_tokens.safetensors"
+MIN_HELDOUT = 64
 
 
 def load_corpus_windows(
@@ -42,9 +43,11 @@ def load_corpus_windows(
         texts = load_texts(tcfg.corpus)
     per_window = tcfg.context - 1
     n_train_windows = -(-tcfg.n_tokens // per_window)
-    n_total = int(n_train_windows / (1 - tcfg.eval_fraction)) + 2
+    # at least MIN_HELDOUT held-out windows (evaluation's default), however small the run
+    frac = min(0.45, max(tcfg.eval_fraction, MIN_HELDOUT / (n_train_windows + MIN_HELDOUT)))
+    n_total = int(n_train_windows / (1 - frac)) + 2
     windows = tokenize_windows(lm.tokenizer, texts, tcfg.context, max_windows=n_total)
-    train, heldout = split_windows(windows, tcfg.eval_fraction, seed=tcfg.seed)
+    train, heldout = split_windows(windows, frac, seed=tcfg.seed)
     return train[:n_train_windows], heldout
 
 
