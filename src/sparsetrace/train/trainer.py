@@ -104,6 +104,14 @@ class LayerTrainer:
         self.dead_window = max(10 * tcfg.batch_size, min(tcfg.dead_window_tokens, total_tokens // 8))
 
     @property
+    def thresholds_frozen(self) -> bool:
+        """JumpReLU thresholds stay where they started while the decoder learns (and λ waits with them):
+        against a random decoder almost every feature hurts reconstruction, and the thresholds would rise
+        until L0 is far below any target, whatever λ."""
+        return self.dictionary.log_threshold is not None and self.step < self.tcfg.threshold_warmup_frac * \
+            self.tcfg.total_steps
+
+    @property
     def uses_lambda(self) -> bool:
         return self.tcfg.activation in ("relu", "jumprelu")
 
@@ -142,6 +150,8 @@ class LayerTrainer:
         loss.backward()
         if d.cfg.activation in ("topk", "batchtopk"):
             d.remove_parallel_decoder_grad()
+        if self.thresholds_frozen and d.log_threshold.grad is not None:
+            d.log_threshold.grad.zero_()
         torch.nn.utils.clip_grad_norm_(d.parameters(), 1.0)
         self.opt.step()
         with torch.no_grad():
@@ -173,7 +183,7 @@ class LayerTrainer:
             self.since_fired[fired.cpu().bool()] = 0
         lam_v = self.controller.value
         self.last_l0 = l0_v
-        if self.uses_lambda:
+        if self.uses_lambda and not self.thresholds_frozen:
             self.controller.update(l0_v)
         self.step += 1
         return StepStats(
@@ -222,7 +232,10 @@ class LayerTrainer:
         d.W_enc[dead] = xi * enc_norm * 0.2
         d.b_enc[dead] = 0.0
         if d.log_threshold is not None:
-            d.log_threshold[dead] = math.log(0.05)
+            # as selective as a typical live feature (a tiny threshold would fire on every token and throw
+            # L0 far above the target right when the controller has settled)
+            live = d.log_threshold[alive]
+            d.log_threshold[dead] = live.median() if live.numel() else math.log(0.05)
         for p in (d.W_dec, d.W_enc, d.b_enc, d.log_threshold):
             if p is None:
                 continue
