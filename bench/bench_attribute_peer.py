@@ -134,7 +134,7 @@ class RssSampler:
 
 
 def auto_threads(n: int) -> int:
-    """sparsetrace's rule (attribute.graph.auto_threads), applied to the peer too."""
+    """sparsetrace's rule (attribute.threads.auto_threads), applied to the peer too."""
     return 1 if n > 1 and os.getloadavg()[0] > 1.5 * (os.cpu_count() or 1) else n
 
 

@@ -382,7 +382,7 @@ def mutated_json(draw, base):
 
 
 def _graph_module():
-    from sparsetrace.attribute import graph
+    from sparsetrace.attribute import graph_types as graph
 
     return graph
 
