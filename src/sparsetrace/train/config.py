@@ -34,7 +34,7 @@ class TrainConfig:
     decay_frac: float = 0.2
     l1_init: float | None = None  # initial lambda; None = automatic
     lambda_gain: float = 0.05  # log-lambda change per step per unit of log-L0 error
-    lambda_horizon: float = 20.0  # steps the λ controller looks ahead at the current rate of change of L0
+    lambda_horizon: float | None = None  # steps the λ controller looks ahead (None: 20; 50 for JumpReLU)
     init_l0_factor: float = 4.0  # JumpReLU: thresholds start where L0 = this x target (from the first batch)
     threshold_lr_scale: float = 10.0  # JumpReLU: learning-rate multiplier of the log-thresholds
     threshold_warmup_frac: float = 0.1  # JumpReLU: thresholds (and λ) held for this fraction of the steps
@@ -169,6 +169,8 @@ def _check_rates(c: TrainConfig) -> None:
             raise ConfigError(f"{name} {v!r} is invalid; expected a number in [0, 1.0]")
     for name in ("lambda_gain", "aux_k_coef", "lambda_horizon"):
         v = getattr(c, name)
+        if name == "lambda_horizon" and v is None:
+            continue
         if not _is_real(v) or not 0 <= v < math.inf:
             raise ConfigError(f"{name} {v!r} is invalid; expected a finite number >= 0")
     for name in ("init_l0_factor", "threshold_lr_scale"):

@@ -49,6 +49,9 @@ from .stats import TrainingStream, feature_counts, finish_layer, save_training_s
 __all__ = ["LayerTrainer", "StepStats", "_Objective", "dictionary_dirname", "train_dictionaries"]
 
 
+JUMPRELU_DECODER_INIT = 0.3  # initial norm of JumpReLU decoder rows (inputs are scaled to unit mean square)
+
+
 def _fused_kwargs(device: str) -> dict:
     kind = torch.device(device).type
     return {"fused": True} if kind in ("cpu", "cuda") else {}
@@ -82,6 +85,10 @@ class LayerTrainer:
         if tcfg.activation == "jumprelu":
             with torch.no_grad():
                 self.dictionary.b_enc.fill_(0.0)
+                # small decoder rows: a JumpReLU feature cannot shrink below its threshold, so against a
+                # unit-norm random decoder the quickest cut in MSE is to switch features off, and the
+                # encoder does that in a few steps (L0 135 -> 6 on SmolLM2 within 20 steps, whatever λ)
+                self.dictionary.W_dec.mul_(JUMPRELU_DECODER_INIT)
         self.objective: nn.Module = _Objective(self.dictionary, tcfg.aux_k_coef)
         if dist.is_available() and dist.is_initialized() and tcfg.parallel == "data" and dist.get_world_size() > 1:
             self.objective = nn.parallel.DistributedDataParallel(self.objective)
@@ -92,7 +99,11 @@ class LayerTrainer:
             groups.append({"params": [d.log_threshold], "lr_scale": tcfg.threshold_lr_scale})
         self.opt = torch.optim.Adam(groups, lr=tcfg.lr, betas=(0.9, 0.999), **_fused_kwargs(tcfg.device))
         init = tcfg.l1_init if tcfg.l1_init is not None else (0.05 if tcfg.activation == "relu" else 1.0)
-        self.controller = L0Controller(tcfg.target_l0, math.log(init), tcfg.lambda_gain, horizon=tcfg.lambda_horizon)
+        # JumpReLU answers λ more slowly (a threshold moves only through tokens within the bandwidth of it),
+        # so its controller looks further ahead
+        horizon = tcfg.lambda_horizon if tcfg.lambda_horizon is not None else (
+            50.0 if tcfg.activation == "jumprelu" else 20.0)
+        self.controller = L0Controller(tcfg.target_l0, math.log(init), tcfg.lambda_gain, horizon=horizon)
         self.since_fired = torch.zeros(n_features, dtype=torch.long)
         self.step = 0
         self.last_l0: float | None = None
