@@ -74,7 +74,8 @@ def training_references(folder: Path) -> dict | None:
     except (SafetensorError, OSError, ValueError) as e:
         raise DictionaryFileError(f"'{p}' is corrupt ({e}); delete it to evaluate without training statistics") \
             from None
-    ref = {k: t[k] for k in ("target_mean", "fire_count", "b_enc_before_calibration") if k in t}
+    ref = {k: t[k] for k in ("target_mean", "fire_count", "b_enc_before_calibration",
+                             "threshold_before_calibration") if k in t}
     if "fire_count" in ref and int(info.get("stream_tokens", 1)) == 0:
         ref.pop("fire_count")
     if "target_mean" in ref and not bool(torch.isfinite(ref["target_mean"]).all()):

@@ -116,15 +116,24 @@ def _eval_means(lm: LanguageModel, windows: Tensor, hps: list[Hookpoint], batch_
     return {h: (v / count).float() for h, v in sums.items()}
 
 
-def _pre_calibration(d: SparseDictionary, b_enc: Tensor | None) -> SparseDictionary | None:
-    """A copy of ``d`` with the encoder bias training left before the L0 calibration (None: no such bias)."""
-    if b_enc is None or torch.equal(b_enc.to(d.b_enc.device), d.b_enc.detach()):
+def _pre_calibration(d: SparseDictionary, ref: dict) -> SparseDictionary | None:
+    """A copy of ``d`` with the encoder bias (and JumpReLU thresholds) that training left before the L0
+    calibration; None when they were not saved or the calibration changed nothing."""
+    b_enc, thr = ref.get("b_enc_before_calibration"), ref.get("threshold_before_calibration")
+    if b_enc is None:
+        return None
+    same_b = torch.equal(b_enc.to(d.b_enc.device, d.b_enc.dtype), d.b_enc.detach())
+    same_t = thr is None or d.log_threshold is None or torch.allclose(
+        thr.to(d.log_threshold.device).log(), d.log_threshold.detach(), rtol=0, atol=1e-6)
+    if same_b and same_t:
         return None
     import copy
 
     pre = copy.deepcopy(d)
     with torch.no_grad():
         pre.b_enc.copy_(b_enc.to(pre.b_enc.device, pre.b_enc.dtype))
+        if thr is not None and pre.log_threshold is not None:
+            pre.log_threshold.copy_(thr.to(pre.log_threshold.device).clamp_min(1e-12).log())
     return pre
 
 
@@ -174,8 +183,7 @@ def evaluate(
             mean_source.append("evaluation windows")
             notes.append(f"layer {d.cfg.layer}: no training mean saved with this dictionary (trained before "
                          f"they were recorded); mean-ablation uses the mean over the evaluation windows")
-    pre_dicts = [_pre_calibration(d, r.get("b_enc_before_calibration")) for d, r in zip(dictionaries, refs,
-                                                                                         strict=True)]
+    pre_dicts = [_pre_calibration(d, r) for d, r in zip(dictionaries, refs, strict=True)]
 
     acc = [_Accum() for _ in dictionaries]
     ce = {"clean": [], **{f"{i}:{k}": [] for i in range(len(dictionaries)) for k in ("spliced", "zero", "mean")}}

@@ -3,8 +3,9 @@ L0 calibration, saved beside each dictionary.
 
 - ``training_stats.safetensors``: ``target_mean`` (the mean of the output hookpoint over the training
   stream's last pass, raw units: evaluation's mean-ablation reference), ``fire_count`` (per-feature
-  firings over the same tokens: "dead" means 0 here), ``b_enc_before_calibration`` (the encoder bias as
-  training left it, so evaluation can measure what the calibration did).
+  firings over the same tokens: "dead" means 0 here), ``b_enc_before_calibration`` and, for JumpReLU,
+  ``threshold_before_calibration`` (as training left them, so evaluation can measure what the
+  calibration did; it shifts JumpReLU thresholds and the other activations' encoder bias).
 - ``training_stats.json``: token count of that window, the controller's own L0 at the end of training
   (before calibration), the calibration shift, L0 and FVU on a training sample before and after it,
   and any warnings.
@@ -108,10 +109,16 @@ def finish_layer(tr: LayerTrainer, cache: ActivationCache, n_tokens: int = 8192)
 
     l0_before, fvu_before = measure()
     b_before = d.b_enc.detach().clone()
+    thr_before = d.threshold.detach().clone() if d.log_threshold is not None else None
     shift = None
     if tr.uses_lambda and tcfg.calibrate:
         shift = calibration_shift(d.pre_activations(x), d.threshold, tcfg.target_l0)
-        d.b_enc.add_(shift)
+        if d.log_threshold is not None:
+            # JumpReLU: move the thresholds, not the bias, so the values of the features that fire stay
+            # as trained (pre + shift > θ  <=>  pre > θ - shift)
+            d.log_threshold.copy_((d.threshold - shift).clamp_min(1e-6).log())
+        else:
+            d.b_enc.add_(shift)
     l0_after, fvu_after = measure() if shift else (l0_before, fvu_before)
     controller_l0 = tr.controller.ema_l0 if tr.uses_lambda else tr.last_l0
     rec = {
@@ -129,6 +136,7 @@ def finish_layer(tr: LayerTrainer, cache: ActivationCache, n_tokens: int = 8192)
     }
     rec["warnings"] = sparsity_warnings(rec, tr.uses_lambda)
     tr.b_enc_before_calibration = b_before
+    tr.threshold_before_calibration = thr_before
     return rec
 
 
@@ -160,6 +168,8 @@ def save_training_stats(tr: LayerTrainer, folder: Path, rec: dict, stream: dict[
         "fire_count": stream["fire_count"].cpu(),
         "b_enc_before_calibration": tr.b_enc_before_calibration.float().cpu(),
     }
+    if tr.threshold_before_calibration is not None:
+        tensors["threshold_before_calibration"] = tr.threshold_before_calibration.float().cpu()
     path = Path(folder) / STATS_TENSORS
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=".stats.", suffix=".tmp")
     os.close(fd)

@@ -108,6 +108,7 @@ class LayerTrainer:
         self.step = 0
         self.last_l0: float | None = None
         self.b_enc_before_calibration: Tensor | None = None
+        self.threshold_before_calibration: Tensor | None = None
         # training-stream statistics over the last pass (at most n_tokens tokens) of the run
         stream_steps = min(tcfg.total_steps, -(-tcfg.n_tokens // tcfg.batch_size))
         self.stream = TrainingStream(n_features, d_model, tcfg.total_steps - stream_steps, tcfg.device)
