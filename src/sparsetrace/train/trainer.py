@@ -117,9 +117,9 @@ class LayerTrainer:
 
     @property
     def thresholds_frozen(self) -> bool:
-        """JumpReLU thresholds stay where they started while the decoder learns (and λ waits with them):
-        against a random decoder almost every feature hurts reconstruction, and the thresholds would rise
-        until L0 is far below any target, whatever λ."""
+        """JumpReLU thresholds (and λ with them) are held for the first ``threshold_warmup_frac`` of the
+        steps while the decoder learns its first directions: what a feature is worth to reconstruction,
+        which moves its threshold, means little against a random decoder."""
         return self.dictionary.log_threshold is not None and self.step < self.tcfg.threshold_warmup_frac * \
             self.tcfg.total_steps
 
