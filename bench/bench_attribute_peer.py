@@ -174,7 +174,8 @@ def worker_ours(a) -> None:
     from safetensors.torch import save_file
 
     from sparsetrace.attribute import attribute
-    from sparsetrace.dictionary.io import find_dictionaries, load_dictionary
+    from sparsetrace.dictionary.io import find_dictionaries
+    from sparsetrace.dictionary.load import load_dictionary
     from sparsetrace.model.adapter import LanguageModel
 
     torch.set_num_threads(a.threads)

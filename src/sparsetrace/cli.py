@@ -377,7 +377,7 @@ def align(
             raise ConfigError(f"run folder '{r}' does not exist")
     dens = None
     if n_windows > 0:
-        from .dictionary.io import load_dictionary
+        from .dictionary.load import load_dictionary
         from .evaluate.job import heldout_windows
 
         res_layer = layer
