@@ -92,6 +92,8 @@ def train(
     max_memory: float = typer.Option(None, "--max-memory", help="Resident-memory budget in GB (default unbounded)."),
     out: Path = typer.Option(Path("runs/tc"), help="Output run folder."),
     resume: bool = typer.Option(False, "--resume", help="Continue from the last checkpoint in --out."),
+    calibrate: bool = typer.Option(True, "--calibrate/--no-calibrate",
+                                   help="ReLU/JumpReLU: shift encoder biases at the end so L0 equals the target."),
 ) -> None:
     """Harvest activations and train one dictionary per layer, with λ tuned automatically to --target-l0."""
     from .train.config import TrainConfig
@@ -119,6 +121,7 @@ def train(
         parallel=parallel,
         checkpoint_every=checkpoint_every,
         max_memory_gb=max_memory,
+        calibrate=calibrate,
     ).validate()
     info = run_training(tcfg, out, resume=resume, progress=_progress())
     info.pop("dictionaries", None)
@@ -132,13 +135,15 @@ def evaluate(
     model: str = typer.Option(None, help="Model (default: the one recorded in the dictionaries)."),
     corpus: str = typer.Option(None, help="Held-out text (default: the run's held-out windows)."),
     encoding: str = typer.Option(None, "--encoding", help="Encoding of corpus files (default utf-8), e.g. latin-1."),
-    n_windows: int = typer.Option(32, "--n-windows", help="Held-out windows of 128 tokens."),
+    n_windows: int = typer.Option(64, "--n-windows", help="Held-out windows of 128 tokens."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object per dictionary."),
 ) -> None:
     """Evaluate dictionaries against the real model: FVU, L0, dead/dense, CE recovered, KL, substitution."""
     from .evaluate.job import evaluate_run
 
     result = evaluate_run(run_dir, model=model, corpus=_corpus_spec(corpus, encoding), n_windows=n_windows, progress=_progress())
+    for w in result.get("warnings", []):
+        typer.echo(f"warning: {w}", err=True)
     if as_json:
         for row in result["dictionaries"]:
             typer.echo(json.dumps(row))
