@@ -201,7 +201,7 @@ def trace(
     """Attribution graph for a task or a prompt, and the circuit of its most influential features."""
     from .intervene.circuit_job import TraceConfig, format_verify, task_for, trace_circuit, verify_trace
 
-    cfg = TraceConfig(task=task if task or prompt else "ioi", prompt=prompt, target=target, contrast=contrast,
+    cfg = TraceConfig(task=task if task is not None or prompt is not None else "ioi", prompt=prompt, target=target, contrast=contrast,
                       n_prompts=n_prompts, n_graph_prompts=graph_prompts, max_features=max_features,
                       node_threshold=node_threshold, edge_threshold=edge_threshold, mode=mode,
                       unrelated_task=unrelated_task, select=select, positions=positions, template=template,
@@ -402,13 +402,22 @@ def serve(
     _serve(root, host=host, port=port, allow_remote=allow_remote)
 
 
+def command():
+    """The click command tree of ``app`` with every option checked by :mod:`sparsetrace.cli_options`."""
+    import typer.main
+
+    from .cli_options import install
+
+    return install(typer.main.get_command(app))
+
+
 def main() -> None:
     try:
         from typer._click import exceptions as click_exc
     except ImportError:  # typer < 0.20 uses the click package
         from click import exceptions as click_exc
     try:
-        rv = app(standalone_mode=False)
+        rv = command().main(args=sys.argv[1:], prog_name="sparsetrace", standalone_mode=False)
     except SparsetraceError as e:
         if _DEBUG["on"] or "--debug" in sys.argv:
             raise

@@ -82,6 +82,11 @@ class TraceConfig:
             raise ConfigError("--prompt needs --target (the next token to explain, e.g. ' Paris')")
         if self.task is not None and self.prompt:
             raise ConfigError(f"pass either --task ('{self.task}') or --prompt, not both")
+        for name in ("target", "contrast"):
+            if getattr(self, name) is not None and self.prompt is None:
+                raise ConfigError(f"--{name} {getattr(self, name)!r} needs --prompt (a built-in task gives its own)")
+        if self.prompt is not None and not self.prompt.strip():
+            raise ConfigError("--prompt is empty; expected the text whose next token to explain")
         for name in ("n_prompts", "n_graph_prompts", "max_features", "max_feature_nodes"):
             v = getattr(self, name)
             if not isinstance(v, int) or v <= 0:
