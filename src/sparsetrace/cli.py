@@ -13,6 +13,7 @@ from pathlib import Path
 
 import typer
 
+from .cli_options import clear_or_refuse as _clear_or_refuse
 from .errors import ConfigError, SparsetraceError
 
 app = typer.Typer(
@@ -79,6 +80,8 @@ def train(
     max_memory: float = typer.Option(None, "--max-memory", help="Resident-memory budget in GB (default unbounded)."),
     out: Path = typer.Option(Path("runs/tc"), help="Output run folder."),
     resume: bool = typer.Option(False, "--resume", help="Continue from the last checkpoint in --out."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="An --out that already holds a run is refused unless "
+                                   "--resume or --overwrite (which deletes that run folder first) is given."),
 ) -> None:
     """Harvest activations and train one dictionary per layer, with λ tuned automatically to --target-l0."""
     from .train.config import TrainConfig
@@ -107,6 +110,11 @@ def train(
         checkpoint_every=checkpoint_every,
         max_memory_gb=max_memory,
     ).validate()
+    if resume and overwrite:
+        raise ConfigError("pass either --resume or --overwrite, not both")
+    if not resume:
+        _clear_or_refuse([out / "train_config.json", out / "run.json"], overwrite, folder=out,
+                         how="pass --resume to continue it, --overwrite to start over, or another --out")
     info = run_training(tcfg, out, resume=resume, progress=_progress())
     info.pop("dictionaries", None)
     typer.echo(f"trained {len(tcfg.layers)} dictionaries in {info['seconds_total']:.0f} s -> {out}")
@@ -120,10 +128,16 @@ def evaluate(
     corpus: str = typer.Option(None, help="Held-out text (default: the run's held-out windows)."),
     n_windows: int = typer.Option(32, "--n-windows", help="Held-out windows of 128 tokens."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object per dictionary."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an earlier evaluation of the same text "
+                                   "(refused otherwise). With --corpus the figures go to RUN/eval_<corpus>.json, "
+                                   "beside the run's own eval.json, which they never replace."),
 ) -> None:
     """Evaluate dictionaries against the real model: FVU, L0, dead/dense, CE recovered, KL, substitution."""
-    from .evaluate.job import evaluate_run
+    from .evaluate.job import eval_path, evaluate_run
 
+    dest = eval_path(run_dir, corpus)
+    if run_dir.is_dir():
+        _clear_or_refuse([dest], overwrite)
     result = evaluate_run(run_dir, model=model, corpus=corpus, n_windows=n_windows, progress=_progress())
     if as_json:
         for row in result["dictionaries"]:
@@ -134,6 +148,7 @@ def evaluate(
     from .evaluate.job import format_table
 
     typer.echo(format_table(result))
+    typer.echo(f"written: {dest}")
 
 
 # ---------------------------------------------------------------------------------------------- run
@@ -146,12 +161,15 @@ def run(
     device: str = typer.Option("cpu"),
     max_memory: float = typer.Option(None, "--max-memory", help="Resident-memory budget in GB for training "
                                      "(default unbounded)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Start over. By default a folder that holds an earlier "
+                                   "run of the same settings is resumed: finished stages are kept, training "
+                                   "continues from its last checkpoint."),
 ) -> None:
     """The main job: train transcoders with automatic λ, evaluate them, trace and verify a circuit, write a report."""
     from .job import run_main_job
 
     summary = run_main_job(out, preset=preset, model=model, corpus=corpus, device=device, progress=_progress(),
-                           max_memory_gb=max_memory)
+                           max_memory_gb=max_memory, overwrite=overwrite)
     typer.echo(summary)
 
 
@@ -197,6 +215,8 @@ def trace(
     verify: bool = typer.Option(False, "--verify", help="Also run `sparsetrace verify` on the result."),
     device: str = typer.Option("cpu"),
     out: Path = typer.Option(None, help="Output folder (default DICTIONARIES/circuits/TASK)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a graph/circuit already in the output folder "
+                                   "(refused otherwise); its verify.json is deleted with it."),
 ) -> None:
     """Attribution graph for a task or a prompt, and the circuit of its most influential features."""
     from .intervene.circuit_job import TraceConfig, format_verify, task_for, trace_circuit, verify_trace
@@ -207,10 +227,14 @@ def trace(
                       unrelated_task=unrelated_task, select=select, positions=positions, template=template,
                       seed=seed).validate()
     task_for(cfg)  # an unknown task name fails before the model loads
-    lm, dicts = _dictionaries_and_model(dictionaries, model, device)
+    if not dictionaries:
+        raise ConfigError("--dictionaries is required: a run folder (e.g. runs/tc) or dictionary folders")
     if out is None:
         base = dictionaries[0] if dictionaries[0].is_dir() else dictionaries[0].parent
         out = base / "circuits" / cfg.name
+    lm, dicts = _dictionaries_and_model(dictionaries, model, device)
+    task_for(cfg).prompts(lm, n=1, seed=cfg.seed)  # a prompt/target the model cannot use fails before the refusal
+    _clear_or_refuse([out / "circuit.json", out / "graph.json", out / "verify.json"], overwrite)
     doc = trace_circuit(lm, dicts, cfg, out, log=_say)
     gs, ps, ec = doc.get("graph_scores") or {}, doc.get("pruned_scores") or {}, doc.get("edge_check") or {}
     typer.echo(f"task {doc['task']}: clean {doc['metric_name']} {doc['baseline']:.3f}")
@@ -309,6 +333,8 @@ def explain(
     seed: int = typer.Option(0),
     model: str = typer.Option(None),
     device: str = typer.Option("cpu"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace the layer's earlier dashboards "
+                                   "(RUN/features/LNN, refused otherwise)."),
 ) -> None:
     """Feature dashboards, built-in labels and a causal verdict for each label."""
     from .interpret.explain_job import explain_layer, find_layer_dictionary, format_explain
@@ -318,6 +344,8 @@ def explain(
     if promoted not in ("steered", "direct"):
         raise ConfigError(f"--promoted '{promoted}' is unknown; expected steered or direct")
     folder = find_layer_dictionary(run_dir, layer)
+    feats = run_dir / "features" / f"L{layer:02d}"
+    _clear_or_refuse([feats / "summary.json", feats / "index.json"], overwrite, folder=feats)
     lm, _ = _dictionaries_and_model([folder], model, device)
     summary = explain_layer(lm, run_dir, layer, features, n_tokens=n_tokens, corpus=corpus, verify=verify,
                             promoted=promoted, seed=seed, progress=_progress(), log=_say)
@@ -370,10 +398,13 @@ def align(
 def report(
     run_dirs: list[Path] = typer.Argument(..., help="Run folders (or a folder of runs)."),
     out: Path = typer.Option(Path("report"), help="Output folder for the static site."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Rebuild over a report already in --out (refused "
+                                   "otherwise)."),
 ) -> None:
     """Build the static HTML report (opens from disk, no network)."""
     from .report.html import build_report
 
+    _clear_or_refuse([out / "index.html"], overwrite)
     dirs: list[Path] = []
     for d in run_dirs:
         if not d.exists():

@@ -20,7 +20,8 @@ from typing import Any
 
 from .errors import ConfigError
 
-__all__ = ["MAX_COUNT", "MAX_REAL", "RULES", "Rule", "check_value", "install", "rule_for"]
+__all__ = ["MAX_COUNT", "MAX_REAL", "RULES", "Rule", "check_value", "clear_or_refuse", "install", "refuse_existing",
+           "rule_for"]
 
 MAX_COUNT = 10**9
 MAX_REAL = 1e6
@@ -135,3 +136,30 @@ def install(command, name: str = "") -> Any:
     for sub_name, sub in (getattr(command, "commands", None) or {}).items():
         install(sub, sub_name)
     return command
+
+
+def refuse_existing(paths: list[Path], *, how: str = "pass --overwrite to replace them") -> None:
+    """Raise ConfigError when any of ``paths`` exists: earlier results are never replaced silently."""
+    found = [Path(p) for p in paths if Path(p).exists()]
+    if found:
+        names = ", ".join(str(p) for p in found[:3]) + (" ..." if len(found) > 3 else "")
+        raise ConfigError(f"results already exist ({names}); {how}")
+
+
+def clear_or_refuse(results: list[Path], overwrite: bool, *, folder: Path | None = None,
+                    how: str = "pass --overwrite to replace them or choose another output folder") -> None:
+    """Earlier results are never replaced silently: refuse, or with --overwrite remove them (``folder`` whole)."""
+    if not overwrite:
+        refuse_existing(results, how=how)
+        return
+    if folder is not None and any(Path(p).exists() for p in results):
+        import shutil
+
+        from .util.cache import log
+
+        log(f"--overwrite: removing {folder}")
+        shutil.rmtree(folder)
+        return
+    for p in results:
+        if Path(p).is_file():
+            Path(p).unlink()

@@ -54,6 +54,18 @@ def heldout_windows(run_dir: Path, lm: LanguageModel, corpus: str | None, n_wind
     return tokenize_windows(lm.tokenizer, texts, context, max_windows=n_windows)
 
 
+def eval_path(run_dir: str | Path, corpus: str | None) -> Path:
+    """Where an evaluation is written: eval.json on the run's held-out windows, eval_<corpus slug>.json else."""
+    import re
+
+    if corpus is None:
+        return Path(run_dir) / "eval.json"
+    name = corpus.rstrip("/\\")
+    name = Path(name).stem if ("/" in name or "." in Path(name).name) and not name.startswith("hf:") else name
+    slug = re.sub(r"[^A-Za-z0-9_-]+", "_", name).strip("_")[:60] or "corpus"
+    return Path(run_dir) / f"eval_{slug}.json"
+
+
 def evaluate_run(
     run_dir: str | Path,
     *,
@@ -69,7 +81,9 @@ def evaluate_run(
     lm = lm or LanguageModel.load(model_for(dictionaries, model))
     windows = heldout_windows(run_dir, lm, corpus, n_windows)
     result = evaluate(lm, dictionaries, windows, progress=progress)
-    if write:
+    if write and corpus is not None:  # other text: beside the run's own held-out figures, named by the corpus
+        atomic_write_text(eval_path(run_dir, corpus), json.dumps({"corpus": corpus, **result}, indent=2))
+    elif write:
         atomic_write_text(run_dir / "eval.json", json.dumps(result, indent=2))
         for path, row in zip(find_dictionaries(run_dir), result["dictionaries"], strict=False):
             atomic_write_text(path / "metrics.json", json.dumps(row, indent=2))
