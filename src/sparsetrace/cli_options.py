@@ -53,7 +53,7 @@ class Rule:
 
 
 COUNT = Rule(1, MAX_COUNT, what=f"an integer >= 1 (at most {MAX_COUNT:,})")
-REAL = Rule(0.0, MAX_REAL, lo_open=True, what=f"a finite number > 0 (at most {MAX_REAL:g})")
+REAL = Rule(0.0, MAX_REAL, lo_open=True, what=f"a number > 0 (finite, at most {MAX_REAL:g})")
 FRACTION = Rule(0.0, 1.0, lo_open=True, what="a fraction in (0, 1]")
 INDEX = Rule(0, 100_000, what="an integer >= 0")
 
@@ -72,7 +72,8 @@ RULES: dict[str, Rule] = {
     "node_threshold": FRACTION,
     "edge_threshold": FRACTION,
     "threshold": FRACTION,
-    "lr": Rule(0.0, 10.0, lo_open=True, what="a finite learning rate in (0, 10]"),
+    # a huge rate is caught by training's divergence check (one error line, last checkpoint kept)
+    "lr": Rule(0.0, 1e30, lo_open=True, what="a finite learning rate > 0 (at most 1e30)"),
     "epochs": Rule(0.0, 10_000.0, lo_open=True, what="a finite number of passes in (0, 10000]"),
     "scale": Rule(-1000.0, 1000.0, what="a finite number in [-1000, 1000] (0: no steering)"),
     "max_memory": Rule(0.0, 100_000.0, lo_open=True, what="a finite number of GB in (0, 100000]"),
@@ -112,7 +113,8 @@ def check_value(command: str, param, raw: Any, value: Any) -> None:
         if isinstance(v, (int, float)):
             rule = rule_for(command, param.name or "", float if isinstance(v, float) else int)
             if not rule.accepts(v):
-                raise ConfigError(f"{flag} {v!r} is invalid; expected {rule.expected()}")
+                shown = f"{v:g}" if isinstance(v, float) else str(v)
+                raise ConfigError(f"{flag} {shown} is invalid; expected {rule.expected()}")
 
 
 def _wrap(command: str, param) -> None:
