@@ -10,8 +10,8 @@ through the stage, in train after half the steps were checkpointed).
 from __future__ import annotations
 
 import json
-import re
 import os
+import re
 import signal
 import subprocess
 import sys
