@@ -76,7 +76,7 @@ def train(
     seed: int = typer.Option(0),
     device: str = typer.Option("cpu", help="cpu | cuda"),
     parallel: str = typer.Option("data", help="Under torchrun: data (DDP) | layer (ranks own layers)."),
-    checkpoint_every: int = typer.Option(200, "--checkpoint-every", help="Steps between checkpoints."),
+    checkpoint_every: int = typer.Option(200, "--checkpoint-every", help="Steps between checkpoints (0: none)."),
     max_memory: float = typer.Option(None, "--max-memory", help="Resident-memory budget in GB (default unbounded)."),
     out: Path = typer.Option(Path("runs/tc"), help="Output run folder."),
     resume: bool = typer.Option(False, "--resume", help="Continue from the last checkpoint in --out."),
@@ -155,7 +155,8 @@ def evaluate(
 @app.command()
 def run(
     out: Path = typer.Option(Path("runs/default"), help="Run folder; the report goes to OUT/report."),
-    preset: str = typer.Option("default", help="default (≤20 min on 2 CPU cores) | quick (a few minutes)"),
+    preset: str = typer.Option("default", help="default (≤20 min on 2 CPU cores) | quick (a taste of every stage "
+                              "in ≤2 min; see README for what it leaves out)"),
     model: str = typer.Option("smollm2-135m", help="Model."),
     corpus: str = typer.Option("default", help="Training text."),
     device: str = typer.Option("cpu"),
@@ -279,7 +280,8 @@ def verify_cmd(
 def steer(
     feature: str = typer.Option(..., help="Feature as LAYER:INDEX (e.g. 6:1234) or L6/F1234."),
     prompt: str = typer.Option(..., help="Prompt to continue."),
-    scale: float = typer.Option(4.0, help="Multiple of a typical activation norm added along the decoder row."),
+    scale: float = typer.Option(4.0, help="Multiple of a typical activation norm added along the decoder row, "
+                               "in [-1000, 1000] (0: unsteered, negative: suppress)."),
     dictionaries: list[Path] = typer.Option(None, "--dictionaries", "-d", help="Run folder or dictionary folders."),
     model: str = typer.Option(None),
     max_new_tokens: int = typer.Option(20, "--max-new-tokens"),
