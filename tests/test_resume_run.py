@@ -132,6 +132,10 @@ def test_other_settings_refused_and_overwrite_starts_over(tmp_path, corpus):
     out = tmp_path / "run"
     assert _claim_folder(out, {"preset": "a"}, overwrite=False) is False
     assert _claim_folder(out, {"preset": "a"}, overwrite=False) is True
+    # nothing written yet (e.g. the model failed to load): other settings start anew
+    assert _claim_folder(out, {"preset": "c"}, overwrite=False) is False
+    assert _claim_folder(out, {"preset": "a"}, overwrite=False) is False
+    (out / "train_config.json").write_text("{}")
     with pytest.raises(ConfigError, match="other settings"):
         _claim_folder(out, {"preset": "b"}, overwrite=False)
     (out / "eval.json").write_text("{}")

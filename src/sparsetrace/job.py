@@ -135,6 +135,10 @@ def _claim_folder(out: Path, settings: dict, overwrite: bool) -> bool:
             saved = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, ValueError, RecursionError):
             saved = None
+        started = [x for x in out.iterdir() if x.name != _MARKERS] or [x for x in path.parent.iterdir() if x != path]
+        if saved != settings and not started:  # an earlier attempt stopped before writing anything: start anew
+            atomic_write_text(path, json.dumps(settings, indent=1, sort_keys=True) + "\n")
+            return False
         if saved != settings:
             raise ConfigError(f"'{out}' holds a run with other settings ({path}); pass --overwrite to start over "
                               f"or choose another --out")
