@@ -40,6 +40,9 @@ class Preset:
     verify_labels: bool = True
     checkpoint_every: int = 200
     batch_size: int = 512
+    expansion: int = 8
+    edge_checks: int = 100  # finite-difference checks of the strongest graph edges
+    promoted: str = "steered"  # labels' promoted outputs: steered (measured) | direct (decoder row, cheaper)
 
 
 PRESETS = {
@@ -47,11 +50,13 @@ PRESETS = {
     # budget as `sparsetrace train`'s default
     "default": Preset(layers=[3, 6], n_tokens=300_000, epochs=3.0, eval_windows=24, dashboard_features=30,
                       dashboard_tokens=40_000, circuit_prompts=24, graph_prompts=2, spearman_features=20),
-    # a taste of every stage in <= 2 minutes: one layer, a tenth of the tokens, a small circuit verified on
-    # few prompts, dashboards without the causal check of their labels
-    "quick": Preset(layers=[3], n_tokens=30_000, epochs=1.0, eval_windows=4, dashboard_features=8,
+    # a taste of every stage in <= 2 minutes: one layer, half the dictionary width, 1/15 of the tokens seen
+    # once, a small circuit verified on few prompts, a few dashboards whose labels are neither steered nor
+    # causally checked
+    "quick": Preset(layers=[3], n_tokens=20_000, epochs=1.0, eval_windows=4, dashboard_features=8,
                     dashboard_tokens=4_000, circuit_prompts=4, graph_prompts=1, spearman_features=4,
-                    circuit_features=8, verify_labels=False),
+                    circuit_features=8, verify_labels=False, batch_size=256, expansion=4, edge_checks=20,
+                    promoted="direct"),
 }
 
 STAGES = ("train", "evaluate", "circuit", "explain", "report")
@@ -229,7 +234,7 @@ def _train_stage(ctx: _Ctx, layers: list[int], model: str, corpus: str, device: 
     tcfg = TrainConfig(
         model=model, layers=layers, kind="transcoder", activation="relu", target_l0=32.0, corpus=corpus,
         n_tokens=p.n_tokens, epochs=p.epochs, device=device, max_memory_gb=max_memory_gb,
-        checkpoint_every=p.checkpoint_every, batch_size=p.batch_size,
+        checkpoint_every=p.checkpoint_every, batch_size=p.batch_size, expansion=p.expansion,
     )
     resume = (out / "train_config.json").is_file()
     how = "resuming from its last checkpoint" if resume else "automatic λ"
@@ -264,7 +269,7 @@ def _circuit_stage(ctx: _Ctx) -> tuple:
     _say("stage 3/5: tracing the IOI circuit (attribution graphs) and verifying it by ablation")
     dicts = load_dictionaries(ctx.out, ctx.lm)
     cfg = TraceConfig(task="ioi", n_prompts=p.circuit_prompts, n_graph_prompts=p.graph_prompts,
-                      max_features=p.circuit_features, n_spearman=p.spearman_features)
+                      max_features=p.circuit_features, n_spearman=p.spearman_features, n_edge_checks=p.edge_checks)
     folder = ctx.out / "circuits" / "ioi"
     try:
         trace_circuit(ctx.lm, dicts, cfg, folder, log=_say)
@@ -304,7 +309,8 @@ def _explain_stage(ctx: _Ctx) -> tuple:
     shutil.rmtree(out / "features", ignore_errors=True)  # a half-written earlier attempt
     for i, layer in enumerate(layers):
         explain_layer(ctx.lm, out, layer, f"random:{p.dashboard_features}", n_tokens=p.dashboard_tokens,
-                      extra=circuit.get(layer, []), verify=p.verify_labels, progress=ctx.progress, log=_say)
+                      extra=circuit.get(layer, []), verify=p.verify_labels, promoted=p.promoted,
+                      progress=ctx.progress, log=_say)
         if i == 0:
             _test_kill("explain")
     return ["features"], {"ok": bool(layers)}
