@@ -14,6 +14,7 @@ from pathlib import Path
 import typer
 
 from .cli_options import clear_or_refuse as _clear_or_refuse
+from .cli_options import parse_layers as _parse_layers
 from .errors import ConfigError, SparsetraceError
 
 app = typer.Typer(
@@ -30,24 +31,6 @@ _DEBUG = {"on": os.environ.get("SPARSETRACE_DEBUG") == "1"}
 def _root(debug: bool = typer.Option(False, "--debug", help="Show full tracebacks for errors.")) -> None:
     if debug:
         _DEBUG["on"] = True
-
-
-def _parse_layers(text: str) -> list[int]:
-    out: list[int] = []
-    for part in text.split(","):
-        part = part.strip()
-        if not part:
-            continue
-        if "-" in part[1:]:
-            a, b = part.split("-", 1)
-            if not (a.isdigit() and b.isdigit()):
-                raise ConfigError(f"--layers '{text}' is invalid; expected integers like 3,6 or 2-5")
-            out.extend(range(int(a), int(b) + 1))
-        elif part.lstrip("-").isdigit():
-            out.append(int(part))
-        else:
-            raise ConfigError(f"--layers '{text}' is invalid; expected integers like 3,6 or 2-5")
-    return out
 
 
 def _progress() -> bool:
@@ -292,10 +275,6 @@ def steer(
     from .intervene.features import parse_node_id
 
     node = parse_node_id(feature)
-    if max_new_tokens <= 0:
-        raise ConfigError(f"--max-new-tokens {max_new_tokens} is invalid; expected a positive integer")
-    if not prompt.strip():
-        raise ConfigError("--prompt is empty; expected some text to continue")
     lm, dicts = _dictionaries_and_model(dictionaries, model, device)
     ids = lm.tokenize(prompt)
     if ids.shape[1] + max_new_tokens > lm.max_length:
@@ -321,6 +300,30 @@ def export_graph(
     typer.echo(f"written: {dest}")
 
 
+@app.command()
+def upstream(
+    run_dir: Path = typer.Argument(..., metavar="RUN", help="Run folder with the dictionaries (e.g. runs/tc)."),
+    feature: str = typer.Option(..., help="Target feature as LAYER:INDEX, e.g. 6:123."),
+    top: int = typer.Option(10, help="How many upstream features to list."),
+    through_attention: bool = typer.Option(True, "--through-attention/--no-through-attention",
+                                           help="Also score paths through each attention head's OV circuit."),
+    as_json: bool = typer.Option(False, "--json", help="Print the JSON instead of the table."),
+    model: str = typer.Option(None, help="Model (default: the one the dictionaries were trained on)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing RUN/upstream/LXX_FN.json."),
+    device: str = typer.Option("cpu"),
+) -> None:
+    """Top upstream features of a feature (virtual weights from the weights alone) and its top input tokens."""
+    from .attribute import upstream as up
+
+    layer, index = up.parse_feature(feature)
+    dest = up.upstream_file(run_dir, layer, index, overwrite=overwrite)
+    lm, dicts = _dictionaries_and_model([run_dir], model, device)
+    doc = up.upstream_features(lm, dicts, layer, index, top=top, through_attention=through_attention)
+    up.write_upstream(dest, doc)
+    typer.echo(json.dumps(doc, indent=1, ensure_ascii=False) if as_json else up.format_upstream(doc))
+    _say(f"written: {dest}")
+
+
 # ---------------------------------------------------------------------------------------------- interpret
 @app.command()
 def explain(
@@ -341,8 +344,6 @@ def explain(
     """Feature dashboards, built-in labels and a causal verdict for each label."""
     from .interpret.explain_job import explain_layer, find_layer_dictionary, format_explain
 
-    if n_tokens <= 0:
-        raise ConfigError(f"--n-tokens {n_tokens} is invalid; expected a positive number of tokens")
     if promoted not in ("steered", "direct"):
         raise ConfigError(f"--promoted '{promoted}' is unknown; expected steered or direct")
     folder = find_layer_dictionary(run_dir, layer)
@@ -368,14 +369,12 @@ def align(
     """Match the features of two runs' dictionaries; matched fraction by firing-frequency bucket."""
     from .interpret.explain_job import align_runs, feature_densities, find_layer_dictionary, format_align
 
-    if not 0.0 < threshold <= 1.0:
-        raise ConfigError(f"--threshold {threshold} is invalid; expected a similarity in (0, 1]")
     for r in (run1, run2):
         if not r.is_dir():
             raise ConfigError(f"run folder '{r}' does not exist")
     dens = None
     if n_windows > 0:
-        from .dictionary.io import load_dictionary
+        from .dictionary.load import load_dictionary
         from .evaluate.job import heldout_windows
 
         res_layer = layer
@@ -402,6 +401,8 @@ def report(
     out: Path = typer.Option(Path("report"), help="Output folder for the static site."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Rebuild over a report already in --out (refused "
                                    "otherwise)."),
+    upstream_seconds: float = typer.Option(60.0, "--upstream-seconds", help="Time budget per run for the feature "
+                                           "pages' upstream panel (weight-only attribution; loads the model); 0 = off."),
 ) -> None:
     """Build the static HTML report (opens from disk, no network)."""
     from .report.html import build_report
@@ -416,7 +417,7 @@ def report(
         else:
             subs = sorted(p.parent for p in d.glob("*/run.json"))
             dirs.extend(subs or [d])
-    index = build_report(dirs, out)
+    index = build_report(dirs, out, upstream=upstream_seconds > 0, upstream_budget_s=upstream_seconds)
     typer.echo(f"report written: {index}")
 
 

@@ -20,8 +20,8 @@ from typing import Any
 
 from .errors import ConfigError
 
-__all__ = ["MAX_COUNT", "MAX_REAL", "RULES", "Rule", "check_value", "clear_or_refuse", "install", "refuse_existing",
-           "rule_for"]
+__all__ = ["MAX_COUNT", "MAX_REAL", "RULES", "Rule", "check_value", "clear_or_refuse", "install", "parse_layers",
+           "refuse_existing", "rule_for"]
 
 MAX_COUNT = 10**9
 MAX_REAL = 1e6
@@ -77,6 +77,7 @@ RULES: dict[str, Rule] = {
     "epochs": Rule(0.0, 10_000.0, lo_open=True, what="a finite number of passes in (0, 10000]"),
     "scale": Rule(-1000.0, 1000.0, what="a finite number in [-1000, 1000] (0: no steering)"),
     "max_memory": Rule(0.0, 100_000.0, lo_open=True, what="a finite number of GB in (0, 100000]"),
+    "upstream_seconds": Rule(0.0, MAX_REAL, what="a finite number of seconds >= 0 (0: off)"),
     "target": Rule(blank=True),
     "contrast": Rule(blank=True),
 }
@@ -165,3 +166,21 @@ def clear_or_refuse(results: list[Path], overwrite: bool, *, folder: Path | None
     for p in results:
         if Path(p).is_file():
             Path(p).unlink()
+
+
+def parse_layers(text: str) -> list[int]:
+    out: list[int] = []
+    for part in text.split(","):
+        part = part.strip()
+        if not part:
+            continue
+        if "-" in part[1:]:
+            a, b = part.split("-", 1)
+            if not (a.isdigit() and b.isdigit()):
+                raise ConfigError(f"--layers '{text}' is invalid; expected integers like 3,6 or 2-5")
+            out.extend(range(int(a), int(b) + 1))
+        elif part.lstrip("-").isdigit():
+            out.append(int(part))
+        else:
+            raise ConfigError(f"--layers '{text}' is invalid; expected integers like 3,6 or 2-5")
+    return out

@@ -43,6 +43,7 @@ class Preset:
     expansion: int = 8
     edge_checks: int = 100  # finite-difference checks of the strongest graph edges
     promoted: str = "steered"  # labels' promoted outputs: steered (measured) | direct (decoder row, cheaper)
+    upstream_seconds: float = 60.0  # the report's upstream panel: time budget per run (0: none)
 
 
 PRESETS = {
@@ -56,7 +57,7 @@ PRESETS = {
     "quick": Preset(layers=[3], n_tokens=20_000, epochs=1.0, eval_windows=4, dashboard_features=8,
                     dashboard_tokens=4_000, circuit_prompts=4, graph_prompts=1, spearman_features=4,
                     circuit_features=8, verify_labels=False, batch_size=256, expansion=4, edge_checks=20,
-                    promoted="direct"),
+                    promoted="direct", upstream_seconds=10.0),
 }
 
 STAGES = ("train", "evaluate", "circuit", "explain", "report")
@@ -333,7 +334,8 @@ def _report_stage(ctx: _Ctx) -> tuple:
     from .report.html import build_report
 
     _say("stage 5/5: writing the HTML report")
-    build_report([ctx.out], ctx.out / "report")
+    up = ctx.p.upstream_seconds
+    build_report([ctx.out], ctx.out / "report", upstream=up > 0, upstream_budget_s=up)
     _test_kill("report")
     return ["report"], {}
 

@@ -35,8 +35,8 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from ..errors import SparsetraceError
+from .graph_types import GRAPH_FORMAT
 
-GRAPH_FORMAT = "sparsetrace-graph/1"
 FEATURE_TYPES = {
     "feature": "cross layer transcoder",
     "error": "mlp reconstruction error",

@@ -38,10 +38,7 @@ from torch import Tensor
 
 from ..errors import DataError
 from ..model.hookpoints import Hookpoint
-
-#: names of the norm that sits in front of the MLP inside a decoder layer (Llama/NeoX, GPT-2/Neo, Gemma)
-_MLP_NORM_NAMES = ("post_attention_layernorm", "ln_2", "pre_feedforward_layernorm")
-_ATTN_NORM_NAMES = ("input_layernorm", "ln_1")
+from ..model.norms import norm_info
 
 
 # ----------------------------------------------------------------------------------------- encoding
@@ -404,56 +401,38 @@ class DashboardState:
 
 
 # ----------------------------------------------------------------------------------------- weights
-def _norm_weight(norm) -> Tensor | None:
-    w = getattr(norm, "weight", None) if norm is not None else None
-    return w.detach().float() if isinstance(w, Tensor) else None
-
-
-def _is_layernorm(norm) -> bool:
-    return isinstance(norm, torch.nn.LayerNorm) or getattr(norm, "bias", None) is not None
-
-
 def input_norm(lm, hookpoint: str, layer: int):
-    """The norm module in front of a dictionary's input hookpoint (None for residual hookpoints)."""
-    names = {"mlp_in": _MLP_NORM_NAMES}.get(hookpoint)
-    if not names:
-        return None
-    mod = lm.arch.layer(layer)
-    for n in names:
-        sub = getattr(mod, n, None)
-        if isinstance(sub, torch.nn.Module):
-            return sub
-    return None
+    """The norm module in front of a dictionary's input hookpoint (None for residual hookpoints); from
+    the one table in :mod:`sparsetrace.model.norms`."""
+    return norm_info(lm, layer, "mlp").module if hookpoint == "mlp_in" else None
 
 
 @torch.no_grad()
 def logit_effects(lm, W_dec: Tensor) -> Tensor:
     """Direct effect on the logits of writing each row of ``W_dec`` [n, d] into the residual stream:
-    through the final norm's weight (centred first for LayerNorm) and the unembedding. [n, vocab]."""
+    through the final norm's weight (centred first for LayerNorm; ``1 + w`` for Gemma) and the
+    unembedding. [n, vocab]."""
     w = W_dec.float()
-    norm = lm.arch.final_norm
-    if norm is not None and _is_layernorm(norm):
+    info = norm_info(lm, None, "final")
+    if info.centred:
         w = w - w.mean(-1, keepdim=True)
-    g = _norm_weight(norm)
-    if g is not None:
-        w = w * g
+    w = w * info.gamma.to(w.device)
     return w @ lm.arch.unembed.weight.detach().float().t()
 
 
 @torch.no_grad()
 def deembedding(lm, dictionary, W_enc: Tensor) -> Tensor:
     """How strongly each vocabulary token's embedding drives each encoder row [n, d] -> [n, vocab],
-    with the embedding passed through the norm in front of the dictionary's input (RMS-normalised and
-    scaled by its weight) when there is one."""
+    with the embedding passed through the norm in front of the dictionary's input (normalised and
+    scaled by its weight, ``1 + w`` for Gemma) when there is one."""
     E = lm.arch.embed.weight.detach().float()
-    norm = input_norm(lm, dictionary.cfg.hookpoint_in, dictionary.cfg.layer)
-    if norm is not None:
-        if _is_layernorm(norm):
-            E = E - E.mean(-1, keepdim=True)
-        E = E / E.pow(2).mean(-1, keepdim=True).add(1e-6).sqrt()
-        g = _norm_weight(norm)
-        if g is not None:
-            E = E * g
+    if dictionary.cfg.hookpoint_in == "mlp_in":
+        info = norm_info(lm, dictionary.cfg.layer, "mlp")
+        if info.module is not None:
+            if info.centred:
+                E = E - E.mean(-1, keepdim=True)
+            E = E * torch.rsqrt(E.pow(2).mean(-1, keepdim=True) + info.eps)
+            E = E * info.gamma.to(E.device)
     return W_enc.float() @ E.t()
 
 
