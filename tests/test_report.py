@@ -341,7 +341,7 @@ def test_upstream_panel_matches_weight_only_attribution(tmp_path, tiny_llama):
     import torch
 
     from sparsetrace.attribute import weights as W
-    from sparsetrace.dictionary.io import load_dictionary
+    from sparsetrace.dictionary.load import load_dictionary
 
     run = upstream_run(tmp_path)
     out = tmp_path / "out"

@@ -41,7 +41,7 @@ from ..errors import DataError
 if TYPE_CHECKING:  # pragma: no cover
     from .replacement import ReplacementModel
 
-__all__ = ["GRAPH_FORMAT", "KINDS", "Edges", "Graph", "Node"]
+__all__ = ["GRAPH_FORMAT", "KINDS", "Edges", "Graph", "Node", "read_supernodes"]
 
 GRAPH_FORMAT = "sparsetrace-graph/1"
 KINDS = ("embedding", "feature", "error", "logit")
@@ -128,16 +128,19 @@ class Edges:
 
 class Graph:
     """An attribution graph: ``nodes`` (list of :class:`Node`), ``edges`` (:class:`Edges`, indices into
-    ``nodes``), ``metadata`` (the JSON metadata; ``scores`` lives there).
+    ``nodes``), ``metadata`` (the JSON metadata; ``scores`` lives there), ``supernodes`` (named groups of
+    nodes a person made, ``[{"name": str, "members": [node_id, ...]}]``; optional in the JSON).
 
     Not serialised: ``replacement`` (the :class:`ReplacementModel` it was computed on, when built in
     this process) and ``unpruned`` (the full graph, for a pruned one).
     """
 
-    def __init__(self, nodes: list[Node], edges: Edges, metadata: dict | None = None):
+    def __init__(self, nodes: list[Node], edges: Edges, metadata: dict | None = None,
+                 supernodes: list[dict] | None = None):
         self.nodes = nodes
         self.edges = edges
         self.metadata = dict(metadata or {})
+        self.supernodes = [{"name": g["name"], "members": list(g["members"])} for g in supernodes or []]
         self.replacement: ReplacementModel | None = None
         self.unpruned: Graph | None = None
         self._index: dict[str, int] | None = None
@@ -193,7 +196,10 @@ class Graph:
         src, dst, w = self.edges.numpy()
         ids = [n.node_id for n in self.nodes]
         links = [{"source": ids[s], "target": ids[t], "weight": float(x)} for s, t, x in zip(src.tolist(), dst.tolist(), w, strict=True)]
-        return {"format": GRAPH_FORMAT, "metadata": _jsonable(self.metadata), "nodes": nodes, "links": links}
+        doc = {"format": GRAPH_FORMAT, "metadata": _jsonable(self.metadata), "nodes": nodes, "links": links}
+        if self.supernodes:
+            doc["supernodes"] = [{"name": g["name"], "members": list(g["members"])} for g in self.supernodes]
+        return doc
 
     def save(self, path: str | Path) -> Path:
         from ..dictionary.io import atomic_write_text
@@ -234,7 +240,9 @@ class Graph:
             src.append(s)
             dst.append(t)
             w.append(x)
-        g = cls(nodes, Edges.from_numpy(np.array(src, dtype=np.int32), np.array(dst, dtype=np.int32), np.array(w)), meta)
+        supernodes = read_supernodes(doc.get("supernodes"), index, where)
+        g = cls(nodes, Edges.from_numpy(np.array(src, dtype=np.int32), np.array(dst, dtype=np.int32), np.array(w)), meta,
+                supernodes)
         g._index = index
         return g
 
@@ -254,6 +262,32 @@ class Graph:
         except RecursionError:
             raise DataError(f"graph file {path} is nested too deeply to be a sparsetrace graph") from None
         return cls.from_json(doc, str(path))
+
+
+def read_supernodes(value: Any, node_ids: dict[str, int] | set[str], where: str = "graph") -> list[dict]:
+    """Check a graph JSON's optional ``supernodes``: a list of ``{"name": str, "members": [node_id, ...]}``
+    whose members are nodes of the graph, each in at most one supernode. Returns a clean copy."""
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise DataError(f"{where}: 'supernodes' is {type(value).__name__}; expected a list of "
+                        "{\"name\": ..., \"members\": [node_id, ...]}")
+    out, seen = [], {}
+    for i, g in enumerate(value):
+        name = g.get("name") if isinstance(g, dict) else None
+        members = g.get("members") if isinstance(g, dict) else None
+        if not isinstance(name, str) or not name.strip() or not isinstance(members, list) or not members:
+            raise DataError(f"{where}: supernodes[{i}] is {str(g)[:80]!r}; expected "
+                            "{\"name\": a non-empty string, \"members\": a non-empty list of node ids}")
+        for m in members:
+            if not isinstance(m, str) or m not in node_ids:
+                raise DataError(f"{where}: supernode {name!r} names member {m!r}, which is not a node of the graph")
+            if m in seen:
+                raise DataError(f"{where}: node {m!r} is in two supernodes ({seen[m]!r} and {name!r}); "
+                                "expected each node in at most one")
+            seen[m] = name
+        out.append({"name": name.strip(), "members": list(members)})
+    return out
 
 
 def _jsonable(x):

@@ -166,6 +166,8 @@ def prune_graph(graph: Graph, node_threshold: float = 0.8, edge_threshold: float
     meta["edge_threshold"] = float(edge_threshold)
     meta["keep_errors"] = bool(keep_errors)
     meta["pruned"] = {"nodes": int(len(keep)), "links": int(len(e)), "from_nodes": n, "from_links": int(len(w))}
-    pruned = Graph([graph.nodes[i] for i in keep], edges, meta)
+    kept_ids = {graph.nodes[i].node_id for i in keep}
+    groups = [{"name": g["name"], "members": [m for m in g["members"] if m in kept_ids]} for g in graph.supernodes]
+    pruned = Graph([graph.nodes[i] for i in keep], edges, meta, [g for g in groups if g["members"]])
     pruned.replacement = graph.replacement
     return pruned

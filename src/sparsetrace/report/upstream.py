@@ -29,7 +29,8 @@ import torch
 from tqdm.auto import tqdm
 
 from ..attribute.weights import _check_order, feature_input_tokens, head_ov, norm_linear, virtual_weights
-from ..dictionary.io import find_dictionaries, load_dictionary
+from ..dictionary.io import find_dictionaries
+from ..dictionary.load import load_dictionary
 from ..dictionary.model import SparseDictionary
 from ..errors import SparsetraceError
 from ..model.adapter import LanguageModel

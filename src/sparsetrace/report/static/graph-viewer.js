@@ -1,11 +1,12 @@
 /* sparsetrace report: attribution graph viewer (pan/zoom, pruning, paths, supernodes, side panel).
  * A classic script (the report opens from file://, where ES modules are blocked); the files share the
- * window.ST namespace and are loaded in order by index.html: core, charts, dashboard, graph-layout,
- * graph-viewer, circuit, report. */
+ * window.ST namespace and are loaded in order by index.html: core, charts, dashboard, graph-prune,
+ * graph-layout, graph-groups, graph-viewer, circuit, report. */
 (function (ST) {
   "use strict";
 
-  const { addCleanup, clear, featureHref, fmt, h, isNum, kvTable, note, showTok, sv, truncate, verdictBadge, featureEntry, hasDashboard, loadDashboard, renderDashboard, LABEL_LIMIT, MAX_INITIAL_EDGES, ROW, SLOT, SLOT_SMALL, buildView, computeGroups, layoutView, nodeTitle } = ST;
+  const { addCleanup, clear, featureHref, fmt, h, isNum, kvTable, note, showTok, sv, truncate, verdictBadge, featureEntry, hasDashboard, loadDashboard, renderDashboard } = ST;
+  const { EDGE_THRESHOLD, LABEL_LIMIT, MAX_INITIAL_EDGES, NODE_BUDGET, NODE_THRESHOLD, SLOT, SLOT_SMALL, Pruner, UserGroups, buildView, computeGroups, drawAxes, edgePath, groupBar, layoutView, nodeRadius, nodeTitle, placeLabels } = ST;
 
   function GraphViewer(holder, run, circuit, graph, verifyCard) {
     const meta = graph.metadata || {};
@@ -17,7 +18,18 @@
     // a stale verify.json describes another circuit: its node set is not offered as "verified"
     const staleVerify = !!(circuit.verify_status && circuit.verify_status.state === "stale");
     const circuitSet = new Set(!staleVerify && Array.isArray((circuit.verify || {}).circuit) ? circuit.verify.circuit : []);
-    const state = { threshold: 0, logit: "", grouped: false, selected: null, showCircuit: false };
+    const pruner = Pruner({ nodes: nodes, links: links, metadata: meta });
+    const dflt = pruner.defaults();
+    const user = UserGroups(graph, "sparsetrace-supernodes:" + (run.name || run.index) + ":" + circuit.name + ":" + nodes.length + ":" + links.length);
+    const state = { threshold: 0, nodeThr: dflt.node, edgeThr: dflt.edge, logit: "", grouped: false, selected: null, showCircuit: false, picked: new Set() };
+    // a feature's label: its own, else the feature index's (dashboards/labels), else its id
+    const labelOf = (n) => {
+      if (n.kind === "supernode") return n.label;
+      if (n.kind !== "feature") return null;
+      if (n.label) return n.label;
+      const e = featureEntry(run, n.layer, n.feature);
+      return (e && e.label) || String(n.node_id).replace(/@\d+$/, "");
+    };
     const probs = new Map();
     for (const t of Array.isArray(meta.targets) ? meta.targets : []) if (t && isNum(t.token_id)) probs.set(t.token_id, t.prob);
 
@@ -50,6 +62,12 @@
         const p = m ? probs.get(Number(m[1])) : undefined;
         logitSel.appendChild(h("option", { value: n.node_id, text: showTok(n.token) + (isNum(p) ? "  (p=" + fmt(p, 3) + ")" : "") + "  @" + n.position }));
       }
+    const range = (id, label, value) => h("input", { type: "range", id: id, min: "0.05", max: "1", step: "0.01", value: String(value), "aria-label": label });
+    const nodeSlider = range("node-threshold", "node threshold (cumulative influence)", state.nodeThr);
+    const edgeSlider = range("edge-influence", "edge threshold (cumulative influence)", state.edgeThr);
+    const nodeVal = h("span", { class: "mono", id: "node-threshold-value" });
+    const edgeVal = h("span", { class: "mono", id: "edge-influence-value" });
+    const pruneNote = h("div", { class: "prune-note muted", id: "prune-note" });
     const groupBox = h("input", { type: "checkbox", id: "group-supernodes", disabled: !groups.length });
     const circuitBox = h("input", { type: "checkbox", id: "show-circuit", disabled: !circuitSet.size });
     const stats = h("span", { class: "graph-stats", id: "graph-stats" });
@@ -58,9 +76,13 @@
       h(
         "div",
         { class: "toolbar graph-toolbar" },
-        h("label", { class: "ctl", for: "edge-threshold" }, "prune edges < ", slider, sliderVal, h("span", { class: "muted", text: "× max |w|" })),
+        h("label", { class: "ctl", for: "node-threshold", title: "keep the features (and, ranked apart, the error nodes) that together carry this fraction of the influence on the target logits" }, "nodes ", nodeSlider, nodeVal),
+        h("label", { class: "ctl", for: "edge-influence", title: "keep the edges that together carry this fraction of the edge influence among the kept nodes" }, "edges ", edgeSlider, edgeVal),
+        btn("default", "back to the default pruning", () => setPrune(dflt.node, dflt.edge), "prune-default"),
+        btn("show all", "no pruning: every node and edge of graph.json", () => setPrune(1, 1), "prune-none"),
+        h("label", { class: "ctl", for: "edge-threshold" }, "hide |w| < ", slider, sliderVal, h("span", { class: "muted", text: "× max" })),
         h("label", { class: "ctl", for: "logit-select" }, "paths into ", logitSel),
-        h("label", { class: "ctl", title: groups.length ? groups.length + " groups of features sharing a label" : "no two features share a label" }, groupBox, " supernodes" + (groups.length ? " (" + groups.length + ")" : "")),
+        h("label", { class: "ctl", title: groups.length ? groups.length + " groups of features sharing a label" : "no two features share a label" }, groupBox, " merge same-label" + (groups.length ? " (" + groups.length + ")" : "")),
         circuitSet.size ? h("label", { class: "ctl", title: "nodes of the verified circuit (verify.json)" }, circuitBox, " verified circuit") : null,
         h(
           "span",
@@ -72,6 +94,9 @@
         stats
       )
     );
+    holder.appendChild(pruneNote);
+    const bar = groupBar(user, state.picked, (circuit.name || "graph") + ".graph.json", makeGroup, clearPicked);
+    holder.appendChild(bar);
 
     /* main area */
     const svg = sv("svg", { id: "graph-svg", class: "graph-svg", role: "img", "aria-label": "attribution graph" });
@@ -127,7 +152,7 @@
       const x0 = -60;
       const x1 = lay.width + 20;
       const y0 = -40;
-      const y1 = (lay.maxRow - lay.minRow) * ROW + 96;
+      const y1 = lay.height + 120;
       const k = Math.min(r.width / (x1 - x0), r.height / (y1 - y0), 1.6);
       tf.k = k;
       tf.x = (r.width - (x1 - x0) * k) / 2 - x0 * k;
@@ -206,28 +231,13 @@
     let edgeEls = [];
     let nodeEls = new Map();
     function draw() {
-      view = buildView({ nodes: nodes, links: links }, groups, state.grouped);
+      const kept = pruner.prune(state.nodeThr, state.edgeThr);
+      const shown = { nodes: nodes.filter((n) => kept.nodes.has(n.node_id)), links: links.filter((_, i) => kept.links.has(i)) };
+      view = buildView(shown, groups, state.grouped, user.list());
       const showLabels = view.nodes.length <= LABEL_LIMIT;
       lay = layoutView(view, meta, showLabels ? SLOT : SLOT_SMALL);
       clear(viewport);
-      const axes = sv("g", { class: "axes" });
-      for (let row = lay.minRow; row <= lay.maxRow; row++) {
-        const y = lay.Y(row);
-        axes.appendChild(sv("line", { class: "row-line", x1: -8, x2: lay.width, y1: y, y2: y }));
-        const lbl = row === -1 ? "Emb" : row === lay.nLayers ? "Logits" : "L" + row;
-        axes.appendChild(sv("text", { class: "row-label", x: -14, y: y + 4, "text-anchor": "end", text: lbl }));
-      }
-      const yb = lay.Y(lay.minRow) + 26;
-      for (let p = 0; p < lay.nPos; p++) {
-        const c = lay.colX[p];
-        const tok = toks[p] !== undefined ? toks[p] : "";
-        const cx = c.start + c.width / 2;
-        const t = sv("text", { class: "tok-label", x: cx, y: yb, "text-anchor": "end", transform: "rotate(-35 " + cx + " " + yb + ")", text: truncate(showTok(tok), 12) });
-        t.appendChild(sv("title", { text: p + ": " + JSON.stringify(String(tok)) }));
-        axes.appendChild(t);
-        if (p) axes.appendChild(sv("line", { class: "col-line", x1: c.start, x2: c.start, y1: lay.Y(lay.maxRow) - 20, y2: lay.Y(lay.minRow) + 12 }));
-      }
-      viewport.appendChild(axes);
+      viewport.appendChild(drawAxes(lay, toks));
       const eg = sv("g", { class: "edges" });
       edgeEls = [];
       const maxAbs = view.maxAbs || 1;
@@ -236,11 +246,9 @@
         const t = view.byId.get(l.target);
         if (!s || !t) continue;
         const f = Math.abs(l.weight) / maxAbs;
-        const my = (s.y + t.y) / 2;
-        const d = "M" + s.x.toFixed(1) + " " + s.y.toFixed(1) + "C" + s.x.toFixed(1) + " " + my.toFixed(1) + " " + t.x.toFixed(1) + " " + my.toFixed(1) + " " + t.x.toFixed(1) + " " + t.y.toFixed(1);
         const el = sv("path", {
           class: "edge " + (l.weight >= 0 ? "pos" : "neg"),
-          d: d,
+          d: edgePath(s, t),
           "stroke-width": (0.6 + 4.4 * f).toFixed(2),
           "stroke-opacity": (0.25 + 0.6 * f).toFixed(3),
           "data-source": l.source,
@@ -255,17 +263,20 @@
       const ng = sv("g", { class: "nodes" });
       nodeEls = new Map();
       let maxInf = 1e-9;
-      for (const n of view.nodes) if (isNum(n.influence)) maxInf = Math.max(maxInf, Math.abs(n.influence));
+      for (const n of view.nodes) if (isNum(n.influence) && n.kind !== "logit" && n.kind !== "embedding") maxInf = Math.max(maxInf, Math.abs(n.influence));
+      const labels = showLabels ? placeLabels(view, labelOf, maxInf, LABEL_LIMIT) : new Map();
       for (const n of view.nodes) {
-        const r = 5 + 6 * Math.sqrt(Math.abs(isNum(n.influence) ? n.influence : 0) / maxInf);
+        const r = nodeRadius(n, maxInf);
         const cls = ["node", "node-" + n.kind];
         if (n.kind === "feature" && hasDashboard(run, n.layer, n.feature)) cls.push("has-dash");
         if (groupOf.has(n.node_id) && !state.grouped) cls.push("in-group");
+        if (n.user) cls.push("user-supernode");
+        if (state.picked.has(n.node_id)) cls.push("picked");
         const g = sv("g", { class: cls.join(" "), "data-node-id": n.node_id, transform: "translate(" + n.x.toFixed(1) + "," + n.y.toFixed(1) + ")" });
         if (groupOf.has(n.node_id)) g.setAttribute("data-group", groupOf.get(n.node_id));
         let shape;
         if (n.kind === "embedding") shape = sv("rect", { x: -7, y: -7, width: 14, height: 14, rx: 2 });
-        else if (n.kind === "error") shape = sv("path", { d: "M0 -8L8 0L0 8L-8 0Z" });
+        else if (n.kind === "error") shape = sv("path", { d: "M0 " + -r + "L" + r + " 0L0 " + r + "L" + -r + " 0Z" });
         else if (n.kind === "logit") shape = sv("rect", { x: -11, y: -9, width: 22, height: 18, rx: 5 });
         else if (n.kind === "supernode") {
           g.appendChild(sv("circle", { class: "halo", r: r + 5 }));
@@ -276,9 +287,9 @@
         if (n.kind === "supernode") g.appendChild(sv("text", { class: "count", y: 3.5, "text-anchor": "middle", text: String(n.members.length) }));
         if (n.kind === "logit") {
           g.appendChild(sv("text", { class: "node-text logit-text", y: -16, "text-anchor": "middle", text: truncate(showTok(n.token), 14) }));
-        } else if (showLabels && (n.kind === "feature" || n.kind === "supernode") && n.label) {
-          const above = n.slot % 2 === 1;
-          g.appendChild(sv("text", { class: "node-text", y: above ? -r - 6 : r + 13, "text-anchor": "middle", text: truncate(n.label, 22) }));
+        } else if (labels.has(n.node_id)) {
+          const lb = labels.get(n.node_id);
+          g.appendChild(sv("text", { class: "node-text" + (n.kind === "supernode" ? " sn-text" : ""), y: lb.y, "text-anchor": "middle", text: lb.text }));
         }
         ng.appendChild(g);
         nodeEls.set(n.node_id, g);
@@ -288,6 +299,41 @@
       applyCircuit();
       if (state.selected && !nodeEls.has(state.selected)) state.selected = null;
       markSelected();
+      nodeVal.textContent = state.nodeThr.toFixed(2);
+      edgeVal.textContent = state.edgeThr.toFixed(2);
+    }
+
+    function setPrune(tn, te) {
+      state.nodeThr = tn;
+      state.edgeThr = te;
+      nodeSlider.value = String(tn);
+      edgeSlider.value = String(te);
+      draw();
+      fit();
+    }
+    pruneNote.textContent =
+      "Opened pruned: the nodes that carry " + Math.round(NODE_THRESHOLD * 100) + "% of the influence on the target logits and the edges that carry " +
+      Math.round(EDGE_THRESHOLD * 100) + "% (Circuit Tracing's defaults)" +
+      (!dflt.lowered ? "" : dflt.kept.nodes.size <= NODE_BUDGET ? ", with the node threshold lowered to " + dflt.node.toFixed(2) + " so that at most " + NODE_BUDGET + " nodes show" : ", with the node threshold lowered to its minimum, " + dflt.node.toFixed(2) + ": still more than " + NODE_BUDGET + " nodes") +
+      ". " + dflt.kept.nodes.size + " of " + nodes.length + " nodes; “show all” or the sliders at 1.00 show the rest." +
+      (pruner.storedInfluence ? "" : " (Influence computed here: graph.json has none.)");
+
+    /* supernodes the user makes: shift-click picks nodes, "group" names them */
+    function makeGroup(name) {
+      const members = [];
+      for (const id of state.picked) {
+        const n = view.byId.get(id);
+        if (n && n.kind === "supernode") members.push(...n.members);
+        else members.push(id);
+      }
+      if (!user.add(name, members)) return false;
+      state.picked.clear();
+      draw();
+      return true;
+    }
+    function clearPicked() {
+      state.picked.clear();
+      for (const o of viewport.querySelectorAll(".node.picked")) o.classList.remove("picked");
     }
 
     /* event delegation on nodes */
@@ -297,6 +343,8 @@
       const n = view.byId.get(g.getAttribute("data-node-id"));
       if (!n) return;
       showTip(n, ev);
+      for (const e of edgeEls) if (e.link.source === n.node_id || e.link.target === n.node_id) e.el.classList.add("hover");
+      svg.classList.add("has-hover");
       const grp = g.getAttribute("data-group");
       if (grp && !state.grouped) for (const o of viewport.querySelectorAll('.node[data-group="' + grp + '"]')) o.classList.add("group-peer");
     });
@@ -308,6 +356,8 @@
       if (!g || (ev.relatedTarget && g.contains(ev.relatedTarget))) return;
       tooltip.hidden = true;
       for (const o of viewport.querySelectorAll(".group-peer")) o.classList.remove("group-peer");
+      for (const o of viewport.querySelectorAll(".edge.hover")) o.classList.remove("hover");
+      svg.classList.remove("has-hover");
     });
     viewport.addEventListener("click", function (ev) {
       if (suppressClick) {
@@ -318,6 +368,20 @@
       if (!g) return;
       const n = view.byId.get(g.getAttribute("data-node-id"));
       if (!n) return;
+      if (ev.shiftKey) {
+        // shift-click picks nodes for a supernode
+        if (state.picked.has(n.node_id)) state.picked.delete(n.node_id);
+        else state.picked.add(n.node_id);
+        g.classList.toggle("picked", state.picked.has(n.node_id));
+        bar.refresh();
+        return;
+      }
+      if (state.selected === n.node_id) {
+        // a second click unpins
+        select(null);
+        panel.hidden = true;
+        return;
+      }
       select(n.node_id);
       if (n.kind === "logit") {
         logitSel.value = n.node_id;
@@ -331,12 +395,28 @@
       state.selected = id;
       markSelected();
     }
+    /* the pinned node (click; a second click, a click on the background or Esc unpins) keeps its in- and
+     * out-edges and their other ends highlighted */
     function markSelected() {
-      for (const o of viewport.querySelectorAll(".node.selected")) o.classList.remove("selected");
-      for (const e of edgeEls) e.el.classList.toggle("focus", !!state.selected && (e.link.source === state.selected || e.link.target === state.selected));
-      svg.classList.toggle("has-focus", !!state.selected);
-      if (state.selected && nodeEls.has(state.selected)) nodeEls.get(state.selected).classList.add("selected");
+      for (const o of viewport.querySelectorAll(".node.selected, .node.neighbour")) o.classList.remove("selected", "neighbour");
+      const id = state.selected;
+      for (const e of edgeEls) {
+        const on = !!id && (e.link.source === id || e.link.target === id);
+        e.el.classList.toggle("focus", on);
+        if (on) for (const end of [e.link.source, e.link.target]) if (end !== id && nodeEls.has(end)) nodeEls.get(end).classList.add("neighbour");
+      }
+      svg.classList.toggle("has-focus", !!id);
+      if (id && nodeEls.has(id)) nodeEls.get(id).classList.add("selected");
+      if (id) svg.setAttribute("data-pinned", id);
+      else svg.removeAttribute("data-pinned");
     }
+    const onKey = (ev) => {
+      if (ev.key === "Escape" && state.selected) {
+        select(null);
+        panel.hidden = true;
+      }
+    };
+    document.addEventListener("keydown", onKey);
 
     /* visibility: threshold pruning */
     function applyVisibility() {
@@ -360,7 +440,8 @@
         g.classList.toggle("is-hidden", !vis);
         if (vis) nNodes++;
       }
-      stats.textContent = nEdges + " / " + edgeEls.length + " edges · " + nNodes + " / " + nodeEls.size + " nodes";
+      const grouped = view.nodes.some((n) => n.kind === "supernode"); // totals of the drawn graph, else of graph.json
+      stats.textContent = nEdges + " / " + (grouped ? edgeEls.length : links.length) + " edges · " + nNodes + " / " + (grouped ? nodeEls.size : nodes.length) + " nodes";
       sliderVal.textContent = state.threshold.toFixed(2);
       slider.title = "hide edges with |weight| < " + fmt(cutoff, 3);
       applyPaths();
@@ -470,6 +551,21 @@
       const out = view.links.filter((l) => l.source === n.node_id).sort((a, b) => Math.abs(b.weight) - Math.abs(a.weight));
       const edgesBox = h("div", { class: "two-col" }, neighbourList("strongest inputs", inc, "source"), neighbourList("strongest outputs", out, "target"));
       if (n.kind === "supernode") {
+        if (n.user)
+          panelBody.appendChild(
+            h("button", {
+              type: "button",
+              class: "btn",
+              id: "ungroup-supernode",
+              text: "ungroup",
+              onclick: () => {
+                user.remove(Number(n.node_id.slice(3)));
+                panel.hidden = true;
+                state.selected = null;
+                draw();
+              },
+            })
+          );
         panelBody.appendChild(nodeInfo(n));
         panelBody.appendChild(
           h(
@@ -525,6 +621,14 @@
       state.threshold = Math.max(0, Math.min(1, Number(slider.value) || 0));
       applyVisibility();
     });
+    nodeSlider.addEventListener("input", function () {
+      state.nodeThr = Math.max(0.05, Math.min(1, Number(nodeSlider.value) || 1));
+      draw();
+    });
+    edgeSlider.addEventListener("input", function () {
+      state.edgeThr = Math.max(0.05, Math.min(1, Number(edgeSlider.value) || 1));
+      draw();
+    });
     logitSel.addEventListener("change", function () {
       state.logit = logitSel.value;
       applyPaths();
@@ -538,9 +642,9 @@
       applyCircuit();
     });
 
-    // very large graphs start pruned to roughly their MAX_INITIAL_EDGES strongest edges
-    if (links.length > MAX_INITIAL_EDGES) {
-      const mags = links.map((l) => Math.abs(l.weight)).sort((a, b) => b - a);
+    // a default view that still draws very many edges also hides all but its MAX_INITIAL_EDGES strongest
+    if (dflt.kept.links.size > MAX_INITIAL_EDGES) {
+      const mags = Array.from(dflt.kept.links, (i) => Math.abs(links[i].weight)).sort((a, b) => b - a);
       if (mags[0] > 0) {
         state.threshold = Math.min(1, Math.ceil((mags[MAX_INITIAL_EDGES] / mags[0]) * 100 + 1e-9) / 100);
         slider.value = String(state.threshold);
@@ -554,6 +658,7 @@
     window.addEventListener("resize", onResize);
     addCleanup(function () {
       window.removeEventListener("resize", onResize);
+      document.removeEventListener("keydown", onKey);
     });
   }
 
