@@ -16,7 +16,7 @@ import json
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .dictionary.io import atomic_write_text
@@ -54,9 +54,9 @@ PRESETS = {
     # a taste of every stage in <= 2 minutes: one layer, half the dictionary width, 1/15 of the tokens seen
     # once, a small circuit verified on few prompts, a few dashboards whose labels are neither steered nor
     # causally checked
-    "quick": Preset(layers=[3], n_tokens=20_000, epochs=1.0, eval_windows=4, dashboard_features=8,
-                    dashboard_tokens=4_000, circuit_prompts=4, graph_prompts=1, spearman_features=4,
-                    circuit_features=8, verify_labels=False, batch_size=256, expansion=4, edge_checks=20,
+    "quick": Preset(layers=[3], n_tokens=20_000, epochs=1.0, eval_windows=3, dashboard_features=8,
+                    dashboard_tokens=4_000, circuit_prompts=4, graph_prompts=1, spearman_features=3,
+                    circuit_features=8, verify_labels=False, batch_size=256, expansion=4, edge_checks=10,
                     promoted="direct", upstream_seconds=10.0),
 }
 
@@ -190,7 +190,9 @@ def run_main_job(
     index = out / "report" / "index.html"
     stages_done = ["train", "evaluate"] + (["circuit"] if circ.get("ok") else []) + (
         ["explain"] if expl.get("ok") else [])
+    ctx.cpu["total"] = time.process_time()
     summary = {"stages": stages_done, "ran": ran, "seconds": {k: round(v, 1) for k, v in timings.items()},
+               "cpu_seconds": {k: round(v, 1) for k, v in ctx.cpu.items()},
                "report": str(index), "peak_rss_mb": _peak_rss_mb()}
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
     lines = [_table(out)]
@@ -211,6 +213,7 @@ class _Ctx:
     progress: bool
     timings: dict
     ran: list
+    cpu: dict = field(default_factory=dict)  # CPU seconds (all threads) per stage
 
     def stage(self, name: str, key: str, body) -> dict:
         """Run ``body`` (returning (files written, extra marker fields)) unless the stage finished with ``key``."""
@@ -220,9 +223,10 @@ class _Ctx:
             _say(f"stage {n}/5 ({name}): finished earlier with the same inputs, skipped")
             return meta
         _marker(self.out, name).unlink(missing_ok=True)
-        t = time.time()
+        t, cpu = time.time(), time.process_time()
         rels, extra = body()
         self.timings[name] = time.time() - t
+        self.cpu[name] = time.process_time() - cpu
         self.ran.append(name)
         return _finish(self.out, name, key, rels, **extra)
 
