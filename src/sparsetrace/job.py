@@ -282,7 +282,7 @@ def _circuit_stage(ctx: _Ctx) -> tuple:
         _say(f"circuit stage skipped: {e}")
         return [], {"ok": False, "skipped": str(e)}
     _test_kill("circuit")
-    verify_trace(ctx.lm, dicts, folder, log=_say)
+    verify_trace(ctx.lm, dicts, folder, max_edge_checks=min(20, p.edge_checks), log=_say)
     return ["circuits/ioi"], {"ok": True}
 
 
