@@ -33,6 +33,17 @@ def _root(debug: bool = typer.Option(False, "--debug", help="Show full traceback
         _DEBUG["on"] = True
 
 
+def _corpus_spec(corpus: str | None, encoding: str | None) -> str | None:
+    """--corpus with --encoding recorded in it (encoding=NAME:SPEC); an unknown encoding is an error."""
+    if encoding is None:
+        return corpus
+    if corpus is None:
+        raise ConfigError(f"--encoding {encoding} needs --corpus: it names the encoding of the corpus files")
+    from .data.corpus import with_encoding
+
+    return with_encoding(corpus, encoding)
+
+
 def _progress() -> bool:
     return os.environ.get("SPARSETRACE_NO_PROGRESS") != "1"
 
@@ -49,7 +60,8 @@ def train(
     k: int = typer.Option(None, help="k for topk/batchtopk (default: target L0)."),
     expansion: int = typer.Option(8, help="n_features = expansion × d_model."),
     n_features: int = typer.Option(None, "--n-features", help="Overrides --expansion."),
-    corpus: str = typer.Option("default", help="default | austen | botchan | tinystories | FILE.txt/.jsonl | GLOB | hf:NAME"),
+    corpus: str = typer.Option("default", help="default (the mix) | default-NAME (mix without NAME) | heldout | a source name | FILE.txt/.jsonl | DIR | GLOB | A,B,... | hf:NAME"),
+    encoding: str = typer.Option(None, "--encoding", help="Encoding of corpus files (default utf-8), e.g. latin-1."),
     n_tokens: int = typer.Option(300_000, "--n-tokens", help="Harvested training tokens."),
     epochs: float = typer.Option(3.0, help="Passes over the harvested tokens."),
     batch_size: int = typer.Option(512, "--batch-size"),
@@ -80,7 +92,7 @@ def train(
         k=k,
         expansion=expansion,
         n_features=n_features,
-        corpus=corpus,
+        corpus=_corpus_spec(corpus, encoding),
         n_tokens=n_tokens,
         epochs=epochs,
         batch_size=batch_size,
@@ -109,6 +121,7 @@ def evaluate(
     run_dir: Path = typer.Argument(..., help="Run folder (or one dictionary folder)."),
     model: str = typer.Option(None, help="Model (default: the one recorded in the dictionaries)."),
     corpus: str = typer.Option(None, help="Held-out text (default: the run's held-out windows)."),
+    encoding: str = typer.Option(None, "--encoding", help="Encoding of corpus files (default utf-8), e.g. latin-1."),
     n_windows: int = typer.Option(32, "--n-windows", help="Held-out windows of 128 tokens."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object per dictionary."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an earlier evaluation of the same text "
@@ -118,10 +131,11 @@ def evaluate(
     """Evaluate dictionaries against the real model: FVU, L0, dead/dense, CE recovered, KL, substitution."""
     from .evaluate.job import eval_path, evaluate_run
 
-    dest = eval_path(run_dir, corpus)
+    spec = _corpus_spec(corpus, encoding)
+    dest = eval_path(run_dir, spec)
     if run_dir.is_dir():
         _clear_or_refuse([dest], overwrite)
-    result = evaluate_run(run_dir, model=model, corpus=corpus, n_windows=n_windows, progress=_progress())
+    result = evaluate_run(run_dir, model=model, corpus=spec, n_windows=n_windows, progress=_progress())
     if as_json:
         for row in result["dictionaries"]:
             typer.echo(json.dumps(row))
@@ -142,6 +156,7 @@ def run(
                               "in ≤2 min; see README for what it leaves out)"),
     model: str = typer.Option("smollm2-135m", help="Model."),
     corpus: str = typer.Option("default", help="Training text."),
+    encoding: str = typer.Option(None, "--encoding", help="Encoding of corpus files (default utf-8), e.g. latin-1."),
     device: str = typer.Option("cpu"),
     max_memory: float = typer.Option(None, "--max-memory", help="Resident-memory budget in GB for training "
                                      "(default unbounded)."),
@@ -152,8 +167,8 @@ def run(
     """The main job: train transcoders with automatic λ, evaluate them, trace and verify a circuit, write a report."""
     from .job import run_main_job
 
-    summary = run_main_job(out, preset=preset, model=model, corpus=corpus, device=device, progress=_progress(),
-                           max_memory_gb=max_memory, overwrite=overwrite)
+    summary = run_main_job(out, preset=preset, model=model, corpus=_corpus_spec(corpus, encoding), device=device,
+                           progress=_progress(), max_memory_gb=max_memory, overwrite=overwrite)
     typer.echo(summary)
 
 
@@ -197,6 +212,8 @@ def trace(
     template: int = typer.Option(0, help="With --positions relative: which task template."),
     seed: int = typer.Option(0),
     verify: bool = typer.Option(False, "--verify", help="Also run `sparsetrace verify` on the result."),
+    qk: bool = typer.Option(False, "--qk", help="Add QK terms and head loadings of the 5 strongest attention-mediated "
+                            "edges to graph.json (key \"qk\")."),
     device: str = typer.Option("cpu"),
     out: Path = typer.Option(None, help="Output folder (default DICTIONARIES/circuits/TASK)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a graph/circuit already in the output folder "
@@ -209,7 +226,7 @@ def trace(
                       n_prompts=n_prompts, n_graph_prompts=graph_prompts, max_features=max_features,
                       node_threshold=node_threshold, edge_threshold=edge_threshold, mode=mode,
                       unrelated_task=unrelated_task, select=select, positions=positions, template=template,
-                      seed=seed).validate()
+                      seed=seed, qk_edges=5 if qk else 0).validate()
     task_for(cfg)  # an unknown task name fails before the model loads
     if not dictionaries:
         raise ConfigError("--dictionaries is required: a run folder (e.g. runs/tc) or dictionary folders")
@@ -332,6 +349,7 @@ def explain(
     features: str = typer.Option("random:100", help="0:200 | 3,17,99 | random:120 (live features) | all"),
     n_tokens: int = typer.Option(60_000, "--n-tokens", help="Corpus tokens for the dashboards."),
     corpus: str = typer.Option(None, help="Corpus (default: the run's)."),
+    encoding: str = typer.Option(None, "--encoding", help="Encoding of corpus files (default utf-8), e.g. latin-1."),
     verify: bool = typer.Option(True, "--verify/--no-verify", help="Causally verify each label."),
     promoted: str = typer.Option("steered", help="Labels' promoted outputs: steered (measured by steering on the "
                                  "top examples) | direct (decoder row through the unembedding)."),
@@ -350,7 +368,7 @@ def explain(
     feats = run_dir / "features" / f"L{layer:02d}"
     _clear_or_refuse([feats / "summary.json", feats / "index.json"], overwrite, folder=feats)
     lm, _ = _dictionaries_and_model([folder], model, device)
-    summary = explain_layer(lm, run_dir, layer, features, n_tokens=n_tokens, corpus=corpus, verify=verify,
+    summary = explain_layer(lm, run_dir, layer, features, n_tokens=n_tokens, corpus=_corpus_spec(corpus, encoding), verify=verify,
                             promoted=promoted, seed=seed, progress=_progress(), log=_say)
     typer.echo(format_explain(summary))
     typer.echo(f"written: {run_dir}/features/L{layer:02d}/")

@@ -75,6 +75,7 @@ class TraceConfig:
     positions: str = "relative"  # relative: nodes at positions from the end, one template | any: every position
     template: int | None = 0  # with positions="relative": the task template used (None: all templates)
     seed: int = 0
+    qk_edges: int = 0  # QK terms and head loadings for this many attention-mediated graph edges (--qk: 5)
 
     def validate(self) -> TraceConfig:
         if self.task is None and not self.prompt:
@@ -312,6 +313,11 @@ def trace_circuit(
     check = check_edges(first, k=cfg.n_edge_checks) if cfg.n_edge_checks and len(first.edges) else {}
     check_summary = {k: v for k, v in check.items() if k != "edges"}
     first.metadata["edge_check"] = check_summary
+    if cfg.qk_edges:
+        from ..attribute.heads import add_qk
+
+        say(f"QK terms and head loadings for the {cfg.qk_edges} strongest attention-mediated edges")
+        add_qk(first, n_edges=cfg.qk_edges, log=say)
     out.mkdir(parents=True, exist_ok=True)
     first.save(out / "graph.json")
     doc = {

@@ -48,6 +48,18 @@ def load_corpus_windows(
     return train[:n_train_windows], heldout
 
 
+def source_tokens(lm: LanguageModel, tcfg: TrainConfig, corpus) -> dict[str, int]:
+    """Training tokens taken from each source of the corpus (the windows of :func:`load_corpus_windows`)."""
+    from ..data.tokens import window_source_counts
+
+    per_window = tcfg.context - 1
+    n_train_windows = -(-tcfg.n_tokens // per_window)
+    n_total = int(n_train_windows / (1 - tcfg.eval_fraction)) + 2
+    counts, names = window_source_counts(lm.tokenizer, corpus.texts, corpus.sources, tcfg.context, n_total)
+    train = split_windows(counts, tcfg.eval_fraction, seed=tcfg.seed)[0][:n_train_windows].sum(0)
+    return {n: int(v) for n, v in zip(names, train.tolist(), strict=True)}
+
+
 def check_layers(lm: LanguageModel, layers: list[int]) -> None:
     for layer in layers:
         if not 0 <= layer < lm.n_layers:
@@ -88,9 +100,10 @@ def run_training(
             tcfg = replace(saved, max_memory_gb=mem)
     _check_writable(out_dir)
     t0 = time.time()
-    from ..data.corpus import load_texts
+    from ..data.corpus import load_corpus
 
-    texts = load_texts(tcfg.corpus)  # before the model, so a bad corpus fails fast
+    corpus = load_corpus(tcfg.corpus)  # before the model, so a bad corpus fails fast
+    texts = corpus.texts
     lm = lm or LanguageModel.load(tcfg.model, device=tcfg.device)
     check_layers(lm, tcfg.layers)
     n_features = tcfg.n_features or tcfg.expansion * lm.d_model
@@ -131,6 +144,7 @@ def run_training(
         "target_l0": tcfg.target_l0,
         "corpus": tcfg.corpus,
         "n_tokens": cache.n_tokens,
+        "corpus_sources": source_tokens(lm, tcfg, corpus),
         "seconds_harvest": round(t_harvest, 1),
         "seconds_total": round(time.time() - t0, 1),
         "peak_rss_mb": round(peak_resident_bytes() / 1e6),
