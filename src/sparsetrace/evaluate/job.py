@@ -105,6 +105,18 @@ def evaluation_warnings(result: dict, refs: list[dict | None]) -> list[str]:
     return out
 
 
+def eval_path(run_dir: str | Path, corpus: str | None) -> Path:
+    """Where an evaluation is written: eval.json on the run's held-out windows, eval_<corpus slug>.json else."""
+    import re
+
+    if corpus is None:
+        return Path(run_dir) / "eval.json"
+    name = corpus.rstrip("/\\")
+    name = Path(name).stem if ("/" in name or "." in Path(name).name) and not name.startswith("hf:") else name
+    slug = re.sub(r"[^A-Za-z0-9_-]+", "_", name).strip("_")[:60] or "corpus"
+    return Path(run_dir) / f"eval_{slug}.json"
+
+
 def evaluate_run(
     run_dir: str | Path,
     *,
@@ -126,7 +138,9 @@ def evaluate_run(
                                f"pass --corpus FILE for more")
     by_layer = sorted(zip(dictionaries, refs, strict=True), key=lambda p: p[0].cfg.layer)
     result["warnings"] = evaluation_warnings(result, [r for _, r in by_layer])
-    if write:
+    if write and corpus is not None:  # other text: beside the run's own held-out figures, named by the corpus
+        atomic_write_text(eval_path(run_dir, corpus), json.dumps({"corpus": corpus, **result}, indent=2))
+    elif write:
         atomic_write_text(run_dir / "eval.json", json.dumps(result, indent=2))
         for path, row in zip(find_dictionaries(run_dir), result["dictionaries"], strict=False):
             atomic_write_text(path / "metrics.json", json.dumps(row, indent=2))
