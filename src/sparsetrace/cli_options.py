@@ -184,3 +184,10 @@ def parse_layers(text: str) -> list[int]:
         else:
             raise ConfigError(f"--layers '{text}' is invalid; expected integers like 3,6 or 2-5")
     return out
+
+
+def progress_enabled() -> bool:
+    """Progress bars unless ``SPARSETRACE_NO_PROGRESS=1`` (the test suite sets it)."""
+    import os
+
+    return os.environ.get("SPARSETRACE_NO_PROGRESS") != "1"
