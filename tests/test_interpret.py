@@ -13,11 +13,7 @@ import torch  # noqa: E402
 
 from sparsetrace.dictionary.model import DictionaryConfig, SparseDictionary  # noqa: E402
 from sparsetrace.interpret.align import align, write_alignment  # noqa: E402
-from sparsetrace.interpret.dashboards import (  # noqa: E402
-    DashboardState,
-    compute_dashboards,
-    write_dashboards,
-)
+from sparsetrace.interpret.dashboards import DashboardState, compute_dashboards  # noqa: E402
 from sparsetrace.interpret.importance import layer_importance, measure_layer_ablation  # noqa: E402
 from sparsetrace.interpret.labels import (  # noqa: E402
     BuiltinLabeler,
@@ -33,6 +29,7 @@ from sparsetrace.interpret.verify_labels import (  # noqa: E402
     summarize_verdicts,
     verify_labels,
 )
+from sparsetrace.interpret.writer import write_dashboards  # noqa: E402
 from sparsetrace.model.adapter import LanguageModel  # noqa: E402
 from sparsetrace.model.hookpoints import Hookpoint  # noqa: E402
 
@@ -360,7 +357,7 @@ def test_intervention_test_detects_a_real_output_effect(lm, windows):
 
 
 def test_steered_logits_and_labels(lm, dictionary, windows, dashboards):
-    from sparsetrace.interpret.dashboards import add_steered_logits
+    from sparsetrace.interpret.steered import add_steered_logits
 
     live = [f for f, d in dashboards.items() if d["top_examples"]][:2]
     sub = {f: json.loads(json.dumps(dashboards[f])) for f in live}

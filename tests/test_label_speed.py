@@ -11,22 +11,21 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from sparsetrace.dictionary.model import DictionaryConfig, SparseDictionary  # noqa: E402
-from sparsetrace.interpret import dashboards as dash_mod  # noqa: E402
-from sparsetrace.interpret.dashboards import (  # noqa: E402
+from sparsetrace.interpret.dashboards import compute_dashboards  # noqa: E402
+from sparsetrace.interpret.labels import Label, label_features  # noqa: E402
+from sparsetrace.interpret.steered import add_steered_logits  # noqa: E402
+from sparsetrace.interpret.verify_labels import LabelVerifier, VerifyConfig, verify_labels  # noqa: E402
+from sparsetrace.intervene.steering import clean_and_steered, steer_last  # noqa: E402
+from sparsetrace.model import prefix_cache as dash_mod  # noqa: E402
+from sparsetrace.model.adapter import LanguageModel  # noqa: E402
+from sparsetrace.model.hookpoints import HOOKPOINTS, Hookpoint  # noqa: E402
+from sparsetrace.model.prefix_cache import (  # noqa: E402
     PrefixCache,
     PrefixError,
-    add_steered_logits,
-    clean_and_steered,
-    compute_dashboards,
     harvest,
     last_logits,
     run_sharing_prefix,
-    steer_last,
 )
-from sparsetrace.interpret.labels import Label, label_features  # noqa: E402
-from sparsetrace.interpret.verify_labels import LabelVerifier, VerifyConfig, verify_labels  # noqa: E402
-from sparsetrace.model.adapter import LanguageModel  # noqa: E402
-from sparsetrace.model.hookpoints import HOOKPOINTS, Hookpoint  # noqa: E402
 
 MODELS = ["tiny-llama", "tiny-gpt2"]
 N_FEAT = 64

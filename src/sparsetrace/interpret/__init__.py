@@ -12,7 +12,7 @@ and layer importance.
 """
 
 from .align import align, write_alignment
-from .dashboards import compute_dashboards, write_dashboards
+from .dashboards import compute_dashboards
 from .importance import layer_importance, measure_layer_ablation
 from .labels import (
     BuiltinLabeler,
@@ -24,6 +24,7 @@ from .labels import (
     label_features,
 )
 from .verify_labels import VERDICTS, LabelVerifier, VerifyConfig, summarize_verdicts, verify_labels
+from .writer import write_dashboards
 
 __all__ = [
     "VERDICTS",

@@ -118,9 +118,11 @@ def explain_layer(
     ``extra``: features explained in addition to the selection (e.g. a circuit's); the summary's
     ``verdicts`` cover the selection only, ``extra_verdicts`` these."""
     from ..evaluate.job import heldout_windows
-    from .dashboards import add_steered_logits, compute_dashboards, write_dashboards
+    from .dashboards import compute_dashboards
     from .labels import BuiltinLabeler, LabelCache, dictionary_sha, label_features
+    from .steered import add_steered_logits
     from .verify_labels import VerifyConfig, summarize_verdicts, verify_labels
+    from .writer import write_dashboards
 
     say = log or (lambda _m: None)
     if promoted not in ("steered", "direct"):
@@ -270,7 +272,7 @@ def align_runs(run1: str | Path, run2: str | Path, *, layer: int | None = None, 
 
 def feature_densities(lm, dictionary, windows: Tensor, batch_windows: int = 16) -> Tensor:
     """Firing frequency of every feature of ``dictionary`` over token windows (BOS excluded)."""
-    from .dashboards import harvest
+    from ..model.prefix_cache import harvest
 
     hp_name, layer = dictionary.cfg.hookpoint_in, dictionary.cfg.layer
     from ..model.hookpoints import Hookpoint

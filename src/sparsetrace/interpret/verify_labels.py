@@ -35,16 +35,10 @@ from scipy import stats
 from torch import Tensor
 
 from ..errors import DataError
+from ..intervene.steering import clean_and_steered, steer_last
 from ..model.hookpoints import Hookpoint
-from .dashboards import (
-    PrefixCache,
-    clean_and_steered,
-    encode_subset,
-    harvest,
-    last_logits,
-    run_sharing_prefix,
-    steer_last,
-)
+from ..model.prefix_cache import PrefixCache, harvest, last_logits, run_sharing_prefix
+from .dashboards import encode_subset
 from .labels import Label
 
 VERDICTS = ("verified", "associative", "failed")
