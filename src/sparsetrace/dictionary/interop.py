@@ -42,6 +42,7 @@ from safetensors.torch import load_file
 
 from .. import __version__
 from ..errors import DictionaryFileError
+from ..model.norms import mlp_norm_child_names, model_type_from_name
 from .io import from_tensors, verify_manifest, write_folder_atomically
 from .model import DEFAULT_HOOKPOINTS, DictionaryConfig, SparseDictionary
 
@@ -84,7 +85,6 @@ _TL_HOOK = re.compile(r"^blocks\.(\d+)\.(.+)$")
 _HF_MODULE = re.compile(r"(?:^|\.)(?:layers|h|blocks|layer)\.(\d+)(?:\.(.+))?$")
 _HF_MLP = ("mlp", "feed_forward", "ffn")
 _HF_ATTN = ("self_attn", "attn", "attention")
-_HF_POST_ATTN_NORM = ("post_attention_layernorm", "ln_2", "ffn_norm")
 
 
 # ------------------------------------------------------------------------------------------ detect
@@ -163,8 +163,11 @@ def tl_hook_name(hookpoint: str, layer: int) -> str:
     return hookpoint  # already a foreign name (kept verbatim on import)
 
 
-def parse_hf_module(path: str) -> tuple[int | None, str, str]:
-    """A sparsify hookpoint (module path) -> (layer, hookpoint of the module's input, of its output)."""
+def parse_hf_module(path: str, model_type: str | None = None) -> tuple[int | None, str, str]:
+    """A sparsify hookpoint (module path) -> (layer, hookpoint of the module's input, of its output).
+
+    The MLP's norm comes from :mod:`sparsetrace.model.norms`; ``model_type`` (e.g. ``gemma2``, where
+    ``post_attention_layernorm`` is the attention-output norm) picks that family's name."""
     m = _HF_MODULE.search(path)
     if not m:
         return None, path, path
@@ -175,7 +178,7 @@ def parse_hf_module(path: str) -> tuple[int | None, str, str]:
         return layer, "mlp_in", "mlp_out"
     if child in _HF_ATTN:
         return layer, path, "attn_out"
-    if child in _HF_POST_ATTN_NORM:
+    if child in mlp_norm_child_names(model_type):
         return layer, path, "mlp_in"
     return layer, path, path
 
@@ -400,6 +403,19 @@ def _sparsify_names(path: Path) -> tuple[str, Path]:
     return path.name, path.parent
 
 
+def _sparsify_model_id(run: Path) -> str:
+    """The model name in the sparsify run's config (``run/config.json``), or ""."""
+    run_cfg = run / SPARSIFY_RUN_CONFIG
+    if run_cfg.is_file():
+        try:
+            rc = json.loads(run_cfg.read_text(encoding="utf-8"))
+        except (ValueError, UnicodeDecodeError, OSError):
+            rc = None
+        if isinstance(rc, dict) and isinstance(rc.get("model"), str) and "sae" in rc:
+            return rc["model"]
+    return ""
+
+
 def load_sparsify(path: str | Path, *, device: str | torch.device = "cpu") -> SparseDictionary:
     """Load a sparsify dictionary folder (``cfg.json`` + ``sae.safetensors``)."""
     path = Path(path).resolve()
@@ -427,19 +443,11 @@ def load_sparsify(path: str | Path, *, device: str | torch.device = "cpu") -> Sp
     if not transcode:
         b_enc = b_enc - W @ b_dec  # sparsify encodes x - b_dec when autoencoding
     hookpoint, run = _sparsify_names(path)
-    layer, hp_in, hp_out = parse_hf_module(hookpoint)
+    model_id = _sparsify_model_id(run)
+    layer, hp_in, hp_out = parse_hf_module(hookpoint, model_type_from_name(model_id))
     if not transcode:
         hp_in = hp_out
     kind = "skip_transcoder" if skip else ("transcoder" if transcode else "sae")
-    model_id = ""
-    run_cfg = run / SPARSIFY_RUN_CONFIG
-    if run_cfg.is_file():
-        try:
-            rc = json.loads(run_cfg.read_text(encoding="utf-8"))
-        except (ValueError, UnicodeDecodeError, OSError):
-            rc = None
-        if isinstance(rc, dict) and isinstance(rc.get("model"), str) and "sae" in rc:
-            model_id = rc["model"]
     ours = DictionaryConfig(
         kind=kind, d_in=d_in, d_out=d_in, n_features=n, activation="topk", k=k, layer=layer or 0,
         hookpoint_in=hp_in, hookpoint_out=hp_out, model_id=model_id,
