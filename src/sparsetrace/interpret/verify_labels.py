@@ -158,6 +158,7 @@ class LabelVerifier:
         tok = self.lm.tokenizer
         L = self.cfg.context_len
         ctx = [int(i) for i in tok(pred.context, add_special_tokens=False)["input_ids"]] if pred.context else []
+        ctx = [t for t in ctx if t not in self.special]  # e.g. "after <BOS>": the start of a window
         if not self.cfg.use_context:
             ctx = []
         if pred.words:
