@@ -169,7 +169,10 @@ class LabelVerifier:
             words = []
         out: list[tuple[int, ...]] = []
         for seq in words:
-            full = tuple(ctx[-(L - len(seq)) :] + list(seq)) if ctx else seq
+            room = max(0, L - len(seq))  # the context is cut from the left to fit the window
+            full = tuple(ctx[len(ctx) - min(room, len(ctx)) :] + list(seq))
+            if len(full) > L:
+                continue
             if all(0 <= t < self.vocab and t not in self.special for t in full) and full not in out:
                 out.append(full)
         return out
