@@ -24,7 +24,8 @@ from pathlib import Path
 import torch
 
 from sparsetrace.attribute import attribute, check_edges
-from sparsetrace.dictionary.io import find_dictionaries, load_dictionary
+from sparsetrace.dictionary.io import find_dictionaries
+from sparsetrace.dictionary.load import load_dictionary
 from sparsetrace.dictionary.model import DictionaryConfig, SparseDictionary
 from sparsetrace.model.adapter import LanguageModel
 from sparsetrace.model.hookpoints import Hookpoint

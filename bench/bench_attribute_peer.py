@@ -134,7 +134,7 @@ class RssSampler:
 
 
 def auto_threads(n: int) -> int:
-    """sparsetrace's rule (attribute.graph.auto_threads), applied to the peer too."""
+    """sparsetrace's rule (attribute.threads.auto_threads), applied to the peer too."""
     return 1 if n > 1 and os.getloadavg()[0] > 1.5 * (os.cpu_count() or 1) else n
 
 
@@ -174,7 +174,8 @@ def worker_ours(a) -> None:
     from safetensors.torch import save_file
 
     from sparsetrace.attribute import attribute
-    from sparsetrace.dictionary.io import find_dictionaries, load_dictionary
+    from sparsetrace.dictionary.io import find_dictionaries
+    from sparsetrace.dictionary.load import load_dictionary
     from sparsetrace.model.adapter import LanguageModel
 
     torch.set_num_threads(a.threads)

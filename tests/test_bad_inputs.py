@@ -653,7 +653,8 @@ def test_lib_corpus_errors(tmp_path):
 
 
 def test_lib_dictionary_file_errors(tmp_path):
-    from sparsetrace.dictionary.io import find_dictionaries, load_dictionary
+    from sparsetrace.dictionary.io import find_dictionaries
+    from sparsetrace.dictionary.load import load_dictionary
 
     folder = _write_dictionary(tmp_path / "ok" / "L01_transcoder")
     with pytest.raises(DictionaryFileError, match="refusing to load .*model.bin"):
@@ -678,7 +679,7 @@ def test_lib_dictionary_file_errors(tmp_path):
 
 
 def test_lib_manifest_cannot_point_outside(tmp_path):
-    from sparsetrace.dictionary.io import load_dictionary
+    from sparsetrace.dictionary.load import load_dictionary
 
     folder = _write_dictionary(tmp_path / "d")
     (folder / "manifest.json").write_text(json.dumps({"files": {"../../etc/passwd": "0" * 64}}))

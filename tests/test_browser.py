@@ -1,6 +1,7 @@
 """Drive the built report in real headless Chromium (Debian's /usr/bin/chromium + Playwright).
 
-Install both with ``bash scripts/install_browser.sh``; without them these tests skip with a reason.
+Install both with ``bash scripts/install_browser.sh``. Without them these tests FAIL under CI (``CI=true``)
+and skip with a one-line reason elsewhere.
 Run only these: ``python -m pytest -m browser tests/test_browser.py``.
 """
 
@@ -10,6 +11,7 @@ import importlib.util
 import os
 import re
 import threading
+import warnings
 from pathlib import Path
 
 import pytest
@@ -40,7 +42,22 @@ def _missing() -> str | None:
     return None
 
 
-pytestmark = [pytest.mark.browser, pytest.mark.skipif(_missing() is not None, reason=_missing() or "")]
+def under_ci() -> bool:
+    return os.environ.get("CI", "").strip().lower() in ("true", "1", "yes")
+
+
+MISSING = _missing()
+if MISSING is not None and not under_ci():
+    # elsewhere a missing browser skips, loudly: one line in the warnings summary and in `-rs`
+    warnings.warn(f"browser tests SKIPPED: {MISSING}", UserWarning, stacklevel=1)
+pytestmark = [pytest.mark.browser, pytest.mark.skipif(MISSING is not None and not under_ci(), reason=MISSING or "")]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _browser_required_under_ci():
+    """Under CI (CI=true) a missing Chromium or Playwright is a failure, never a skip."""
+    if MISSING is not None:
+        pytest.fail(f"CI=true and {MISSING}", pytrace=False)
 
 VISIBLE_EDGES = "els => els.filter(e => getComputedStyle(e).display !== 'none').length"
 
@@ -142,6 +159,10 @@ def test_graph_viewer_from_file_url(file_page):
     page.goto(url)
     page.locator("#sidebar a", has_text="ioi").click()
     page.wait_for_selector("#graph-svg .node")
+    # the viewer opens pruned by influence (issue 13 §5): fewer nodes than graph.json has; "show all" brings
+    # back the whole graph, on which the checks below run as before
+    assert visible_nodes(page) < 28 and "/ 28 nodes" in page.inner_text("#graph-stats")
+    page.click("#prune-none")
     assert page.locator("#graph-svg .node").count() == 28
     assert page.locator("#graph-svg .edge").count() == 62
     assert visible_edges(page) == 62
@@ -298,6 +319,7 @@ def test_report_over_http_server(http_page):
     page.wait_for_selector("#train-loss svg .series-line")
     page.goto(url + "#/r/0/circuit/ioi")
     page.wait_for_selector("#graph-svg .node")
+    page.click("#prune-none")  # the viewer opens pruned; L3/F77@13 is among the nodes pruning hides
     page.click('[data-node-id="L3/F77@13"] .shape')
     page.wait_for_selector("#dashboard .dash-examples .tok")
     assert "S-inhibition" in page.locator("#dashboard").inner_text()
@@ -330,6 +352,322 @@ def test_multi_run_and_partial_run(browser, tmp_path):
         assert "No training logs" in text and "No circuits" in text and "No feature dashboards" in text
         page.goto(index.as_uri() + "#/r/7/nowhere")
         assert "Nothing at this address" in page.locator("#app").inner_text()
+        assert p.problems == []
+    finally:
+        p.close()
+
+
+def _upstream_and_stale_run(base: Path) -> Path:
+    """The fixture with tiny-llama transcoder weights at layers 1 and 3 (so feature pages get an upstream
+    panel), a verify.json of another circuit.json and dashboards of other weights (both stale)."""
+    import json
+    import shutil
+
+    import torch
+
+    from sparsetrace.dictionary.io import save_dictionary
+    from sparsetrace.dictionary.model import DictionaryConfig, SparseDictionary
+
+    run = base / "run"
+    shutil.copytree(FIXTURE, run)
+    for layer in (1, 3):
+        cfg = DictionaryConfig(kind="transcoder", d_in=64, d_out=64, n_features=512, layer=layer,
+                               model_id="tiny-llama")
+        d = SparseDictionary(cfg, seed=layer)
+        with torch.no_grad():
+            d.W_enc.mul_(torch.linspace(0.5, 2.0, 512)[:, None])
+        tmp = save_dictionary(d, base / f"dict{layer}")
+        for name in ("weights.safetensors", "config.json"):
+            shutil.copy(tmp / name, run / f"L{layer:02d}_transcoder" / name)
+    cdir = run / "circuits" / "ioi"
+    (cdir / "circuit.json").write_text('{"circuit": ["L3/F12@9"]}\n')
+    v = json.loads((cdir / "verify.json").read_text())
+    v["circuit_sha256"] = "0" * 64  # verified some other circuit.json
+    (cdir / "verify.json").write_text(json.dumps(v))
+    f77 = run / "features" / "L03" / "f77.json"
+    dash = json.loads(f77.read_text())
+    dash["dictionary_sha256"] = "f" * 64  # computed from other weights
+    f77.write_text(json.dumps(dash))
+    return run
+
+
+def test_upstream_panel_and_stale_marks(browser, tmp_path):
+    index = build_report([_upstream_and_stale_run(tmp_path)], tmp_path / "out")
+    p = Page(browser, "file://")
+    try:
+        page = p.page
+        page.goto(index.as_uri() + "#/r/0/feature/3/12")
+        panel = page.locator("#upstream-panel")
+        panel.wait_for(state="visible")
+        page.wait_for_selector("#upstream-table tbody tr")
+        assert page.locator("#upstream-table tbody tr").count() == 8
+        text = panel.inner_text()
+        assert "upstream features (weight-only)" in text.lower()  # headings are upper-cased by the CSS
+        assert "from the embedding (de-embedding)" in text.lower()
+        assert "L1 · F" in text and ("direct" in text or "attention head" in text)
+        assert page.locator("#upstream-panel .deembed .tok-pill").count() == 6
+        assert page.locator("#upstream-table .tok-pill").count() == 8 * 6
+        assert page.locator("#feature-page .stale-banner").count() == 0  # F12's dashboard is current
+        page.locator("#upstream-panel").scroll_into_view_if_needed()
+        ARTIFACTS.mkdir(exist_ok=True)
+        page.evaluate("() => window.scrollTo(0, document.body.scrollHeight)")
+        page.screenshot(path=str(ARTIFACTS / "feature-upstream.png"))
+
+        page.goto(index.as_uri() + "#/r/0/feature/3/77")  # a stale dashboard says so above everything
+        page.wait_for_selector("#feature-page .dash-stale")
+        assert "STALE dashboard" in page.locator("#feature-page .dash-stale").inner_text()
+        page.goto(index.as_uri() + "#/r/0/features/3")
+        page.wait_for_selector("#features-stale")
+        assert "1 dashboard(s) are STALE" in page.locator("#features-stale").inner_text()
+
+        page.goto(index.as_uri() + "#/r/0/circuit/ioi")  # a stale verification is not shown as current
+        page.wait_for_selector("#verify-stale")
+        assert page.locator("#verify-stale").is_visible()
+        assert "STALE" in page.locator("#verify h2").inner_text().upper()
+        assert page.locator("#verify .tiles").is_hidden()  # its numbers stay inside a closed disclosure
+        assert "0.787" not in page.locator("#verify").inner_text()
+        page.click("#prune-none")  # (the viewer opens pruned)
+        assert page.locator("#graph-svg .node").count() == 28  # the graph itself is shown as before ...
+        assert page.locator("label.ctl", has_text="verified circuit").count() == 0  # ... without the stale set
+        page.goto(index.as_uri() + "#/r/0")
+        page.wait_for_selector(".circuit-card")
+        card = page.locator(".circuit-card").inner_text()
+        assert "verification STALE" in card and "faithfulness" not in card
+        assert p.problems == []
+    finally:
+        p.close()
+
+
+# ------------------------------------------------------------------ a realistic-size graph (issue 13 §5)
+WORDS = ("name", "subject", "object", "repeat", "preposition", "gave", "store", "Mary", "John", "plural", "verb",
+         "duplicate", "inhibit", "mover", "copy", "token", "previous", "induction", "end of clause", "article")
+
+
+def _synthetic_run(base: Path, seed: int = 0) -> tuple[Path, dict]:
+    """The fixture run with its IOI graph replaced by a synthetic one of the size a SmolLM2 IOI trace
+    gives (~700 nodes, ~1,700 edges, 30 layers, 15 tokens), whose node influence is computed by
+    sparsetrace.attribute.prune on its own edges (so the values are what `trace` would store)."""
+    import json
+    import random
+    import shutil
+
+    from sparsetrace.attribute.graph_types import Graph
+    from sparsetrace.attribute.prune import node_influence
+
+    rng = random.Random(seed)
+    run = base / "synthetic"
+    shutil.copytree(FIXTURE, run)
+    toks = ["<|endoftext|>", "When", " Mary", " and", " John", " went", " to", " the", " store", ",", " John",
+            " gave", " a", " drink", " to"]
+    n_layers, last = 30, len(toks) - 1
+    nodes = [{"node_id": f"E@{p}", "kind": "embedding", "layer": -1, "position": p, "token": t} for p, t in enumerate(toks)]
+    for _ in range(640):
+        layer = min(n_layers - 1, int(rng.random() ** 0.8 * n_layers))
+        pos = last if rng.random() < 0.35 else rng.randrange(1, len(toks))
+        f = rng.randrange(8192)
+        label = f"{rng.choice(WORDS)} {rng.choice(WORDS)}" if rng.random() < 0.6 else None
+        nodes.append({"node_id": f"L{layer}/F{f}@{pos}", "kind": "feature", "layer": layer, "position": pos, "feature": f,
+                      "activation": round(rng.lognormvariate(0, 1), 3), "label": label, "token": toks[pos]})
+    for layer in range(0, n_layers, 2):
+        for pos in (2, 4, 10, last):
+            nodes.append({"node_id": f"L{layer}/ERR@{pos}", "kind": "error", "layer": layer, "position": pos, "token": toks[pos]})
+    for tid, tok, prob in ((5335, " Mary", 0.62), (1757, " John", 0.11)):
+        nodes.append({"node_id": f"LOGIT/{tid}@{last}", "kind": "logit", "layer": n_layers, "position": last,
+                      "token": tok, "token_id": tid, "prob": prob})
+    uniq = {}
+    for n in nodes:
+        uniq.setdefault(n["node_id"], n)
+    nodes = list(uniq.values())
+    links = set()
+    for s in nodes:
+        if s["kind"] == "logit":
+            continue
+        later = [t for t in nodes if t["kind"] != "embedding" and t["layer"] > s["layer"] and t["position"] >= s["position"]
+                 and (t["kind"] != "logit" or s["layer"] >= n_layers - 6 or rng.random() < 0.05)]
+        for t in rng.sample(later, min(len(later), rng.choice((2, 2, 3)))):
+            links.add((s["node_id"], t["node_id"]))
+    out = [{"source": s, "target": t, "weight": round(rng.choice((1, 1, 1, -1)) * rng.lognormvariate(-1, 1.2), 5)}
+           for s, t in sorted(links)]
+    doc = {"format": "sparsetrace-graph/1",
+           "metadata": {"model": "synthetic-smollm2-size", "prompt": "".join(toks[1:]), "prompt_tokens": toks,
+                        "targets": [{"token": " Mary", "token_id": 5335, "prob": 0.62},
+                                    {"token": " John", "token_id": 1757, "prob": 0.11}],
+                        "n_layers": n_layers, "node_threshold": 0.8, "edge_threshold": 0.98, "scores": {}},
+           "nodes": nodes, "links": out}
+    g = Graph.from_json(json.loads(json.dumps(doc)))
+    infl = node_influence(g) + g.logit_weights()
+    for n, x in zip(doc["nodes"], infl.tolist(), strict=True):
+        n["influence"] = round(x, 6)
+    (run / "circuits" / "ioi" / "graph.json").write_text(json.dumps(doc))
+    return run, doc
+
+
+def _shown_nodes(page) -> list[str]:
+    return page.eval_on_selector_all(
+        "#graph-svg .node", "els => els.filter(e => getComputedStyle(e).display !== 'none').map(e => e.dataset.nodeId)")
+
+
+def test_realistic_graph_opens_pruned_labelled_pinnable(browser, tmp_path):
+    run, doc = _synthetic_run(tmp_path)
+    assert 650 <= len(doc["nodes"]) <= 750 and 1500 <= len(doc["links"]) <= 1900, (len(doc["nodes"]), len(doc["links"]))
+    index = build_report([run], tmp_path / "out")
+    p = Page(browser, "file://")
+    try:
+        page = p.page
+        page.goto(index.as_uri() + "#/r/0/circuit/ioi")
+        page.wait_for_selector("#graph-svg .node")
+        shown = _shown_nodes(page)
+        assert 10 <= len(shown) <= 80, len(shown)  # opens pruned, at most 80 nodes
+        note_text = page.inner_text("#prune-note")
+        assert "80%" in note_text and "98%" in note_text and f"of {len(doc['nodes'])} nodes" in note_text
+        assert float(page.input_value("#edge-influence")) == 0.98
+        assert float(page.input_value("#node-threshold")) <= 0.8
+
+        # the most influential shown feature carries its label (or its id) without hovering
+        feats = {n["node_id"]: n for n in doc["nodes"] if n["kind"] == "feature"}
+        top = max((i for i in shown if i in feats), key=lambda i: feats[i]["influence"])
+        label = page.locator(f'[data-node-id="{top}"] .node-text')
+        assert label.count() == 1 and label.is_visible()
+        want = feats[top]["label"] or top.split("@")[0]
+        assert want.startswith(label.text_content().rstrip("…"))
+        assert page.locator("#graph-tooltip").is_hidden()
+
+        # error nodes: diamonds in their columns' error lanes, sized by influence
+        assert page.locator("#graph-svg .err-lane").count() >= 1
+
+        # pinning: a click keeps the node's in- and out-edges highlighted after the mouse leaves
+        page.click(f'[data-node-id="{top}"] .shape')
+        page.mouse.move(3, 3)
+        ends = page.eval_on_selector_all(
+            "#graph-svg .edge.focus", "els => els.map(e => [e.dataset.source, e.dataset.target])")
+        drawn = page.eval_on_selector_all(
+            "#graph-svg .edge", "els => els.map(e => [e.dataset.source, e.dataset.target])")
+        mine = [e for e in drawn if top in e]
+        assert ends and sorted(ends) == sorted(mine)
+        assert any(t == top for _, t in ends) and any(s == top for s, _ in ends)  # in- and out-edges
+        assert "has-focus" in page.get_attribute("#graph-svg", "class")
+        page.hover(f'[data-node-id="{shown[0]}"] .shape')  # hovering elsewhere does not unpin
+        page.mouse.move(3, 3)
+        assert page.locator("#graph-svg .edge.focus").count() == len(mine)
+        page.keyboard.press("Escape")
+        assert page.locator("#graph-svg .edge.focus").count() == 0
+
+        ARTIFACTS.mkdir(exist_ok=True)  # the default view, then the top node pinned
+        page.evaluate("() => window.scrollTo(0, 0)")
+        page.screenshot(path=str(ARTIFACTS / "graph-ioi-700.png"), full_page=True)
+        page.click(f'[data-node-id="{top}"] .shape')
+        page.mouse.move(3, 3)
+        page.screenshot(path=str(ARTIFACTS / "graph-ioi-700-pinned.png"), full_page=True)
+        page.keyboard.press("Escape")
+
+        # the slider still shows the rest
+        page.click("#prune-none")
+        assert len(_shown_nodes(page)) == len(doc["nodes"])
+        page.click("#prune-default")
+        assert len(_shown_nodes(page)) == len(shown)
+        assert p.problems == []
+    finally:
+        p.close()
+
+
+def test_supernode_grouping_round_trips(browser, tmp_path):
+    import json
+
+    from sparsetrace.attribute.export import to_neuronpedia
+    from sparsetrace.attribute.graph_types import Graph
+
+    run, doc = _synthetic_run(tmp_path, seed=1)
+    index = build_report([run], tmp_path / "out")
+    p = Page(browser, "file://")
+    try:
+        page = p.page
+        page.goto(index.as_uri() + "#/r/0/circuit/ioi")
+        page.wait_for_selector("#graph-svg .node")
+        feats = [i for i in _shown_nodes(page) if "/F" in i][:3]
+        assert len(feats) == 3
+        for i in feats:
+            page.click(f'[data-node-id="{i}"] .shape', modifiers=["Shift"])
+        assert page.inner_text("#picked-count") == "3 picked"
+        assert page.locator("#dashboard").is_hidden()  # picking is not pinning
+        page.fill("#supernode-name", "say Mary")
+        page.click("#make-supernode")
+        sn = page.locator("#graph-svg .node.user-supernode")
+        assert sn.count() == 1 and "say Mary" in sn.text_content() and sn.locator(".count").text_content() == "3"
+        for i in feats:
+            assert page.locator(f'[data-node-id="{i}"]').count() == 0
+
+        with page.expect_download() as dl:
+            page.click("#download-graph")
+        saved = json.loads(Path(dl.value.path()).read_text())
+        assert saved["supernodes"] == [{"name": "say Mary", "members": feats}]
+        assert saved["nodes"] == doc["nodes"] and saved["links"] == doc["links"]
+        g = Graph.from_json(saved)  # the Python side reads it and writes it back
+        assert g.supernodes == saved["supernodes"] and g.to_json()["supernodes"] == saved["supernodes"]
+        np_ids = to_neuronpedia(saved)["qParams"]["supernodes"]
+        assert np_ids[0][0] == "say Mary" and len(np_ids[0]) == 4
+
+        page.reload()  # kept in the browser
+        page.wait_for_selector("#graph-svg .node.user-supernode")
+        page.click("#graph-svg .node.user-supernode .shape")
+        page.click("#ungroup-supernode")
+        assert page.locator("#graph-svg .node.user-supernode").count() == 0
+
+        # a graph.json that carries supernodes opens with them
+        (run / "circuits" / "ioi" / "graph.json").write_text(json.dumps(saved))
+        index2 = build_report([run], tmp_path / "out2")
+        page2 = p.context.new_page()
+        page2.goto(index2.as_uri() + "#/r/0/circuit/ioi")
+        page2.wait_for_selector("#graph-svg .node")
+        page2.evaluate("() => localStorage.clear()")
+        page2.reload()
+        page2.wait_for_selector("#graph-svg .node.user-supernode")
+        assert "say Mary" in page2.locator("#graph-svg .node.user-supernode").text_content()
+        assert p.problems == []
+    finally:
+        p.close()
+
+
+def test_tiny_model_ioi_trace_opens_pruned(browser, tmp_path):
+    """A real attribution graph (tiny-llama, random transcoders on every layer, the IOI prompt, pruned at
+    0.8 / 0.98 as `trace` writes it) opens with at most 80 nodes and its top feature labelled."""
+    import json
+    import shutil
+
+    import torch
+
+    from sparsetrace.attribute import attribute
+    from sparsetrace.dictionary.model import DictionaryConfig, SparseDictionary
+    from sparsetrace.model.adapter import LanguageModel
+
+    lm = LanguageModel.load("tiny-llama")
+    dicts = []
+    for layer in range(lm.n_layers):
+        d = SparseDictionary(DictionaryConfig(kind="transcoder", d_in=lm.d_model, d_out=lm.d_model, n_features=96,
+                                              layer=layer), seed=layer)
+        with torch.no_grad():
+            d.W_enc.mul_(20.0)  # the tiny model's normalised MLP inputs are small; make many features fire
+            d.b_enc.fill_(-0.1)
+        dicts.append(d)
+    g = attribute(lm, "When Mary and John went to the store, John gave a drink to", dicts, target=" Mary")
+    run = tmp_path / "run"
+    shutil.copytree(FIXTURE, run)
+    g.save(run / "circuits" / "ioi" / "graph.json")
+    n_nodes = len(g.nodes)
+    index = build_report([run], tmp_path / "out")
+    p = Page(browser, "file://")
+    try:
+        page = p.page
+        page.goto(index.as_uri() + "#/r/0/circuit/ioi")
+        page.wait_for_selector("#graph-svg .node")
+        shown = _shown_nodes(page)
+        assert 0 < len(shown) <= 80 and len(shown) < n_nodes, (len(shown), n_nodes)
+        infl = {n.node_id: n.influence for n in g.nodes if n.kind == "feature"}
+        top = max((i for i in shown if i in infl), key=infl.get)
+        label = page.locator(f'[data-node-id="{top}"] .node-text')
+        assert label.is_visible() and top.split("@")[0].startswith(label.text_content().rstrip("…"))
+        page.click("#prune-none")
+        assert len(_shown_nodes(page)) == n_nodes
+        assert json.loads((run / "circuits" / "ioi" / "graph.json").read_text())["format"] == "sparsetrace-graph/1"
         assert p.problems == []
     finally:
         p.close()

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from sparsetrace.dictionary.activations import _TopKEncode
-from sparsetrace.dictionary.io import check_matches_model, load_dictionary, save_dictionary
+from sparsetrace.dictionary.io import check_matches_model, save_dictionary
+from sparsetrace.dictionary.load import load_dictionary
 from sparsetrace.dictionary.model import DictionaryConfig, SparseDictionary
 from sparsetrace.errors import ConfigError, DictionaryFileError
 

@@ -25,7 +25,8 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from sparsetrace.dictionary.io import CONFIG, MANIFEST, WEIGHTS, load_dictionary, save_dictionary
+from sparsetrace.dictionary.io import CONFIG, MANIFEST, WEIGHTS, save_dictionary
+from sparsetrace.dictionary.load import load_dictionary
 from sparsetrace.dictionary.model import DictionaryConfig, SparseDictionary
 from sparsetrace.errors import ConfigError, DictionaryFileError, SparsetraceError
 from sparsetrace.train.config import TrainConfig
@@ -382,7 +383,7 @@ def mutated_json(draw, base):
 
 
 def _graph_module():
-    from sparsetrace.attribute import graph
+    from sparsetrace.attribute import graph_types as graph
 
     return graph
 

@@ -34,7 +34,7 @@ from sparsetrace.dictionary.interop import (  # noqa: E402
     parse_hf_module,
     parse_tl_hook,
 )
-from sparsetrace.dictionary.io import load_dictionary  # noqa: E402
+from sparsetrace.dictionary.load import load_dictionary  # noqa: E402
 from sparsetrace.dictionary.model import DictionaryConfig, SparseDictionary  # noqa: E402
 from sparsetrace.errors import DictionaryFileError  # noqa: E402
 
@@ -90,6 +90,41 @@ def test_detect():
     assert interop.detect(FIX / "sparsify_topk") is None  # a run folder, not a dictionary
     assert interop.detect(FIX / "saelens_standard" / "cfg.json") is None
     assert interop.detect(FIX / "nope") is None
+
+
+def test_load_chooses_the_format(tmp_path):
+    from sparsetrace.dictionary.io import save_dictionary
+    from sparsetrace.dictionary.load import detect_format
+
+    assert detect_format(FIX / "saelens_standard") == "saelens"
+    assert detect_format(FIX / "sparsify_topk" / "layers.6") == "sparsify"
+    assert detect_format(FIX / "sparsify_topk") is None
+    graph = FIX / "circuit_tracer_graph" / "graph.json"
+    assert detect_format(graph) == "circuit-tracer"
+    with pytest.raises(DictionaryFileError, match="attribution graph"):
+        load_dictionary(graph)
+    cfg = DictionaryConfig(kind="sae", d_in=8, d_out=8, n_features=16, activation="relu", layer=0)
+    save_dictionary(SparseDictionary(cfg), tmp_path / "ours")
+    assert detect_format(tmp_path / "ours") == "sparsetrace"
+    assert load_dictionary(tmp_path / "ours").cfg.n_features == 16
+
+
+def test_io_and_interop_do_not_import_each_other():
+    import ast
+
+    src = Path(interop.__file__).parent
+
+    def imported(name: str) -> set[str]:
+        tree = ast.parse((src / name).read_text(encoding="utf-8"))
+        out = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom):
+                out.add(node.module or "")
+                out.update(a.name for a in node.names)
+        return out
+
+    assert not {"interop", "load"} & imported("io.py")
+    assert "load" not in imported("interop.py")
 
 
 def test_unrecognised_folder_is_refused(tmp_path):

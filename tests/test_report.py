@@ -74,6 +74,22 @@ def test_html_references_scripts_and_css(built):
     assert html.index("data/report-data.js") < html.index("assets/report.js")
 
 
+def test_viewer_is_split_into_ordered_classic_scripts(built):
+    out, _ = built
+    from sparsetrace.report.html import SCRIPTS
+
+    html = (out / "index.html").read_text(encoding="utf-8")
+    static = Path(__file__).parents[1] / "src" / "sparsetrace" / "report" / "static"
+    assert sorted(p.name for p in static.glob("*.js")) == sorted(SCRIPTS)  # every script is loaded
+    positions = [html.index(f'<script src="assets/{name}"></script>') for name in SCRIPTS]
+    assert positions == sorted(positions) and html.index("data/report-data.js") < positions[0]
+    for name in SCRIPTS:
+        text = (out / "assets" / name).read_text(encoding="utf-8")
+        assert len(text.splitlines()) <= 700, name
+        assert "fetch(" not in text and "XMLHttpRequest" not in text and "import(" not in text, name
+        assert "window.ST" in text, name  # one shared namespace, no ES modules
+
+
 def test_data_is_embedded(built):
     out, _ = built
     data = load_data(out)
@@ -209,3 +225,197 @@ def test_bad_arguments(tmp_path):
         build_report([tmp_path / "missing"], tmp_path / "out")
     with pytest.raises(SparsetraceError, match="must not be the run folder"):
         build_report([tmp_path], tmp_path)
+
+
+# ------------------------------------------------------------------------------------------ inputs
+def _stale_run(tmp_path: Path) -> Path:
+    """The fixture with a circuit.json, a verify.json recording its hash, dictionary weights at layer 3
+    and dashboards recording those weights' hash."""
+    from sparsetrace.util.hashing import sha256_bytes
+
+    run = tmp_path / "run"
+    shutil.copytree(FIXTURE, run)
+    cdir = run / "circuits" / "ioi"
+    circuit = b'{"format": "sparsetrace-circuit/1", "circuit": ["L3/F12@9"]}\n'
+    (cdir / "circuit.json").write_bytes(circuit)
+    v = json.loads((cdir / "verify.json").read_text())
+    v["circuit_sha256"] = sha256_bytes(circuit)
+    (cdir / "verify.json").write_text(json.dumps(v))
+    weights = b"not really safetensors, only hashed here"
+    (run / "L03_transcoder" / "weights.safetensors").write_bytes(weights)
+    for f in (run / "features" / "L03").glob("f*.json"):
+        d = json.loads(f.read_text())
+        d["dictionary_sha256"] = sha256_bytes(weights)
+        f.write_text(json.dumps(d))
+    return run
+
+
+def _states(out: Path) -> tuple[dict, dict]:
+    (r,) = load_data(out)["runs"]
+    (layer,) = r["features"]
+    _, dashboards = load_chunk(out, layer["chunks"]["0"])
+    return r["circuits"][0]["verify_status"], {f: d["dictionary_status"]["state"] for f, d in dashboards.items()}
+
+
+def test_report_records_its_inputs_hashes(tmp_path):
+    from sparsetrace.util.hashing import sha256_file
+
+    run = _stale_run(tmp_path)
+    out = tmp_path / "out"
+    build_report([run], out, upstream=False)
+    doc = json.loads((out / "inputs.json").read_text())
+    assert doc["format"] == "sparsetrace-report-inputs/1"
+    (entry,) = doc["runs"]
+    files = entry["files"]
+    for rel in (
+        "L03_transcoder/weights.safetensors",
+        "circuits/ioi/circuit.json",
+        "circuits/ioi/verify.json",
+        "circuits/ioi/graph.json",
+        "features/L03/f12.json",
+        "features/L03/index.json",
+        "eval.json",
+        "run.json",
+    ):
+        assert files[rel] == sha256_file(run / rel), rel
+    assert load_data(out)["runs"][0]["n_inputs"] == len(files)
+    verify, dash = _states(out)
+    assert verify["state"] == "current" and set(dash.values()) == {"current"}
+
+
+def test_stale_verification_is_flagged(tmp_path):
+    run = _stale_run(tmp_path)
+    cjson = run / "circuits" / "ioi" / "circuit.json"
+    cjson.write_bytes(cjson.read_bytes().replace(b"L3/F12@9", b"L3/F40@13"))  # the circuit changed
+    build_report([run], tmp_path / "a", upstream=False)
+    verify, _ = _states(tmp_path / "a")
+    assert verify["state"] == "stale" and "changed after it was verified" in verify["reason"]
+    cjson.unlink()  # ... or is gone
+    build_report([run], tmp_path / "b", upstream=False)
+    verify, _ = _states(tmp_path / "b")
+    assert verify["state"] == "stale" and "no circuit.json" in verify["reason"]
+    build_report([FIXTURE], tmp_path / "c", upstream=False)  # an old verify.json records nothing
+    verify, _ = _states(tmp_path / "c")
+    assert verify["state"] == "unrecorded"
+
+
+def test_stale_dashboards_are_flagged(tmp_path):
+    run = _stale_run(tmp_path)
+    (run / "L03_transcoder" / "weights.safetensors").write_bytes(b"retrained: other weights")
+    out = tmp_path / "out"
+    build_report([run], out, upstream=False)
+    _, dash = _states(out)
+    assert set(dash.values()) == {"stale"}
+    (r,) = load_data(out)["runs"]
+    layer = r["features"][0]
+    assert layer["dashboard_states"] == {"stale": 3} and "changed after the dashboard" in layer["stale_reason"]
+    assert [e.get("stale", False) for e in layer["entries"]] == [True, True, True, False]  # F301: no dashboard
+    (run / "L03_transcoder" / "weights.safetensors").unlink()  # nothing to compare with
+    build_report([run], tmp_path / "b", upstream=False)
+    assert set(_states(tmp_path / "b")[1].values()) == {"unchecked"}
+
+
+# ------------------------------------------------------------------------------------------ upstream
+def upstream_run(base: Path) -> Path:
+    """The fixture run with real (random) transcoder weights for tiny-llama at layers 1 and 3."""
+    import torch
+
+    from sparsetrace.dictionary.io import save_dictionary
+    from sparsetrace.dictionary.model import DictionaryConfig, SparseDictionary
+
+    run = base / "up_run"
+    shutil.copytree(FIXTURE, run)
+    for layer in (1, 3):
+        cfg = DictionaryConfig(kind="transcoder", d_in=64, d_out=64, n_features=512, layer=layer,
+                               model_id="tiny-llama")
+        d = SparseDictionary(cfg, seed=layer)
+        with torch.no_grad():
+            d.W_enc.mul_(torch.linspace(0.5, 2.0, 512)[:, None])  # not all rows of equal norm
+        tmp = save_dictionary(d, base / f"dict{layer}")
+        for name in ("weights.safetensors", "config.json"):
+            shutil.copy(tmp / name, run / f"L{layer:02d}_transcoder" / name)
+    return run
+
+
+def test_upstream_panel_matches_weight_only_attribution(tmp_path, tiny_llama):
+    import torch
+
+    from sparsetrace.attribute import weights as W
+    from sparsetrace.dictionary.load import load_dictionary
+
+    run = upstream_run(tmp_path)
+    out = tmp_path / "out"
+    build_report([run], out)
+    (r,) = load_data(out)["runs"]
+    assert r["warnings"] == []
+    _, dashboards = load_chunk(out, r["features"][0]["chunks"]["0"])
+    lm = tiny_llama
+    src = load_dictionary(run / "L01_transcoder")
+    tgt = load_dictionary(run / "L03_transcoder")
+    for f, dash in dashboards.items():
+        panel = dash["upstream"]
+        f = int(f)
+        assert panel["n_sources"] == 1
+        assert [t for t, _ in panel["deembedding"]] == [t for t, _ in W.feature_input_tokens(lm, tgt, f, k=6)]
+        rows = panel["features"]
+        assert len(rows) == 8 and all(row["layer"] == 1 for row in rows)
+        mags = [abs(row["weight"]) for row in rows]
+        assert mags == sorted(mags, reverse=True)
+        # every candidate path scored by the attribute package's own functions: the panel keeps the top 8
+        direct = W.virtual_weights(src, tgt, f, lm=lm)
+        scores = {("direct", i): float(direct[i]) for i in range(512)}
+        for a in (2, 3):  # attention layers between the layer-1 write and the layer-3 read
+            ov = W.ov_virtual_weights(lm, a, src, tgt, f)
+            for h in range(ov.shape[0]):
+                scores.update({(f"L{a} attention head {h} (OV)", i): float(ov[h, i]) for i in range(512)})
+        best = sorted(scores.items(), key=lambda kv: -abs(kv[1]))[:8]
+        assert [(row["path"], row["feature"]) for row in rows] == [k for k, _ in best]
+        for row, (_, w) in zip(rows, best, strict=True):
+            assert row["weight"] == pytest.approx(w, rel=1e-4, abs=1e-6)
+            assert row["deembedding"] == [
+                [t, pytest.approx(s, abs=1e-3)] for t, s in W.feature_input_tokens(lm, src, row["feature"], k=6)
+            ]
+        assert torch.isfinite(torch.tensor(mags)).all()
+
+
+def test_upstream_panel_is_bounded_and_optional(tmp_path):
+    run = upstream_run(tmp_path)
+    build_report([run], tmp_path / "none", upstream_budget_s=0.0)  # no time: no panel, a warning
+    (r,) = load_data(tmp_path / "none")["runs"]
+    assert any("within its 0 s budget" in w for w in r["warnings"])
+    _, dashboards = load_chunk(tmp_path / "none", r["features"][0]["chunks"]["0"])
+    assert all(d["upstream"] is None for d in dashboards.values())
+    build_report([run], tmp_path / "off", upstream=False)
+    (r,) = load_data(tmp_path / "off")["runs"]
+    _, dashboards = load_chunk(tmp_path / "off", r["features"][0]["chunks"]["0"])
+    assert r["warnings"] == [] and all("upstream" not in d for d in dashboards.values())
+    for name in ("L01_transcoder", "L03_transcoder"):
+        cfg = json.loads((run / name / "config.json").read_text())
+        cfg["model_id"] = "no-such-model-here"
+        (run / name / "config.json").write_text(json.dumps(cfg))
+    build_report([run], tmp_path / "bad")  # the model cannot be loaded: a warning, the report still builds
+    (r,) = load_data(tmp_path / "bad")["runs"]
+    assert any("cannot load model 'no-such-model-here'" in w for w in r["warnings"])
+
+
+# ------------------------------------------------------------------------------------------ Chromium rule
+@pytest.mark.parametrize("ci", ["true", ""])
+def test_browser_tests_fail_under_ci_without_chromium(ci, tmp_path):
+    """With no browser, tests/test_browser.py fails under CI=true and skips (with its reason) elsewhere."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "CI": ci, "SPARSETRACE_CHROMIUM": str(tmp_path / "no-chromium")}
+    test_file = Path(__file__).parent / "test_browser.py"
+    res = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", str(test_file)],
+        env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path,
+    )
+    out = res.stdout + res.stderr
+    if ci:
+        assert res.returncode != 0 and "CI=true and" in out and "no-chromium not found" in out
+        assert " passed" not in out and "skipped" not in out
+    else:
+        assert res.returncode == 0 and "skipped" in out and "no-chromium not found" in out
+        assert "browser tests SKIPPED" in out  # the loud line in the warnings summary

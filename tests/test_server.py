@@ -6,6 +6,7 @@ import http.client
 import os
 import socket
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -245,3 +246,117 @@ def test_serves_built_report(tmp_path):
         server.shutdown()
         server.server_close()
         thread.join(timeout=5)
+
+
+# ------------------------------------------------------------------------------------------ load
+def _built_report(tmp_path: Path) -> Path:
+    from sparsetrace.report.html import build_report
+
+    out = tmp_path / "report"
+    build_report([Path(__file__).parent / "fixtures" / "report_run"], out)
+    return out
+
+
+def _start(server):
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    return thread
+
+
+def test_idle_connection_is_closed_and_does_not_block_others(tmp_path):
+    out = _built_report(tmp_path)
+    server = make_server(out, "127.0.0.1", 0, idle_timeout=1.0)
+    thread = _start(server)
+    idle = socket.create_connection(server.server_address[:2], timeout=10)
+    try:
+        t0 = time.monotonic()
+        status, _, body = request(server, "GET", "/index.html")  # answered while the idle one waits
+        assert status == 200 and body == (out / "index.html").read_bytes()
+        assert time.monotonic() - t0 < 1.0
+        assert idle.recv(1024) == b""  # the server closed the silent connection ...
+        assert 0.8 < time.monotonic() - t0 < 5.0  # ... after about its idle timeout
+    finally:
+        idle.close()
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5)
+    with pytest.raises(SparsetraceError, match="idle_timeout"):
+        make_server(out, "127.0.0.1", 0, idle_timeout=0)
+
+
+def test_load_concurrent_clients_with_idle_connections(tmp_path):
+    """32 keep-alive clients x 50 GETs of report pages and data files, while 8 idle connections stay
+    open. Every answer must be 200 with the file's exact bytes; latency is printed, not asserted."""
+    n_clients, n_requests, n_idle = 32, 50, 8
+    out = _built_report(tmp_path)
+    files = sorted(p for p in out.rglob("*") if p.is_file() and not p.name.startswith("."))
+    paths = ["/", *("/" + p.relative_to(out).as_posix() for p in files)]
+    expected = {"/": (out / "index.html").read_bytes()}
+    expected.update({"/" + p.relative_to(out).as_posix(): p.read_bytes() for p in files})
+    assert any(p.startswith("/data/r0/") for p in paths) and "/assets/report.js" in paths
+    server = make_server(out, "127.0.0.1", 0)  # default idle timeout: idle sockets stay open throughout
+    thread = _start(server)
+    host, port = server.server_address[:2]
+    idle = [socket.create_connection((host, port), timeout=10) for _ in range(n_idle)]
+    latencies: list[float] = []
+    errors: list[str] = []
+    lock = threading.Lock()
+    start = threading.Barrier(n_clients)
+
+    def client(k: int) -> None:
+        conn = http.client.HTTPConnection(host, port, timeout=30)
+        start.wait()
+        mine, bad = [], []
+        try:
+            for i in range(n_requests):
+                path = paths[(k * 7 + i) % len(paths)]
+                t0 = time.perf_counter()
+                try:
+                    conn.request("GET", path)
+                    resp = conn.getresponse()
+                    body = resp.read()
+                except (OSError, http.client.HTTPException) as exc:
+                    bad.append(f"{path}: {type(exc).__name__}: {exc}")
+                    conn.close()
+                    conn = http.client.HTTPConnection(host, port, timeout=30)
+                    continue
+                mine.append(time.perf_counter() - t0)
+                if resp.status != 200 or body != expected[path]:
+                    bad.append(f"{path}: status {resp.status}, {len(body)} bytes")
+        finally:
+            conn.close()
+        with lock:
+            latencies.extend(mine)
+            errors.extend(bad)
+
+    workers = [threading.Thread(target=client, args=(k,)) for k in range(n_clients)]
+    t_all = time.perf_counter()
+    try:
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join(timeout=120)
+        wall = time.perf_counter() - t_all
+        assert not any(w.is_alive() for w in workers), "a client hung"
+        for s in idle:  # the idle connections were never answered nor dropped mid-test; still usable
+            s.sendall(b"GET /index.html HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            reply = b""
+            while chunk := s.recv(65536):
+                reply += chunk
+            assert reply.startswith(b"HTTP/1.1 200") and reply.endswith(expected["/"])
+    finally:
+        for s in idle:
+            s.close()
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5)
+    lat = sorted(latencies)
+    p50 = lat[len(lat) // 2] * 1000 if lat else float("nan")
+    p99 = lat[min(len(lat) - 1, int(len(lat) * 0.99))] * 1000 if lat else float("nan")
+    print(
+        f"\nload: {n_clients} clients x {n_requests} requests ({len(paths)} distinct files) + {n_idle} idle "
+        f"connections: {len(lat)} answered in {wall:.2f} s, p50 {p50:.2f} ms, p99 {p99:.2f} ms, "
+        f"errors {len(errors)}"
+    )
+    assert errors == [], errors[:5]
+    assert len(lat) == n_clients * n_requests

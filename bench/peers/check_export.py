@@ -90,7 +90,7 @@ def main() -> int:
     # the committed fixtures (written by the peers) loaded by sparsetrace
     from safetensors.torch import load_file
 
-    from sparsetrace.dictionary.io import load_dictionary
+    from sparsetrace.dictionary.load import load_dictionary
 
     fix = Path(__file__).resolve().parents[2] / "tests" / "fixtures" / "peers"
     for ref_file in sorted(fix.rglob("reference.safetensors")):

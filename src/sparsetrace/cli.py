@@ -7,6 +7,7 @@ User mistakes raise :class:`sparsetrace.errors.SparsetraceError`; ``main`` print
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -295,6 +296,32 @@ def export_graph(
     typer.echo(f"written: {dest}")
 
 
+@app.command()
+def upstream(
+    run_dir: Path = typer.Argument(..., metavar="RUN", help="Run folder with the dictionaries (e.g. runs/tc)."),
+    feature: str = typer.Option(..., help="Target feature as LAYER:INDEX, e.g. 6:123."),
+    top: int = typer.Option(10, help="How many upstream features to list."),
+    through_attention: bool = typer.Option(True, "--through-attention/--no-through-attention",
+                                           help="Also score paths through each attention head's OV circuit."),
+    as_json: bool = typer.Option(False, "--json", help="Print the JSON instead of the table."),
+    model: str = typer.Option(None, help="Model (default: the one the dictionaries were trained on)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing RUN/upstream/LXX_FN.json."),
+    device: str = typer.Option("cpu"),
+) -> None:
+    """Top upstream features of a feature (virtual weights from the weights alone) and its top input tokens."""
+    from .attribute import upstream as up
+
+    layer, index = up.parse_feature(feature)
+    if top < 1:
+        raise ConfigError(f"--top {top} is invalid; expected a positive integer")
+    dest = up.upstream_file(run_dir, layer, index, overwrite=overwrite)
+    lm, dicts = _dictionaries_and_model([run_dir], model, device)
+    doc = up.upstream_features(lm, dicts, layer, index, top=top, through_attention=through_attention)
+    up.write_upstream(dest, doc)
+    typer.echo(json.dumps(doc, indent=1, ensure_ascii=False) if as_json else up.format_upstream(doc))
+    _say(f"written: {dest}")
+
+
 # ---------------------------------------------------------------------------------------------- interpret
 @app.command()
 def explain(
@@ -350,7 +377,7 @@ def align(
             raise ConfigError(f"run folder '{r}' does not exist")
     dens = None
     if n_windows > 0:
-        from .dictionary.io import load_dictionary
+        from .dictionary.load import load_dictionary
         from .evaluate.job import heldout_windows
 
         res_layer = layer
@@ -375,6 +402,8 @@ def align(
 def report(
     run_dirs: list[Path] = typer.Argument(..., help="Run folders (or a folder of runs)."),
     out: Path = typer.Option(Path("report"), help="Output folder for the static site."),
+    upstream_seconds: float = typer.Option(60.0, "--upstream-seconds", help="Time budget per run for the feature "
+                                           "pages' upstream panel (weight-only attribution; loads the model); 0 = off."),
 ) -> None:
     """Build the static HTML report (opens from disk, no network)."""
     from .report.html import build_report
@@ -388,7 +417,9 @@ def report(
         else:
             subs = sorted(p.parent for p in d.glob("*/run.json"))
             dirs.extend(subs or [d])
-    index = build_report(dirs, out)
+    if not math.isfinite(upstream_seconds) or upstream_seconds < 0:
+        raise ConfigError(f"--upstream-seconds {upstream_seconds} is invalid; expected a finite number >= 0 (0 = off)")
+    index = build_report(dirs, out, upstream=upstream_seconds > 0, upstream_budget_s=upstream_seconds)
     typer.echo(f"report written: {index}")
 
 

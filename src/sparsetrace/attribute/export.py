@@ -21,6 +21,8 @@ writes them), ``clerp`` (our label; ``Output "tok" (p=0.123)`` for logits), ``in
 ``prompt_tokens``, ``prompt``, ``node_threshold`` and ``schema_version``; what Neuronpedia has no
 field for (targets, scores, edge threshold, hookpoints, ...) goes under ``metadata["sparsetrace"]``
 so ``from_neuronpedia(to_neuronpedia(g))`` gives ``g`` back (pass ``extras=False`` to leave it out).
+A graph's optional ``supernodes`` (``[{"name", "members": [node_id, ...]}]``, made in the report's viewer)
+become ``qParams.supernodes``, Neuronpedia's ``[name, np_node_id, ...]`` lists, and come back.
 
 Embedding node ids need the prompt's token ids: taken from an embedding node's ``token_id`` or
 ``metadata["prompt_token_ids"]``; when neither is present ``-1`` is written.
@@ -35,8 +37,8 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from ..errors import SparsetraceError
+from .graph_types import GRAPH_FORMAT
 
-GRAPH_FORMAT = "sparsetrace-graph/1"
 FEATURE_TYPES = {
     "feature": "cross layer transcoder",
     "error": "mlp reconstruction error",
@@ -163,7 +165,39 @@ def to_neuronpedia(graph: dict, *, slug: str | None = None, scan: str | None = N
         out_meta["sparsetrace"] = keep
     qparams = {"pinnedIds": [], "supernodes": [], "linkType": "both", "clickedId": "", "sg_pos": ""}
     qparams.update(meta.get("qParams") or {})
+    if graph.get("supernodes"):
+        qparams["supernodes"] = _supernodes_out(graph["supernodes"], id_map)
     return {"metadata": out_meta, "qParams": qparams, "nodes": out_nodes, "links": links}
+
+
+def _supernodes_out(groups, id_map: dict[str, str]) -> list[list[str]]:
+    """Our ``supernodes`` ([{name, members}]) -> Neuronpedia's ``qParams.supernodes`` ([name, np_id, ...])."""
+    if not isinstance(groups, list):
+        raise GraphFormatError(f"'supernodes' is {type(groups).__name__}; expected a list of {{name, members}}")
+    out = []
+    for g in groups:
+        if not isinstance(g, dict) or not isinstance(g.get("name"), str) or not isinstance(g.get("members"), list):
+            raise GraphFormatError(f"supernode {str(g)[:80]!r} is malformed; expected {{\"name\": str, \"members\": [node_id, ...]}}")
+        missing = [m for m in g["members"] if m not in id_map]
+        if missing:
+            raise GraphFormatError(f"supernode {g['name']!r} names {missing[0]!r}, which is not a node of the graph")
+        out.append([g["name"], *(id_map[m] for m in g["members"])])
+    return out
+
+
+def _supernodes_in(qparams, id_map: dict[str, str]) -> list[dict]:
+    """Neuronpedia's ``qParams.supernodes`` ([name, np_id, ...]) -> our ``supernodes``; members that name no
+    node of the graph are dropped (Neuronpedia keeps supernodes of nodes a later pruning removed)."""
+    groups = qparams.get("supernodes") if isinstance(qparams, dict) else None
+    out = []
+    for i, g in enumerate(groups if isinstance(groups, list) else []):
+        if not isinstance(g, list) or not g or not isinstance(g[0], str):
+            raise GraphFormatError(f"Neuronpedia graph: qParams.supernodes[{i}] is {str(g)[:80]!r}; "
+                                   "expected [name, node_id, ...]")
+        members = [id_map[m] for m in g[1:] if isinstance(m, str) and m in id_map]
+        if members:
+            out.append({"name": g[0], "members": members})
+    return out
 
 
 _NODE_FIELDS = ("node_id", "feature", "layer", "ctx_idx", "feature_type", "token_prob", "is_target_logit",
@@ -288,7 +322,11 @@ def from_neuronpedia(d: dict) -> dict:
     out_meta["n_layers"] = n_layers
     if not extra:
         out_meta["slug"] = meta.get("slug", "")
-    return {"format": extra.get("format", GRAPH_FORMAT), "metadata": out_meta, "nodes": nodes, "links": links}
+    doc = {"format": extra.get("format", GRAPH_FORMAT), "metadata": out_meta, "nodes": nodes, "links": links}
+    supernodes = _supernodes_in(d.get("qParams"), id_map)
+    if supernodes:
+        doc["supernodes"] = supernodes
+    return doc
 
 
 # ----------------------------------------------------------------------------------------- files

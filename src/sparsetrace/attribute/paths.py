@@ -19,7 +19,8 @@ import numpy as np
 import scipy.sparse as sp
 
 from ..errors import DataError
-from .graph import Graph
+from .graph_types import Graph
+from .prune import node_influence
 
 __all__ = ["Path", "find_paths", "resolve_target", "select_circuit"]
 
@@ -126,8 +127,6 @@ def select_circuit(graph: Graph, max_features: int = 20) -> list[str]:
         graph = graph.unpruned
     feats = [n for n in graph.nodes if n.kind == "feature"]
     if any(n.influence is None for n in feats):
-        from .prune import node_influence
-
         infl = node_influence(graph)
         vals = {n.node_id: float(infl[graph.index[n.node_id]]) for n in feats}
     else:

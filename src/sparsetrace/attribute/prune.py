@@ -12,15 +12,11 @@ Conventions (as in circuit-tracer, reimplemented on sparse COO edges):
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import numpy as np
 import scipy.sparse as sp
 
 from ..errors import DataError
-
-if TYPE_CHECKING:  # pragma: no cover
-    from .graph import Graph
+from .graph_types import Edges, Graph
 
 __all__ = [
     "compute_influence",
@@ -119,8 +115,6 @@ def prune_graph(graph: Graph, node_threshold: float = 0.8, edge_threshold: float
     for name, v in (("node_threshold", node_threshold), ("edge_threshold", edge_threshold)):
         if not 0.0 < v <= 1.0:
             raise DataError(f"{name}={v}; expected a fraction in (0, 1]")
-    from .graph import Edges, Graph
-
     n = len(graph.nodes)
     src, dst, w = graph.edges.numpy()
     src = src.astype(np.int64)
@@ -172,6 +166,8 @@ def prune_graph(graph: Graph, node_threshold: float = 0.8, edge_threshold: float
     meta["edge_threshold"] = float(edge_threshold)
     meta["keep_errors"] = bool(keep_errors)
     meta["pruned"] = {"nodes": int(len(keep)), "links": int(len(e)), "from_nodes": n, "from_links": int(len(w))}
-    pruned = Graph([graph.nodes[i] for i in keep], edges, meta)
+    kept_ids = {graph.nodes[i].node_id for i in keep}
+    groups = [{"name": g["name"], "members": [m for m in g["members"] if m in kept_ids]} for g in graph.supernodes]
+    pruned = Graph([graph.nodes[i] for i in keep], edges, meta, [g for g in groups if g["members"]])
     pruned.replacement = graph.replacement
     return pruned

@@ -40,7 +40,10 @@ __all__ = [
     "head_ov",
     "logit_effect_matrix",
     "norm_linear",
+    "ov_readers",
     "ov_virtual_weights",
+    "path_exists",
+    "reader_vectors",
     "virtual_weights",
 ]
 
@@ -59,7 +62,7 @@ def norm_linear(lm: LanguageModel, layer: int | None, which: str) -> tuple[Tenso
 
 def _norm_T(u: Tensor, gamma: Tensor, centred: bool, scale: float) -> Tensor:
     """``N^T u`` for ``N = scale * diag(gamma) * C`` (C = centring, or identity): ``scale * C(gamma * u)``."""
-    v = u * gamma.to(u.dtype)
+    v = u * gamma.to(device=u.device, dtype=u.dtype)
     if centred:
         v = v - v.mean(-1, keepdim=True)
     return v * scale
@@ -112,22 +115,33 @@ def _times(d: SparseDictionary, parallel: bool) -> tuple[float, float]:
     return (L + 0.1, L + 0.75) if parallel else (L + 0.5, L + 0.75)
 
 
-def _check_order(src: SparseDictionary, tgt: SparseDictionary, parallel: bool, via_attn: int | None = None) -> None:
+def path_exists(src: SparseDictionary, tgt: SparseDictionary, parallel: bool, via_attn: int | None = None) -> bool:
+    """Whether ``src`` writes before ``tgt`` reads (directly, or with attention layer ``via_attn`` in
+    between: the source writes before that attention reads, which writes before the target reads).
+    ``parallel``: the model's attention and MLP read the same residual (GPT-NeoX, GPT-J)."""
     _, w = _times(src, parallel)
     r, _ = _times(tgt, parallel)
     if via_attn is None:
-        if not w < r:
+        return w < r
+    attn_read, attn_write = via_attn + 0.1, via_attn + (0.75 if parallel else 0.25)
+    return w < attn_read and attn_write < r
+
+
+def _check_order(src: SparseDictionary, tgt: SparseDictionary, parallel: bool, via_attn: int | None = None) -> None:
+    if via_attn is None:
+        if not path_exists(src, tgt, parallel):
             raise ConfigError(f"source dictionary (layer {src.cfg.layer}, {src.cfg.kind}) writes after target "
                               f"(layer {tgt.cfg.layer}, {tgt.cfg.kind}) reads; no direct path")
         return
-    attn_read, attn_write = via_attn + 0.1, via_attn + (0.75 if parallel else 0.25)
-    if not (w < attn_read and attn_write < r):
+    if not path_exists(src, tgt, parallel, via_attn):
         raise ConfigError(f"attention layer {via_attn} does not lie between the source (layer {src.cfg.layer}) "
                           f"and the target (layer {tgt.cfg.layer})")
 
 
-def _reader_T(lm: LanguageModel | None, tgt: SparseDictionary, features: Tensor, scale: float | None) -> Tensor:
-    """``N_tgt^T W_enc_tgt[features]`` ([k, d])."""
+def reader_vectors(lm: LanguageModel | None, tgt: SparseDictionary, features: Tensor, scale: float | None = None) -> Tensor:
+    """``N_tgt^T W_enc_tgt[features]`` ([k, d]): what the target features read from the residual stream
+    (through the norm in front of a transcoder, with its weight and centring; ``scale``: its average
+    scale, default 1). Dot it with a residual direction to get a virtual weight."""
     u = tgt.W_enc.detach()[features].float()
     if tgt.cfg.kind == "sae":
         return u
@@ -162,7 +176,7 @@ def virtual_weights(src: SparseDictionary, tgt: SparseDictionary, tgt_features, 
     pass ``lm`` to apply its weight (and centring), ``norm_scale`` for its average scale (else 1)."""
     idx, single = _as_index(tgt_features)
     _check_order(src, tgt, bool(lm and lm.arch.parallel_residual))
-    out = _reader_T(lm, tgt, idx, norm_scale) @ src.W_dec.detach().float().t()
+    out = reader_vectors(lm, tgt, idx, norm_scale) @ src.W_dec.detach().float().t()
     return out[0] if single else out
 
 
@@ -210,13 +224,20 @@ def ov_virtual_weights(lm: LanguageModel, attn_layer: int, src: SparseDictionary
     circuit at ``attn_layer`` ([n_heads, n_src]); ``attn_scale``/``tgt_scale``: average norm scales of
     the attention input norm and the target's norm (default 1, i.e. ignored)."""
     _check_order(src, tgt, lm.arch.parallel_residual, via_attn=attn_layer)
-    u = _reader_T(lm, tgt, torch.tensor([tgt_feature]), tgt_scale)[0]  # [d]
+    u = reader_vectors(lm, tgt, torch.tensor([tgt_feature]), tgt_scale)[0]  # [d]
+    return ov_readers(lm, attn_layer, u, attn_scale) @ src.W_dec.detach().float().t()
+
+
+@torch.no_grad()
+def ov_readers(lm: LanguageModel, attn_layer: int, u: Tensor, attn_scale: float | None = None) -> Tensor:
+    """``N_attn^T W_V^h^T W_O^h^T u`` for each head h of ``attn_layer`` ([n_heads, d]): what a residual
+    reader ``u`` (e.g. from :func:`reader_vectors`) reads, through each head's OV circuit, from the
+    residual stream at the attended position."""
     W_V, W_O = head_ov(lm, attn_layer)
-    uh = torch.einsum("hdk,d->hk", W_O, u)  # W_O^T u per head: [H, dh]
+    uh = torch.einsum("hdk,d->hk", W_O, u.float().to(W_O.device))  # W_O^T u per head: [H, dh]
     uh = torch.einsum("hkd,hk->hd", W_V, uh)  # W_V^T (.): [H, d]
     gamma, centred = norm_linear(lm, attn_layer, "attn")
-    uh = _norm_T(uh, gamma, centred, 1.0 if attn_scale is None else attn_scale)
-    return uh @ src.W_dec.detach().float().t()
+    return _norm_T(uh, gamma, centred, 1.0 if attn_scale is None else attn_scale)
 
 
 # ============================================================================================ tokens
@@ -231,9 +252,9 @@ def feature_input_tokens(lm: LanguageModel, dictionary: SparseDictionary, featur
     """De-embedding: which input tokens drive ``feature`` directly, ``W_E[v] . N^T W_enc[f]`` with the
     norm's weight (and centring) but not its scale. Returns the top ``k`` ``[(token, score)]`` (and the
     full ``[vocab]`` scores with ``return_scores``)."""
-    u = _reader_T(lm, dictionary, torch.tensor([feature]), 1.0)[0]
+    u = reader_vectors(lm, dictionary, torch.tensor([feature]), 1.0)[0]
     W_E = lm.arch.embed.weight.detach().float()
-    scores = W_E @ u
+    scores = W_E @ u.to(W_E.device)
     top = _top(lm, scores, k)
     return (top, scores) if return_scores else top
 
@@ -243,7 +264,7 @@ def feature_logit_effects(lm: LanguageModel, dictionary: SparseDictionary, featu
                           *, return_scores: bool = False):
     """Direct logit effects of ``feature``: ``W_U @ (gamma_final * centre(W_dec[f]))`` (final norm's
     weight, not its scale). Returns ``{"top": [(token, effect)] promoted, "bottom": [...] suppressed}``."""
-    scores = logit_effect_matrix(lm, dictionary.W_dec.detach()[feature][None])[0].cpu()
+    scores = logit_effect_matrix(lm, dictionary.W_dec.detach()[feature][None])[0]
     out = {"top": _top(lm, scores, k), "bottom": _top(lm, scores, k, largest=False)}
     if return_scores:
         out["scores"] = scores

@@ -42,7 +42,8 @@ from safetensors.torch import load_file
 
 from .. import __version__
 from ..errors import DictionaryFileError
-from ..model.norms import mlp_norm_child_names, model_type_from_name
+from ..model.norms import model_type_from_name
+from .hooknames import parse_hf_module, parse_tl_hook, tl_hook_name
 from .io import from_tensors, verify_manifest, write_folder_atomically
 from .model import DEFAULT_HOOKPOINTS, DictionaryConfig, SparseDictionary
 
@@ -69,23 +70,6 @@ _SAELENS_ARCH = {
     "jumprelu_skip_transcoder": ("skip_transcoder", "jumprelu"),
 }
 _SAELENS_ARCH_INV = {v: k for k, v in _SAELENS_ARCH.items()}
-
-# TransformerLens hook suffix (after ``blocks.{L}.``) <-> our hookpoint name
-_TL_TO_OURS = {
-    "hook_resid_pre": "resid_pre",
-    "hook_resid_post": "resid_post",
-    "hook_attn_out": "attn_out",
-    "hook_mlp_out": "mlp_out",
-    "ln2.hook_normalized": "mlp_in",
-}
-_OURS_TO_TL = {v: k for k, v in _TL_TO_OURS.items()}
-_TL_HOOK = re.compile(r"^blocks\.(\d+)\.(.+)$")
-
-# sparsify hooks Hugging Face modules by path: ``[prefix.]layers.{L}[.child]``
-_HF_MODULE = re.compile(r"(?:^|\.)(?:layers|h|blocks|layer)\.(\d+)(?:\.(.+))?$")
-_HF_MLP = ("mlp", "feed_forward", "ffn")
-_HF_ATTN = ("self_attn", "attn", "attention")
-
 
 # ------------------------------------------------------------------------------------------ detect
 def detect(path: Path) -> Loader | None:
@@ -144,58 +128,9 @@ def _int(cfg: dict, key: str, source: Path) -> int:
     return v
 
 
-def parse_tl_hook(name: str | None) -> tuple[int | None, str | None]:
-    """``blocks.6.hook_resid_pre`` -> (6, "resid_pre"). A hook with no sparsetrace equivalent keeps
-    its TransformerLens name (so a later hookpoint lookup names it); ``None`` -> (None, None)."""
-    if not name:
-        return None, None
-    m = _TL_HOOK.match(name)
-    if not m:
-        return None, name
-    layer, suffix = int(m.group(1)), m.group(2)
-    return layer, _TL_TO_OURS.get(suffix, name)
-
-
-def tl_hook_name(hookpoint: str, layer: int) -> str:
-    """Our hookpoint -> TransformerLens hook name (``resid_pre``, 6 -> ``blocks.6.hook_resid_pre``)."""
-    if hookpoint in _OURS_TO_TL:
-        return f"blocks.{layer}.{_OURS_TO_TL[hookpoint]}"
-    return hookpoint  # already a foreign name (kept verbatim on import)
-
-
-def parse_hf_module(path: str, model_type: str | None = None) -> tuple[int | None, str, str]:
-    """A sparsify hookpoint (module path) -> (layer, hookpoint of the module's input, of its output).
-
-    The MLP's norm comes from :mod:`sparsetrace.model.norms`; ``model_type`` (e.g. ``gemma2``, where
-    ``post_attention_layernorm`` is the attention-output norm) picks that family's name."""
-    m = _HF_MODULE.search(path)
-    if not m:
-        return None, path, path
-    layer, child = int(m.group(1)), m.group(2)
-    if child is None:
-        return layer, "resid_pre", "resid_post"
-    if child in _HF_MLP:
-        return layer, "mlp_in", "mlp_out"
-    if child in _HF_ATTN:
-        return layer, path, "attn_out"
-    if child in mlp_norm_child_names(model_type):
-        return layer, path, "mlp_in"
-    return layer, path, path
-
-
 # ----------------------------------------------------------------------------------------- SAELens
-def load_saelens(path: str | Path, *, device: str | torch.device = "cpu") -> SparseDictionary:
-    """Load a SAELens dictionary folder (``cfg.json`` + ``sae_weights.safetensors``)."""
-    path = Path(path)
-    verify_manifest(path)
-    cfg = _read_json(path / SAELENS_CONFIG)
-    tensors = _read_tensors(path / SAELENS_WEIGHTS)
-    src = path / SAELENS_WEIGHTS
-    meta = cfg.get("metadata") if isinstance(cfg.get("metadata"), dict) else {}
-
-    def field(key: str, default=None):  # SAELens >= 6 keeps run info in metadata, older at top level
-        return meta.get(key, cfg.get(key, default))
-
+def _saelens_arch(cfg: dict, path: Path) -> tuple[str, str, str]:
+    """(SAELens architecture, our kind, our activation); pre-6 configs name only the activation."""
     arch = cfg.get("architecture")
     if arch is None:  # pre-6 config
         act = cfg.get("activation_fn", cfg.get("activation_fn_str", "relu"))
@@ -212,19 +147,22 @@ def load_saelens(path: str | Path, *, device: str | torch.device = "cpu") -> Spa
             f"{path / SAELENS_CONFIG}: SAELens architecture '{arch}' has no sparsetrace equivalent; expected one of "
             f"{', '.join(_SAELENS_ARCH)} (training checkpoints such as batchtopk: save with save_inference_model)"
         )
-    kind, activation = _SAELENS_ARCH[arch]
-    d_in = _int(cfg, "d_in", path / SAELENS_CONFIG)
-    n = _int(cfg, "d_sae", path / SAELENS_CONFIG)
-    d_out = _int(cfg, "d_out", path / SAELENS_CONFIG) if kind != "sae" else d_in
+    return (arch, *_SAELENS_ARCH[arch])
 
-    k = None
-    if activation == "topk":
-        k = cfg.get("k", (cfg.get("activation_fn_kwargs") or {}).get("k"))
-        if k is None:
-            raise DictionaryFileError(f"{path / SAELENS_CONFIG}: a TopK SAE needs 'k'")
-        k = int(k)
 
-    W = _need(tensors, "W_enc", (d_in, n), src).t()  # ours: [n, d_in]
+def _saelens_k(cfg: dict, activation: str, path: Path) -> int | None:
+    if activation != "topk":
+        return None
+    k = cfg.get("k", (cfg.get("activation_fn_kwargs") or {}).get("k"))
+    if k is None:
+        raise DictionaryFileError(f"{path / SAELENS_CONFIG}: a TopK SAE needs 'k'")
+    return int(k)
+
+
+def _saelens_weights(tensors: dict, kind: str, activation: str, dims: tuple[int, int, int], src: Path) -> list:
+    """[W (ours: [n, d_in]), b_enc, W_dec (scaling factor folded in), b_dec, W_skip, threshold]."""
+    d_in, n, d_out = dims
+    W = _need(tensors, "W_enc", (d_in, n), src).t()
     b_enc = _need(tensors, "b_enc", (n,), src)
     W_dec = _need(tensors, "W_dec", (n, d_out), src)
     b_dec = _need(tensors, "b_dec", (d_out,), src)
@@ -239,7 +177,14 @@ def load_saelens(path: str | Path, *, device: str | torch.device = "cpu") -> Spa
             _need(tensors, "threshold", (n,), src)
     if "scaling_factor" in tensors:  # finetuning scaling factor: decode uses (f * s) @ W_dec
         W_dec = W_dec * _need(tensors, "scaling_factor", (n,), src)[:, None]
+    return [W, b_enc, W_dec, b_dec, W_skip, threshold]
 
+
+def _saelens_fold(cfg: dict, path: Path, kind: str, arch: str, w: list) -> tuple[float, float]:
+    """Fold b_dec subtraction, decoder-norm rescaling and activation normalisation into ``w`` (in
+    place, the list of :func:`_saelens_weights`); returns (input_scale, output_scale)."""
+    W, b_enc, W_dec, b_dec, _, threshold = w
+    d_out, d_in = W_dec.shape[1], W.shape[1]
     # 1. the encoder sees x - b_dec
     # SAELens' default (and pre-6 configs') is True; its transcoders refuse True
     if cfg.get("apply_b_dec_to_input", kind == "sae"):
@@ -275,7 +220,12 @@ def load_saelens(path: str | Path, *, device: str | torch.device = "cpu") -> Spa
         )
     elif norm != "none":
         raise DictionaryFileError(f"{path / SAELENS_CONFIG}: normalize_activations='{norm}' is unknown")
+    w[:] = [W, b_enc, W_dec, b_dec, w[4], threshold]
+    return input_scale, output_scale
 
+
+def _saelens_hookpoints(field: Callable, kind: str) -> tuple[int, str, str]:
+    """(layer, hookpoint in, hookpoint out) from the TransformerLens hook names."""
     layer, hp_in = parse_tl_hook(field("hook_name", field("hook_point")))
     layer_out, hp_out = parse_tl_hook(field("hook_name_out"))
     default_in, default_out = DEFAULT_HOOKPOINTS[kind]
@@ -286,13 +236,34 @@ def load_saelens(path: str | Path, *, device: str | torch.device = "cpu") -> Spa
         hp_out = "mlp_out" if hp_in == "mlp_in" else default_out
     if layer is None:
         layer = layer_out if layer_out is not None else int(field("hook_layer", 0) or 0)
+    return layer, hp_in, hp_out
 
+
+def load_saelens(path: str | Path, *, device: str | torch.device = "cpu") -> SparseDictionary:
+    """Load a SAELens dictionary folder (``cfg.json`` + ``sae_weights.safetensors``)."""
+    path = Path(path)
+    verify_manifest(path)
+    cfg = _read_json(path / SAELENS_CONFIG)
+    tensors = _read_tensors(path / SAELENS_WEIGHTS)
+    meta = cfg.get("metadata") if isinstance(cfg.get("metadata"), dict) else {}
+
+    def field(key: str, default=None):  # SAELens >= 6 keeps run info in metadata, older at top level
+        return meta.get(key, cfg.get(key, default))
+
+    arch, kind, activation = _saelens_arch(cfg, path)
+    d_in = _int(cfg, "d_in", path / SAELENS_CONFIG)
+    n = _int(cfg, "d_sae", path / SAELENS_CONFIG)
+    d_out = _int(cfg, "d_out", path / SAELENS_CONFIG) if kind != "sae" else d_in
+    k = _saelens_k(cfg, activation, path)
+    w = _saelens_weights(tensors, kind, activation, (d_in, n, d_out), path / SAELENS_WEIGHTS)
+    input_scale, output_scale = _saelens_fold(cfg, path, kind, arch, w)
+    layer, hp_in, hp_out = _saelens_hookpoints(field, kind)
     ours = DictionaryConfig(
         kind=kind, d_in=d_in, d_out=d_out, n_features=n, activation=activation, k=k, layer=layer,
         hookpoint_in=hp_in, hookpoint_out=hp_out, model_id=str(field("model_name", "") or ""),
         input_scale=input_scale, output_scale=output_scale,
     )
-    return _build(ours, W, b_enc, W_dec, b_dec, W_skip, threshold, source=path).to(device)
+    return _build(ours, *w, source=path).to(device)
 
 
 def _saelens_scaling_factor(path: Path) -> float:

@@ -1,12 +1,11 @@
-"""Save and load dictionaries as safetensors + JSON config, atomically, with sha256 manifests.
+"""Save and load our own dictionary folders (safetensors + JSON config), atomically, with sha256 manifests.
 
-Nothing here unpickles: a ``.pt``/``.bin``/``.pkl`` offered as a dictionary is refused, and only
-safetensors files are read.
+Nothing here unpickles: only safetensors files are read. Choosing between our format and other tools'
+(SAELens, sparsify) is :mod:`sparsetrace.dictionary.load`'s job; this module knows only its own.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -18,20 +17,13 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from ..errors import ConfigError, DictionaryFileError
+from ..util.hashing import sha256_file
 from .model import DictionaryConfig, SparseDictionary
 
 WEIGHTS = "weights.safetensors"
 CONFIG = "config.json"
 MANIFEST = "manifest.json"
 PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".pkl", ".pickle", ".ckpt")
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _fsync_dir(path: Path) -> None:
@@ -179,29 +171,11 @@ def verify_manifest(folder: Path) -> None:
             raise DictionaryFileError(f"{p} does not match its sha256 in {man}: the file is corrupt or truncated")
 
 
-def load_dictionary(path: str | Path, *, device: str | torch.device = "cpu") -> SparseDictionary:
-    """Load a dictionary folder (ours), or detect a SAELens / sparsify folder and convert it."""
-    path = Path(path)
-    if path.suffix.lower() in PICKLE_SUFFIXES:
-        raise DictionaryFileError(
-            f"refusing to load {path}: pickle-based files can execute code; expected a folder with "
-            f"{CONFIG} + {WEIGHTS} (safetensors)"
-        )
-    if path.is_file() and path.suffix == ".safetensors":
-        path = path.parent
-    if not path.exists():
-        raise DictionaryFileError(f"dictionary '{path}' does not exist")
-    if not path.is_dir():
-        raise DictionaryFileError(f"'{path}' is not a dictionary folder; expected a folder with {CONFIG} + {WEIGHTS}")
-    if not (path / WEIGHTS).exists():
-        from . import interop
+def load_native(path: str | Path, *, device: str | torch.device = "cpu") -> SparseDictionary:
+    """Load one of our dictionary folders (``config.json`` + ``weights.safetensors``, manifest-checked).
 
-        foreign = interop.detect(path)
-        if foreign is not None:
-            return foreign(path, device=device)
-        raise DictionaryFileError(
-            f"'{path}' has no {WEIGHTS}; expected a sparsetrace, SAELens or sparsify dictionary folder"
-        )
+    Use :func:`sparsetrace.dictionary.load.load_dictionary` for a folder of any supported format."""
+    path = Path(path)
     verify_manifest(path)
     try:
         cfg_dict = json.loads((path / CONFIG).read_text(encoding="utf-8"))

@@ -6,7 +6,8 @@ import json
 from pathlib import Path
 
 from ..data.tokens import tokenize_windows
-from ..dictionary.io import atomic_write_text, find_dictionaries, load_dictionary
+from ..dictionary.io import atomic_write_text, find_dictionaries
+from ..dictionary.load import load_dictionary
 from ..dictionary.model import SparseDictionary
 from ..errors import DataError, DictionaryFileError
 from ..model.adapter import LanguageModel

@@ -26,7 +26,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from ..dictionary.io import atomic_write_text, find_dictionaries, load_dictionary
+from ..dictionary.io import atomic_write_text, find_dictionaries
+from ..dictionary.load import load_dictionary
 from ..errors import ConfigError, DataError
 
 FEATURES_EXPECTED = "expected a range '0:200', a list '3,17,99', 'random:120' or 'all'"

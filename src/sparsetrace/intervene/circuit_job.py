@@ -41,7 +41,8 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
-from ..dictionary.io import atomic_write_text, find_dictionaries, load_dictionary
+from ..dictionary.io import atomic_write_text, find_dictionaries
+from ..dictionary.load import load_dictionary
 from ..errors import ConfigError, DataError
 from ..model.adapter import LanguageModel
 from .verify import edge_checks, verify_circuit, write_verify_json

@@ -44,6 +44,52 @@ def _replace_first(x, new):
     return new
 
 
+Saver = Callable[[Hookpoint, Tensor], None]
+
+
+def _stop_hook(_mod, _inp, _out):
+    raise _StopForward
+
+
+def _output_hook(hp: Hookpoint, fn: Edit | None, save: Saver | None):
+    """A forward hook on a module's output: edit it with ``fn``, then ``save`` it."""
+
+    def hook(_mod, _inp, out):
+        x = _first(out)
+        if fn is not None:
+            x = fn(x)
+            out = _replace_first(out, x)
+        if save is not None:
+            save(hp, x)
+        return out if fn is not None else None
+
+    return hook
+
+
+def _input_hook(hp: Hookpoint, fn: Edit | None, save: Saver | None):
+    """A forward pre-hook (with kwargs) on a module's first input: edit it with ``fn``, then ``save`` it."""
+
+    def hook(_mod, args, kwargs):
+        if args:
+            x = args[0]
+        else:
+            key = "hidden_states" if "hidden_states" in kwargs else next(iter(kwargs))
+            x = kwargs[key]
+        if fn is not None:
+            x = fn(x)
+        if save is not None:
+            save(hp, x)
+        if fn is None:
+            return None
+        if args:
+            return (x, *args[1:]), kwargs
+        kwargs = dict(kwargs)
+        kwargs[key] = x
+        return args, kwargs
+
+    return hook
+
+
 class LanguageModel:
     """Wraps a ``transformers`` causal LM; all parameters are frozen."""
 
@@ -64,7 +110,9 @@ class LanguageModel:
 
     # ------------------------------------------------------------------ loading
     @classmethod
-    def load(cls, name_or_path: str, *, device: str = "cpu", dtype: torch.dtype = torch.float32) -> LanguageModel:
+    def load(
+        cls, name_or_path: str, *, device: str = "cpu", dtype: torch.dtype = torch.float32
+    ) -> LanguageModel:
         from .zoo import load_hf_model
 
         model, tok, model_id = load_hf_model(name_or_path, dtype=dtype, device=device)
@@ -132,6 +180,8 @@ class LanguageModel:
         read = list(read)
         for hp in [*read, *edit]:
             self.check(hp)
+        if stop_after is not None and not (0 <= stop_after < self.n_layers):
+            raise HookpointError(f"stop_after={stop_after} out of range 0..{self.n_layers - 1}")
         acts: dict[Hookpoint, Tensor] = store if store is not None else {}
         handles: list = []
         patched: list[nn.Module] = []
@@ -139,73 +189,12 @@ class LanguageModel:
         def save(hp: Hookpoint, x: Tensor) -> None:
             acts[hp] = x.detach() if detach else x
 
-        def output_hook(hp: Hookpoint, fn: Edit | None, want: bool):
-            def hook(_mod, _inp, out):
-                x = _first(out)
-                if fn is not None:
-                    x = fn(x)
-                    out = _replace_first(out, x)
-                if want:
-                    save(hp, x)
-                return out if fn is not None else None
-
-            return hook
-
-        def input_hook(hp: Hookpoint, fn: Edit | None, want: bool):
-            def hook(_mod, args, kwargs):
-                if args:
-                    x = args[0]
-                else:
-                    key = "hidden_states" if "hidden_states" in kwargs else next(iter(kwargs))
-                    x = kwargs[key]
-                if fn is not None:
-                    x = fn(x)
-                if want:
-                    save(hp, x)
-                if fn is None:
-                    return None
-                if args:
-                    return (x, *args[1:]), kwargs
-                kwargs = dict(kwargs)
-                kwargs[key] = x
-                return args, kwargs
-
-            return hook
-
         try:
             wanted = set(read)
             for hp in sorted(set(read) | set(edit), key=lambda h: (h.layer, HOOKPOINTS.index(h.name))):
-                fn = edit.get(hp)
-                want = hp in wanted
-                layer = self.arch.layer(hp.layer)
-                if hp.name == "resid_pre":
-                    handles.append(layer.register_forward_pre_hook(input_hook(hp, fn, want), with_kwargs=True))
-                elif hp.name == "resid_post":
-                    handles.append(layer.register_forward_hook(output_hook(hp, fn, want)))
-                elif hp.name == "attn_out":
-                    handles.append(self.arch.attn(hp.layer).register_forward_hook(output_hook(hp, fn, want)))
-                elif hp.name == "mlp_in":
-                    handles.append(
-                        self.arch.mlp(hp.layer).register_forward_pre_hook(input_hook(hp, fn, want), with_kwargs=True)
-                    )
-                elif hp.name == "mlp_out":
-                    mlp = self.arch.mlp(hp.layer)
-                    if fn is not None and replace_mlp:
-                        # the edit receives the MLP *input* and its result is the MLP output
-                        mlp.forward = (lambda f: (lambda x, *a, **k: f(x)))(fn)  # type: ignore[method-assign]
-                        patched.append(mlp)
-                        if want:
-                            handles.append(mlp.register_forward_hook(output_hook(hp, None, True)))
-                    else:
-                        handles.append(mlp.register_forward_hook(output_hook(hp, fn, want)))
+                self._install(hp, edit.get(hp), save if hp in wanted else None, replace_mlp, handles, patched)
             if stop_after is not None:
-                if not (0 <= stop_after < self.n_layers):
-                    raise HookpointError(f"stop_after={stop_after} out of range 0..{self.n_layers - 1}")
-
-                def stop(_m, _i, _o):
-                    raise _StopForward
-
-                handles.append(self.arch.layer(stop_after).register_forward_hook(stop))
+                handles.append(self.arch.layer(stop_after).register_forward_hook(_stop_hook))
             yield acts
         finally:
             for h in handles:
@@ -213,6 +202,37 @@ class LanguageModel:
             for m in patched:
                 with contextlib.suppress(AttributeError):
                     del m.forward
+
+    def _install(
+        self,
+        hp: Hookpoint,
+        fn: Edit | None,
+        save: Saver | None,
+        replace_mlp: bool,
+        handles: list,
+        patched: list,
+    ) -> None:
+        """Register the hook(s) that read and/or edit one hookpoint."""
+        layer = self.arch.layer(hp.layer)
+        if hp.name == "resid_pre":
+            handles.append(layer.register_forward_pre_hook(_input_hook(hp, fn, save), with_kwargs=True))
+        elif hp.name == "resid_post":
+            handles.append(layer.register_forward_hook(_output_hook(hp, fn, save)))
+        elif hp.name == "attn_out":
+            handles.append(self.arch.attn(hp.layer).register_forward_hook(_output_hook(hp, fn, save)))
+        elif hp.name == "mlp_in":
+            mlp = self.arch.mlp(hp.layer)
+            handles.append(mlp.register_forward_pre_hook(_input_hook(hp, fn, save), with_kwargs=True))
+        elif hp.name == "mlp_out":
+            mlp = self.arch.mlp(hp.layer)
+            if fn is not None and replace_mlp:
+                # the edit receives the MLP *input* and its result is the MLP output
+                mlp.forward = (lambda f: lambda x, *a, **k: f(x))(fn)  # type: ignore[method-assign]
+                patched.append(mlp)
+                if save is not None:
+                    handles.append(mlp.register_forward_hook(_output_hook(hp, None, save)))
+            else:
+                handles.append(mlp.register_forward_hook(_output_hook(hp, fn, save)))
 
     def run(
         self,
@@ -228,7 +248,10 @@ class LanguageModel:
         """One forward pass with hooks. Returns logits (None if stopped early) and read activations."""
         read = list(read)
         ctx = contextlib.nullcontext() if grad else torch.no_grad()
-        with ctx, self.hooks(read, edit, replace_mlp=replace_mlp, stop_after=stop_after, detach=not grad) as acts:
+        with (
+            ctx,
+            self.hooks(read, edit, replace_mlp=replace_mlp, stop_after=stop_after, detach=not grad) as acts,
+        ):
             try:
                 out = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
                 logits = out.logits

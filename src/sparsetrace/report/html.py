@@ -1,6 +1,6 @@
 """Build a static, self-contained HTML report from one or more run folders.
 
-The report is a single-page application (``index.html`` + ``assets/report.js`` + ``assets/report.css``)
+The report is a single-page application (``index.html`` + ``assets/*.js`` + ``assets/report.css``)
 whose data is embedded as JavaScript files under ``data/``. Every data file is a plain ``<script>``
 (either referenced from ``index.html`` or injected on demand), so the report opens straight from
 disk through ``file://``: it never uses ``fetch``/XHR and never touches the network.
@@ -8,7 +8,8 @@ disk through ``file://``: it never uses ``fetch``/XHR and never touches the netw
 Layout of the output folder::
 
     index.html
-    assets/report.css, assets/report.js, assets/favicon.svg
+    inputs.json                      sha256 of every input file the report read, per run
+    assets/report.css, assets/favicon.svg, assets/{core,charts,dashboard,graph-prune,graph-layout,graph-groups,graph-viewer,circuit,report}.js
     data/report-data.js              window.SPARSETRACE_DATA = {...}: runs, metrics, curves, indexes
     data/r{i}/circuit-{j}.js         SPARSETRACE_LOAD("r{i}/circuit/{j}", graph)   (loaded on demand)
     data/r{i}/features-L{ll}-c{k}.js SPARSETRACE_LOAD("r{i}/L{ll}/c{k}", {feature: dashboard, ...})
@@ -28,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from sparsetrace.errors import SparsetraceError
+from sparsetrace.report.inputs import dashboard_status, dictionary_hashes, input_hashes, verify_status
 
 __all__ = ["build_report", "collect_run"]
 
@@ -36,7 +38,12 @@ FEATURE_CHUNK = 128
 #: training-log rows kept per dictionary (evenly subsampled, first and last kept)
 MAX_LOG_POINTS = 1500
 _MARKER = ".sparsetrace-report"
+#: sha256 of every file the report read, per run (written beside index.html)
+INPUTS_FILE = "inputs.json"
 _DICT_DIR = re.compile(r"^L(\d+)_([A-Za-z0-9_]+)$")
+#: the viewer's classic scripts, in load order (they share window.ST; ES modules do not load from file://)
+SCRIPTS = ("core.js", "charts.js", "dashboard.js", "graph-prune.js", "graph-layout.js", "graph-groups.js", "graph-viewer.js",
+           "circuit.js", "report.js")
 _FEATURE_DIR = re.compile(r"^L(\d+)$")
 _DASHBOARD_FILE = re.compile(r"^f(\d+)\.json$")
 _LOG_KEYS = ("step", "tokens", "loss", "mse", "fvu", "l0", "lambda", "lr", "dead_frac")
@@ -229,7 +236,13 @@ def _circuits(reader: _Reader, run_dir: Path, run_index: int, files: dict[str, A
             graph = _valid_graph(reader, sub / "graph.json", graph)
         if graph is None and verify is None:
             continue
-        entry: dict[str, Any] = {"name": sub.name, "verify": verify, "graph": None, "summary": None}
+        entry: dict[str, Any] = {
+            "name": sub.name,
+            "verify": verify,
+            "verify_status": verify_status(sub, verify),
+            "graph": None,
+            "summary": None,
+        }
         if graph is not None:
             key = f"r{run_index}/circuit/{j}"
             src = f"data/r{run_index}/circuit-{j}.js"
@@ -240,7 +253,9 @@ def _circuits(reader: _Reader, run_dir: Path, run_index: int, files: dict[str, A
     return out
 
 
-def _features(reader: _Reader, run_dir: Path, run_index: int, files: dict[str, Any]) -> list[dict]:
+def _features(
+    reader: _Reader, run_dir: Path, run_index: int, files: dict[str, Any], dict_hashes: dict[int, dict[str, str]]
+) -> list[dict]:
     fdir = run_dir / "features"
     if not fdir.is_dir():
         return []
@@ -251,6 +266,9 @@ def _features(reader: _Reader, run_dir: Path, run_index: int, files: dict[str, A
             continue
         layer = int(m.group(1))
         index = reader.json(sub / "index.json", list) or []
+        layer_meta = reader.json(sub / "meta.json", dict) or {}
+        states: dict[str, int] = {}
+        stale_reason = None
         entries: dict[int, dict] = {}
         for e in index:
             if isinstance(e, dict) and isinstance(e.get("feature"), int):
@@ -266,8 +284,21 @@ def _features(reader: _Reader, run_dir: Path, run_index: int, files: dict[str, A
             if dash is None:
                 continue
             feat = int(dm.group(1))
-            dashboards[feat] = {**dash, "feature": feat, "layer": dash.get("layer", layer)}
+            status = dashboard_status(
+                dash.get("dictionary_sha256", layer_meta.get("dictionary_sha256")), dict_hashes.get(layer)
+            )
+            states[status["state"]] = states.get(status["state"], 0) + 1
+            if status["state"] == "stale":
+                stale_reason = stale_reason or status["reason"]
+            dashboards[feat] = {
+                **dash,
+                "feature": feat,
+                "layer": dash.get("layer", layer),
+                "dictionary_status": status,
+            }
             entry = entries.setdefault(feat, {"feature": feat})
+            if status["state"] == "stale":
+                entry["stale"] = True
             for k in ("label", "verdict", "density", "max_act"):
                 if entry.get(k) is None and dash.get(k) is not None:
                     entry[k] = dash[k]
@@ -290,13 +321,21 @@ def _features(reader: _Reader, run_dir: Path, run_index: int, files: dict[str, A
                 "entries": [entries[f] for f in sorted(entries)],
                 "chunks": chunks,
                 "chunk_of": chunk_of,
+                "dashboard_states": states,
+                "stale_reason": stale_reason,
             }
         )
     return layers
 
 
-def collect_run(run_dir: Path, run_index: int = 0) -> tuple[dict, dict[str, Any]]:
-    """Read one run folder. Returns (summary for the main data file, {data file: (key, payload)})."""
+def collect_run(
+    run_dir: Path, run_index: int = 0, *, upstream: bool = True, upstream_budget_s: float = 60.0
+) -> tuple[dict, dict[str, Any]]:
+    """Read one run folder. Returns (summary for the main data file, {data file: (key, payload)}).
+
+    ``upstream``: compute each feature page's upstream panel from the run's dictionary weights and model
+    (bounded by ``upstream_budget_s`` seconds; skipped with a warning when they cannot be loaded).
+    """
     run_dir = Path(run_dir)
     reader = _Reader(run_dir)
     files: dict[str, Any] = {}
@@ -307,6 +346,7 @@ def collect_run(run_dir: Path, run_index: int = 0) -> tuple[dict, dict[str, Any]
     if eval_data and isinstance(eval_data.get("substitution"), list):
         substitution = [s for s in eval_data["substitution"] if isinstance(s, dict)]
     align = reader.json(run_dir / "align.json", (dict, list))
+    dict_hashes = dictionary_hashes(run_dir)
     summary = {
         "index": run_index,
         "name": run_dir.name or str(run_dir),
@@ -318,9 +358,13 @@ def collect_run(run_dir: Path, run_index: int = 0) -> tuple[dict, dict[str, Any]
         "substitution": substitution,
         "dictionaries": dictionaries,
         "circuits": _circuits(reader, run_dir, run_index, files),
-        "features": _features(reader, run_dir, run_index, files),
+        "features": _features(reader, run_dir, run_index, files, dict_hashes),
         "align": align,
     }
+    if upstream and any(d["has_weights"] for d in dictionaries) and summary["features"]:
+        from sparsetrace.report.upstream import add_upstream_panels
+
+        add_upstream_panels(run_dir, files, warn=reader.warnings.append, budget_s=upstream_budget_s)
     summary["warnings"] = reader.warnings
     return summary, files
 
@@ -355,7 +399,7 @@ _INDEX_HTML = """<!DOCTYPE html>
   </main>
 </div>
 <script src="data/report-data.js"></script>
-<script src="assets/report.js"></script>
+{scripts}
 </body>
 </html>
 """
@@ -374,8 +418,13 @@ def _copy_static(out_dir: Path) -> None:
             (assets / item.name).write_bytes(item.read_bytes())
 
 
-def build_report(run_dirs: list[Path], out_dir: Path) -> Path:
+def build_report(
+    run_dirs: list[Path], out_dir: Path, *, upstream: bool = True, upstream_budget_s: float = 60.0
+) -> Path:
     """Write a static HTML report for ``run_dirs`` into ``out_dir``; returns the path of index.html.
+
+    ``upstream``: give each feature page its weight-only upstream panel (needs the run's dictionary
+    weights and model; at most ``upstream_budget_s`` seconds per run).
 
     Open the result with a browser from disk (file://) or serve it with
     :func:`sparsetrace.report.server.serve`.
@@ -401,8 +450,12 @@ def build_report(run_dirs: list[Path], out_dir: Path) -> Path:
     (data_dir / _MARKER).write_text("written by sparsetrace.report.build_report\n", encoding="utf-8")
 
     runs = []
+    inputs = []
     for i, run_dir in enumerate(run_dirs):
-        summary, files = collect_run(run_dir, i)
+        summary, files = collect_run(run_dir, i, upstream=upstream, upstream_budget_s=upstream_budget_s)
+        hashes = input_hashes(run_dir)
+        inputs.append({"path": str(run_dir), "files": hashes})
+        summary["n_inputs"] = len(hashes)
         runs.append(summary)
         for src, (key, payload) in files.items():
             target = out_dir / src
@@ -415,12 +468,15 @@ def build_report(run_dirs: list[Path], out_dir: Path) -> Path:
         if names.count(r["name"]) > 1:
             r["name"] = f"{r['name']} ({r['index']})"
 
-    payload = {"format": "sparsetrace-report/1", "runs": runs}
+    payload = {"format": "sparsetrace-report/1", "runs": runs, "inputs": INPUTS_FILE}
+    inputs_doc = {"format": "sparsetrace-report-inputs/1", "runs": inputs}
+    (out_dir / INPUTS_FILE).write_text(json.dumps(inputs_doc, indent=1) + "\n", encoding="utf-8")
     (data_dir / "report-data.js").write_text(
         f"window.SPARSETRACE_DATA={_js_json(payload)};\n", encoding="utf-8"
     )
     _copy_static(out_dir)
     title = "sparsetrace report — " + ", ".join(r["name"] for r in runs)
     index = out_dir / "index.html"
-    index.write_text(_INDEX_HTML.format(title=_html_escape(title)), encoding="utf-8")
+    scripts = "\n".join(f'<script src="assets/{name}"></script>' for name in SCRIPTS)
+    index.write_text(_INDEX_HTML.format(title=_html_escape(title), scripts=scripts), encoding="utf-8")
     return index

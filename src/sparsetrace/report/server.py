@@ -6,7 +6,10 @@
   traversal attempts (``..``, percent-encoded or double-encoded dots and slashes, backslashes, NUL
   bytes, absolute paths) answer 403 and missing files 404, with a fixed body that reveals nothing;
 * no directory listings: a directory serves its ``index.html`` or 404;
-* security headers on every response (nosniff, CSP, no referrer, no framing).
+* security headers on every response (nosniff, CSP, no referrer, no framing);
+* one thread per connection (``ThreadingHTTPServer``), and every connection has an idle timeout
+  (:data:`IDLE_TIMEOUT` seconds without a byte from the client closes it), so a slow or idle client
+  never blocks the others nor holds a thread forever.
 """
 
 from __future__ import annotations
@@ -58,6 +61,8 @@ CONTENT_TYPES = {
     ".woff2": "font/woff2",
 }
 ALLOWED_METHODS = ("GET", "HEAD")
+#: seconds a connection may stay silent (before or between requests) before the server closes it
+IDLE_TIMEOUT = 10.0
 _CHUNK = 1 << 16
 _DRIVE = re.compile(r"^[A-Za-z]:")
 
@@ -97,7 +102,16 @@ class ReportRequestHandler(BaseHTTPRequestHandler):
     server_version = "sparsetrace"
     sys_version = ""
     protocol_version = "HTTP/1.1"
+    # headers and body go out in separate writes: without TCP_NODELAY, Nagle's algorithm and the
+    # client's delayed ACK add ~40 ms to every keep-alive response
+    disable_nagle_algorithm = True
     server: ReportServer
+
+    def setup(self) -> None:
+        # StreamRequestHandler.setup applies self.timeout to the connection's socket: a client that
+        # sends nothing for that long gets its connection closed (handle_one_request catches the timeout)
+        self.timeout = self.server.idle_timeout
+        super().setup()
 
     # ----------------------------------------------------------------- methods
     def do_GET(self) -> None:
@@ -232,10 +246,14 @@ class ReportServer(ThreadingHTTPServer):
     """ThreadingHTTPServer serving one root folder read-only."""
 
     daemon_threads = True
+    request_queue_size = 128  # listen backlog: many clients connecting at once are queued, not dropped
 
-    def __init__(self, address: tuple, root: str, *, verbose: bool = False) -> None:
+    def __init__(
+        self, address: tuple, root: str, *, verbose: bool = False, idle_timeout: float = IDLE_TIMEOUT
+    ) -> None:
         self.real_root = root
         self.verbose = verbose
+        self.idle_timeout = idle_timeout
         super().__init__(address, ReportRequestHandler)
 
     @property
@@ -256,8 +274,10 @@ def make_server(
     *,
     allow_remote: bool = False,
     verbose: bool = False,
+    idle_timeout: float = IDLE_TIMEOUT,
 ) -> ReportServer:
-    """Create (bind, but do not start) a read-only server for ``root``. ``port=0`` picks a free port.
+    """Create (bind, but do not start) a read-only server for ``root``. ``port=0`` picks a free port;
+    ``idle_timeout``: seconds a connection may stay silent before it is closed.
 
     Raises SparsetraceError for a missing root, a non-loopback ``host`` without ``allow_remote``, or a
     port that is already in use.
@@ -273,9 +293,11 @@ def make_server(
             f"refusing to serve on non-loopback address {host!r}: the report would be reachable from "
             "other machines; use 127.0.0.1, or pass allow_remote=True (--allow-remote) if you mean it"
         )
+    if not isinstance(idle_timeout, (int, float)) or not 0 < idle_timeout < float("inf"):
+        raise SparsetraceError(f"idle_timeout must be a positive number of seconds, got {idle_timeout!r}")
     cls = _ReportServer6 if ":" in host.strip("[]") else ReportServer
     try:
-        return cls((host.strip("[]"), port), real_root, verbose=verbose)
+        return cls((host.strip("[]"), port), real_root, verbose=verbose, idle_timeout=float(idle_timeout))
     except OSError as exc:
         if exc.errno in (errno.EADDRINUSE, getattr(errno, "WSAEADDRINUSE", -1)):
             raise SparsetraceError(

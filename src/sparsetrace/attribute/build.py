@@ -1,25 +1,6 @@
-"""Input-dependent attribution graphs over the local replacement model.
-
-Nodes (``graph.nodes``):
-
-- ``embedding`` ``E@{pos}``: the residual stream entering layer 0 at ``pos`` (token + position
-  embeddings as the model builds them);
-- ``feature`` ``L{layer}/F{feature}@{pos}``: an active transcoder feature (a residual SAE's features
-  are ``{hookpoint}/F{feature}@{pos}``, e.g. ``resid_pre.4/F17@3``);
-- ``error`` ``L{layer}/ERR@{pos}``: layer ``layer``'s MLP error at ``pos`` (the transcoder's residual
-  error, or the whole MLP output where the layer has no transcoder; SAE errors are
-  ``{hookpoint}/ERR@{pos}``);
-- ``logit`` ``LOGIT/{token_id}@{pos}``: a target logit at the last position.
-
-Edges (``graph.edges``, sparse COO: ``src``, ``dst``, ``weight``): the direct effect of source s on
-target t through the frozen linear replacement model, ``w = a_s * d pre_t / d a_s``, where ``a_s`` is
-the feature activation (1 for error and embedding nodes, whose "decoder" is the error / embedding
-vector itself) and ``pre_t`` is the target feature's encoder pre-activation ``W_enc[f] . x_in`` at its
-position (without ``b_enc``), or for a logit ``logit_t - mean_v logit_v`` (the mean over the whole
-vocabulary, as circuit-tracer does; it removes the direction that shifts all logits alike).
-Direct effects are taken with every other MLP output, every feature activation and every error held
-fixed, attention patterns and normalisation scales frozen (a skip transcoder's linear ``W_skip`` term
-stays live, so effects pass through it).
+"""Building attribution graphs: target selection (:func:`select_targets`), the batched-backward
+builder (:func:`build_graph`) and the one-call entry point (:func:`attribute`, which also prunes).
+The graph's nodes and edges are defined in :mod:`.graph_types`.
 
 Computation: a forward of the replacement model on ``batch_size`` copies of the prompt (frozen
 constants replayed), kept alive with ``retain_graph`` (one with ``n_logits`` copies through the whole
@@ -45,16 +26,9 @@ lower ``batch_size``; the dense per-batch gradients are ``batch_size * seq * d_m
 
 from __future__ import annotations
 
-import contextlib
-import json
-import math
-import os
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
 
 import numpy as np
 import scipy.sparse as sp
@@ -64,236 +38,14 @@ from torch import Tensor
 from ..dictionary.model import SparseDictionary
 from ..errors import ConfigError, DataError
 from ..model.adapter import LanguageModel
+from .graph_types import Edges, Graph, Node
+from .prune import compute_influence, graph_scores, normalised_adjacency, prune_graph
 from .replacement import ReplacementModel, Site
+from .threads import auto_threads, one_thread, threads
 
-__all__ = ["GRAPH_FORMAT", "Edges", "Graph", "Node", "attribute", "build_graph", "check_edges", "select_targets"]
-
-GRAPH_FORMAT = "sparsetrace-graph/1"
-KINDS = ("embedding", "feature", "error", "logit")
-_NODE_KEYS = ("node_id", "kind", "layer", "position", "feature", "hookpoint", "activation", "influence", "label", "token")
+__all__ = ["attribute", "auto_batch_size", "build_graph", "select_targets"]
 
 
-# ============================================================================================ data
-@dataclass
-class Node:
-    node_id: str
-    kind: str  # embedding | feature | error | logit
-    layer: int  # -1 embeddings, n_layers logits
-    position: int
-    feature: int | None = None
-    hookpoint: str | None = None  # the site written: mlp_out.L (transcoder features, MLP errors), resid_pre.L (SAEs)
-    activation: float | None = None  # feature activation; logit value for logits
-    influence: float | None = None
-    label: str | None = None
-    token: str = ""
-    token_id: int | None = None  # embeddings and logits
-    prob: float | None = None  # logits
-    extra: dict = field(default_factory=dict)  # unknown JSON fields, kept for round trips
-
-    def to_dict(self) -> dict:
-        d = {k: getattr(self, k) for k in _NODE_KEYS}
-        if self.token_id is not None:
-            d["token_id"] = self.token_id
-        if self.prob is not None:
-            d["prob"] = self.prob
-        d.update(self.extra)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict, where: str) -> Node:
-        if not isinstance(d, dict):
-            raise DataError(f"{where}: a node is not an object")
-        try:
-            kind = d["kind"]
-            if kind not in KINDS:
-                raise DataError(f"{where}: node {d.get('node_id')!r} has kind {kind!r}; expected one of {', '.join(KINDS)}")
-            node_id = d["node_id"]
-            if not isinstance(node_id, str):
-                raise DataError(f"{where}: node_id {node_id!r} is not a string")
-
-            def opt(name, typ):
-                v = d.get(name)
-                return None if v is None else typ(v)
-
-            known = set(_NODE_KEYS) | {"token_id", "prob"}
-            return cls(node_id=node_id, kind=kind, layer=int(d["layer"]), position=int(d["position"]),
-                       feature=opt("feature", int), hookpoint=opt("hookpoint", str),
-                       activation=opt("activation", float), influence=opt("influence", float),
-                       label=opt("label", str), token=str(d.get("token") or ""), token_id=opt("token_id", int),
-                       prob=opt("prob", float), extra={k: v for k, v in d.items() if k not in known})
-        except (KeyError, TypeError, ValueError) as e:
-            raise DataError(f"{where}: node {d.get('node_id')!r} is malformed ({type(e).__name__}: {e})") from None
-
-
-class Edges:
-    """Sparse COO edges: ``src[i] -> dst[i]`` with ``weight[i]`` (int32, int32, float32 tensors)."""
-
-    def __init__(self, src: Tensor, dst: Tensor, weight: Tensor):
-        self.src = src.to(torch.int32)
-        self.dst = dst.to(torch.int32)
-        self.weight = weight.to(torch.float32)
-        if not (self.src.shape == self.dst.shape == self.weight.shape and self.src.dim() == 1):
-            raise DataError("edge arrays must be 1-d and of equal length")
-
-    @classmethod
-    def from_numpy(cls, src, dst, weight) -> Edges:
-        return cls(torch.as_tensor(np.asarray(src)), torch.as_tensor(np.asarray(dst)),
-                   torch.as_tensor(np.asarray(weight, dtype=np.float32)))
-
-    def numpy(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        return self.src.numpy(), self.dst.numpy(), self.weight.numpy()
-
-    def __len__(self) -> int:
-        return int(self.src.numel())
-
-    @property
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.src, self.dst, self.weight))
-
-
-class Graph:
-    """An attribution graph: ``nodes`` (list of :class:`Node`), ``edges`` (:class:`Edges`, indices into
-    ``nodes``), ``metadata`` (the JSON metadata; ``scores`` lives there).
-
-    Not serialised: ``replacement`` (the :class:`ReplacementModel` it was computed on, when built in
-    this process) and ``unpruned`` (the full graph, for a pruned one).
-    """
-
-    def __init__(self, nodes: list[Node], edges: Edges, metadata: dict | None = None):
-        self.nodes = nodes
-        self.edges = edges
-        self.metadata = dict(metadata or {})
-        self.replacement: ReplacementModel | None = None
-        self.unpruned: Graph | None = None
-        self._index: dict[str, int] | None = None
-
-    # ------------------------------------------------------------------ access
-    @property
-    def scores(self) -> dict:
-        return self.metadata.get("scores", {})
-
-    @property
-    def index(self) -> dict[str, int]:
-        if self._index is None:
-            self._index = {n.node_id: i for i, n in enumerate(self.nodes)}
-        return self._index
-
-    def node(self, node_id: str) -> Node:
-        try:
-            return self.nodes[self.index[node_id]]
-        except KeyError:
-            raise DataError(f"graph has no node {node_id!r}") from None
-
-    def logit_weights(self) -> np.ndarray:
-        """Target probabilities renormalised to sum to 1, on the logit nodes (0 elsewhere)."""
-        w = np.zeros(len(self.nodes))
-        idx = [i for i, n in enumerate(self.nodes) if n.kind == "logit"]
-        if not idx:
-            return w
-        p = np.array([self.nodes[i].prob if self.nodes[i].prob is not None else 1.0 for i in idx], dtype=np.float64)
-        if p.sum() <= 0:
-            p = np.ones_like(p)
-        w[idx] = p / p.sum()
-        return w
-
-    def adjacency(self) -> sp.csr_matrix:
-        """Sparse ``A[target, source] = weight`` (scipy CSR, [n_nodes, n_nodes])."""
-        src, dst, w = self.edges.numpy()
-        n = len(self.nodes)
-        return sp.csr_matrix((w.astype(np.float64), (dst.astype(np.int64), src.astype(np.int64))), shape=(n, n))
-
-    def incoming(self, node_id: str) -> list[tuple[str, float]]:
-        i = self.index[node_id]
-        src, dst, w = self.edges.numpy()
-        m = np.flatnonzero(dst == i)
-        return sorted(((self.nodes[src[j]].node_id, float(w[j])) for j in m), key=lambda t: -abs(t[1]))
-
-    def __repr__(self) -> str:
-        return f"Graph({len(self.nodes)} nodes, {len(self.edges)} edges, scores={self.scores})"
-
-    # ------------------------------------------------------------------ JSON
-    def to_json(self) -> dict:
-        """The ``sparsetrace-graph/1`` document as a JSON-serialisable dict."""
-        nodes = [n.to_dict() for n in self.nodes]
-        src, dst, w = self.edges.numpy()
-        ids = [n.node_id for n in self.nodes]
-        links = [{"source": ids[s], "target": ids[t], "weight": float(x)} for s, t, x in zip(src.tolist(), dst.tolist(), w, strict=True)]
-        return {"format": GRAPH_FORMAT, "metadata": _jsonable(self.metadata), "nodes": nodes, "links": links}
-
-    def save(self, path: str | Path) -> Path:
-        from ..dictionary.io import atomic_write_text
-
-        path = Path(path)
-        atomic_write_text(path, json.dumps(self.to_json(), ensure_ascii=False, allow_nan=True))
-        return path
-
-    @classmethod
-    def from_json(cls, doc: Any, where: str = "graph") -> Graph:
-        if not isinstance(doc, dict):
-            raise DataError(f"{where} is not a sparsetrace graph: expected a JSON object")
-        fmt = doc.get("format")
-        if fmt != GRAPH_FORMAT:
-            hint = " (a Neuronpedia/circuit-tracer graph? convert it with attribute.export.from_neuronpedia)" if (
-                "qParams" in doc or fmt is None and isinstance(doc.get("metadata"), dict) and "scan" in doc["metadata"]) else ""
-            raise DataError(f"{where} has format {fmt!r}; expected {GRAPH_FORMAT!r}{hint}")
-        nodes_in, links_in, meta = doc.get("nodes"), doc.get("links"), doc.get("metadata", {})
-        if not isinstance(nodes_in, list) or not isinstance(links_in, list) or not isinstance(meta, dict):
-            raise DataError(f"{where}: expected 'nodes' and 'links' lists and a 'metadata' object")
-        nodes = [Node.from_dict(d, where) for d in nodes_in]
-        index: dict[str, int] = {}
-        for i, n in enumerate(nodes):
-            if n.node_id in index:
-                raise DataError(f"{where}: node id {n.node_id!r} appears twice")
-            index[n.node_id] = i
-        src, dst, w = [], [], []
-        for e in links_in:
-            try:
-                s, t, x = index[e["source"]], index[e["target"]], float(e["weight"])
-            except KeyError as k:
-                raise DataError(f"{where}: link {e.get('source') if isinstance(e, dict) else e!r} -> "
-                                f"{e.get('target') if isinstance(e, dict) else ''!r} names unknown node or misses {k}") from None
-            except (TypeError, ValueError, AttributeError):
-                raise DataError(f"{where}: link {e!r} is malformed; expected source, target and a numeric weight") from None
-            if not math.isfinite(x):
-                raise DataError(f"{where}: link {e['source']} -> {e['target']} has a non-finite weight")
-            src.append(s)
-            dst.append(t)
-            w.append(x)
-        g = cls(nodes, Edges.from_numpy(np.array(src, dtype=np.int32), np.array(dst, dtype=np.int32), np.array(w)), meta)
-        g._index = index
-        return g
-
-    @classmethod
-    def load(cls, path: str | Path) -> Graph:
-        path = Path(path)
-        try:
-            text = path.read_text(encoding="utf-8")
-        except FileNotFoundError:
-            raise DataError(f"graph file {path} does not exist") from None
-        except (UnicodeDecodeError, IsADirectoryError, PermissionError) as e:
-            raise DataError(f"graph file {path} cannot be read as UTF-8 JSON ({e})") from None
-        try:
-            doc = json.loads(text)
-        except ValueError as e:
-            raise DataError(f"graph file {path} is not valid JSON (corrupt or truncated: {e})") from None
-        except RecursionError:
-            raise DataError(f"graph file {path} is nested too deeply to be a sparsetrace graph") from None
-        return cls.from_json(doc, str(path))
-
-
-def _jsonable(x):
-    if isinstance(x, dict):
-        return {str(k): _jsonable(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
-    if isinstance(x, Tensor):
-        return _jsonable(x.tolist())
-    if isinstance(x, (np.generic,)):
-        return x.item()
-    return x
-
-
-# ============================================================================================ targets
 def select_targets(lm: LanguageModel, logits: Tensor, target: str | int | None = None, *,
                    desired_logit_prob: float = 0.95, max_n_logits: int = 10) -> list[tuple[int, float]]:
     """(token_id, prob) pairs: the user's target, or the most likely next tokens covering
@@ -379,34 +131,6 @@ class _Rows:
             prod[self.n_cols:] = 0
         return infl
 
-
-@contextlib.contextmanager
-def _threads(n: int):
-    old = torch.get_num_threads()
-    if n == old:
-        yield
-        return
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old)
-
-
-def _one_thread():
-    return _threads(1)
-
-
-def auto_threads() -> int:
-    """torch's thread count, or 1 when the machine is oversubscribed (1-minute load average above 1.5x
-    the CPU count): OpenMP threads then wait for each other at every op and run slower than one thread
-    (measured on a shared 2-core machine at load 6-8: 0.96 s vs 1.5 s per batched backward)."""
-    n = torch.get_num_threads()
-    try:
-        load = os.getloadavg()[0]
-    except OSError:  # pragma: no cover - not on every platform
-        return n
-    return 1 if n > 1 and load > 1.5 * (os.cpu_count() or 1) else n
 
 
 class _Attributor:
@@ -502,7 +226,7 @@ class _Attributor:
         parts = []
         # many small matmuls: one thread avoids an OpenMP hand-off per call, which on a busy machine
         # costs a scheduler time slice each
-        with torch.no_grad(), _one_thread():
+        with torch.no_grad(), one_thread():
             for key, G in zip(self.leaf_keys, grads, strict=True):
                 if G is None:
                     continue
@@ -530,7 +254,7 @@ def build_graph(rm: ReplacementModel, targets: list[tuple[int, float]], *, max_f
     """The full (unpruned) attribution graph of ``rm`` for the given (token_id, prob) targets.
 
     ``num_threads``: torch threads while building (default :func:`auto_threads`)."""
-    with _threads(num_threads or auto_threads()):
+    with threads(num_threads or auto_threads()):
         return _build_graph(rm, targets, max_feature_nodes=max_feature_nodes, batch_size=batch_size,
                             update_interval=update_interval, verbose=verbose, prompt=prompt)
 
@@ -545,7 +269,6 @@ def _build_graph(rm: ReplacementModel, targets: list[tuple[int, float]], *, max_
         raise ConfigError(f"max_feature_nodes={max_feature_nodes}; expected >= 0")
     t_start = time.perf_counter()
     c_start = time.process_time()
-    lm = rm.lm
     log = (lambda m: print(f"[attribute] {m}", file=sys.stderr)) if verbose else (lambda m: None)
     at = _Attributor(rm, batch_size)
     n_logits = len(targets)
@@ -564,7 +287,40 @@ def _build_graph(rm: ReplacementModel, targets: list[tuple[int, float]], *, max_
                    [at.n_cols + j for j in chunk], last=chunk[-1] == n_logits - 1)
     log(f"{n_logits} logit rows; {n_feat} active features, budget {budget}")
 
-    # feature rows in influence order, on a forward that stops at the deepest dictionary
+    visited = _feature_rows(at, budget, logit_w, batch_size, update_interval, log)
+    n_visited = int(visited.sum())
+    at.fwd = None
+    t_rows = time.perf_counter() - t_start
+
+    nodes, col_node = _nodes(at, targets, visited)
+    r, c, v = at.rows.arrays()
+    row_node = np.asarray(at.rows.row_node, dtype=np.int64)
+    at.rows = None  # free the building copies
+    dst = col_node[row_node[r]]
+    src = col_node[c]
+    keep = src >= 0
+    edges = Edges.from_numpy(src[keep].astype(np.int32), dst[keep].astype(np.int32), v[keep])
+
+    meta = _metadata(at, targets, prompt, batch_size, n_visited)
+    meta["timings"] = {"forward_s": round(at.forward_s, 3), "rows_s": round(t_rows, 3),
+                       "backward_s": round(at.backward_s, 3)}
+    g = Graph(nodes, edges, meta)
+    g.replacement = rm
+    infl = compute_influence(normalised_adjacency(len(nodes), *edges.numpy()), g.logit_weights()) + g.logit_weights()
+    for n, x in zip(nodes, infl.tolist(), strict=True):
+        n.influence = x
+    g.metadata["scores"] = graph_scores(g)
+    g.metadata["timings"]["total_s"] = round(time.perf_counter() - t_start, 3)
+    g.metadata["timings"]["cpu_s"] = round(time.process_time() - c_start, 3)
+    log(f"{len(nodes)} nodes, {len(edges)} edges, scores {g.metadata['scores']}")
+    return g
+
+
+def _feature_rows(at: _Attributor, budget: int, logit_w: np.ndarray, batch_size: int, update_interval: int,
+                  log) -> np.ndarray:
+    """Feature rows in influence order, on a forward that stops at the deepest dictionary; returns which
+    feature columns got a row."""
+    n_feat = at.n_feat
     visited = np.zeros(n_feat, dtype=bool)
     n_visited = 0
     if budget:
@@ -588,14 +344,19 @@ def _build_graph(rm: ReplacementModel, targets: list[tuple[int, float]], *, max_
             at.compute([at.feature_item(int(c)) for c in chunk], chunk.tolist())
             visited[chunk] = True
         log(f"{n_visited}/{budget} feature rows, {at.rows.n_edges} edges")
-    at.fwd = None
-    t_rows = time.perf_counter() - t_start
+    return visited
 
-    # ------------------------------------------------------------------ assemble nodes
+
+def _nodes(at: _Attributor, targets: list[tuple[int, float]], visited: np.ndarray) -> tuple[list[Node], np.ndarray]:
+    """The graph's nodes (embeddings, visited features, errors, logits) and, per column of the rows
+    (then per logit), its node index (-1: a feature without a row, left out)."""
+    rm = at.rm
+    lm = rm.lm
     P = rm.n_pos
+    last = P - 1
     ids = rm.input_ids[0].tolist()
     toks = lm.to_str_tokens(ids)
-    n_layers = lm.n_layers
+    n_logits = len(targets)
     nodes: list[Node] = []
     col_node = np.full(at.n_cols + n_logits, -1, dtype=np.int64)
     for p in range(P):
@@ -617,18 +378,18 @@ def _build_graph(rm: ReplacementModel, targets: list[tuple[int, float]], *, max_
     mean_logit = float(final_logits.mean())
     for j, (tid, prob) in enumerate(targets):
         col_node[at.n_cols + j] = len(nodes)
-        nodes.append(Node(f"LOGIT/{tid}@{last}", "logit", n_layers, last, activation=float(final_logits[tid]) - mean_logit,
+        nodes.append(Node(f"LOGIT/{tid}@{last}", "logit", lm.n_layers, last, activation=float(final_logits[tid]) - mean_logit,
                           token=lm.to_str_tokens([tid])[0], token_id=int(tid), prob=float(prob)))
+    return nodes, col_node
 
-    r, c, v = at.rows.arrays()
-    row_node = np.asarray(at.rows.row_node, dtype=np.int64)
-    at.rows = None  # free the building copies
-    dst = col_node[row_node[r]]
-    src = col_node[c]
-    keep = src >= 0
-    edges = Edges.from_numpy(src[keep].astype(np.int32), dst[keep].astype(np.int32), v[keep])
 
-    meta = {
+def _metadata(at: _Attributor, targets: list[tuple[int, float]], prompt: str | None, batch_size: int,
+              n_visited: int) -> dict:
+    rm = at.rm
+    lm = rm.lm
+    ids = rm.input_ids[0].tolist()
+    toks = lm.to_str_tokens(ids)
+    return {
         "model": lm.model_id,
         "prompt": prompt if prompt is not None else "".join(toks),
         "prompt_tokens": toks,
@@ -637,7 +398,7 @@ def _build_graph(rm: ReplacementModel, targets: list[tuple[int, float]], *, max_
         "node_threshold": None,
         "edge_threshold": None,
         "scores": {},
-        "n_layers": n_layers,
+        "n_layers": lm.n_layers,
         "logit_target": "logit - mean(logits)",
         "dictionaries": [
             {"site": s.key, "layer": s.layer, "kind": s.dictionary.cfg.kind, "hookpoint_in": s.dictionary.cfg.hookpoint_in,
@@ -647,24 +408,11 @@ def _build_graph(rm: ReplacementModel, targets: list[tuple[int, float]], *, max_
         ],
         "transcoder_list": [f"L{s.layer}" for s in at.feat_sites if s.kind == "mlp"],
         "exactness": rm.exactness,
-        "n_active_features": n_feat,
+        "n_active_features": at.n_feat,
         "batch_size": batch_size,
         "num_threads": torch.get_num_threads(),
         "n_feature_rows": int(n_visited),
-        "timings": {"forward_s": round(at.forward_s, 3), "rows_s": round(t_rows, 3), "backward_s": round(at.backward_s, 3)},
     }
-    g = Graph(nodes, edges, meta)
-    g.replacement = rm
-    from .prune import compute_influence, graph_scores, normalised_adjacency
-
-    infl = compute_influence(normalised_adjacency(len(nodes), *edges.numpy()), g.logit_weights()) + g.logit_weights()
-    for n, x in zip(nodes, infl.tolist(), strict=True):
-        n.influence = x
-    g.metadata["scores"] = graph_scores(g)
-    g.metadata["timings"]["total_s"] = round(time.perf_counter() - t_start, 3)
-    g.metadata["timings"]["cpu_s"] = round(time.process_time() - c_start, 3)
-    log(f"{len(nodes)} nodes, {len(edges)} edges, scores {g.metadata['scores']}")
-    return g
 
 
 def attribute(lm: LanguageModel, prompt: str | Tensor, dictionaries: Sequence[SparseDictionary], *,
@@ -684,7 +432,7 @@ def attribute(lm: LanguageModel, prompt: str | Tensor, dictionaries: Sequence[Sp
     MLP layer has no transcoder (its whole output is an error node), else False. ``num_threads``:
     torch threads while building the graph (default: :func:`auto_threads`).
     """
-    with _threads(num_threads or auto_threads()):
+    with threads(num_threads or auto_threads()):
         return _attribute(lm, prompt, dictionaries, target=target, max_feature_nodes=max_feature_nodes,
                           batch_size=batch_size, node_threshold=node_threshold, edge_threshold=edge_threshold,
                           desired_logit_prob=desired_logit_prob, max_n_logits=max_n_logits,
@@ -707,8 +455,6 @@ def _attribute(lm, prompt, dictionaries, *, target, max_feature_nodes, batch_siz
                        num_threads=torch.get_num_threads())
     if not prune:
         return full
-    from .prune import graph_scores, prune_graph
-
     if keep_errors is None:
         keep_errors = any(s.kind == "mlp" and s.dictionary is None for s in rm.sites.values())
     pruned = prune_graph(full, node_threshold, edge_threshold, keep_errors=keep_errors)
@@ -716,121 +462,3 @@ def _attribute(lm, prompt, dictionaries, *, target, max_feature_nodes, batch_siz
     pruned.unpruned = full
     return pruned
 
-
-# ============================================================================================ checks
-def _node_site(node: Node) -> str:
-    if node.kind == "embedding":
-        return "emb"
-    if node.hookpoint is None:
-        raise DataError(f"node {node.node_id} has no hookpoint; cannot locate it in the replacement model")
-    return node.hookpoint
-
-
-def check_edges(graph: Graph, model: ReplacementModel | LanguageModel | None = None, k: int = 100, *,
-                dictionaries: Sequence[SparseDictionary] | None = None, eps: float = 0.1,
-                unfrozen: bool = True, batch_size: int = 64) -> dict:
-    """Check the ``k`` strongest edges by perturbing each source and re-running the model.
-
-    For edge s -> t the source is scaled by ``1 + eps`` (a feature's activation, or an error /
-    embedding vector) and the change of t's pre-activation (``W_enc[f] . x_in`` or ``logit - mean``)
-    divided by ``eps`` is compared with the edge weight:
-
-    - ``frozen``: in the frozen replacement model (attention patterns and norm scales replayed), where
-      the edge is exact up to rounding; ``rel_err = |fd - w| / |w|``;
-    - ``unfrozen`` ("causal agreement"): attention and norms recomputed live; other MLP outputs and
-      features held at their clean values, so it measures what freezing attention/norms leaves out.
-
-    ``model``: the graph's :class:`ReplacementModel` (default ``graph.replacement``), or the language
-    model plus ``dictionaries`` to rebuild it from ``metadata["prompt_token_ids"]``.
-    """
-    with _threads(auto_threads()):
-        return _check_edges(graph, model, k, dictionaries=dictionaries, eps=eps, unfrozen=unfrozen,
-                            batch_size=batch_size)
-
-
-def _check_edges(graph, model, k, *, dictionaries, eps, unfrozen, batch_size) -> dict:
-    rm = model if isinstance(model, ReplacementModel) else graph.replacement
-    if isinstance(model, LanguageModel):
-        if dictionaries is None:
-            raise ConfigError("check_edges with a LanguageModel needs the dictionaries")
-        ids = graph.metadata.get("prompt_token_ids")
-        if not ids:
-            raise DataError("graph metadata has no prompt_token_ids; cannot rebuild the replacement model")
-        rm = ReplacementModel(model, torch.tensor([ids]), dictionaries)
-    if rm is None:
-        raise ConfigError("check_edges needs the replacement model (graph.replacement) or a LanguageModel + dictionaries")
-    src, dst, w = graph.edges.numpy()
-    order = np.argsort(-np.abs(w), kind="stable")[:k]
-    d = rm.lm.d_model
-    specs = []
-    for e in order:
-        s_node, t_node = graph.nodes[src[e]], graph.nodes[dst[e]]
-        skey = _node_site(s_node)
-        p = s_node.position
-        if s_node.kind == "feature":
-            site = rm.sites[skey]
-            a = site.activation(p, int(s_node.feature))
-            delta = eps * a * site.W_dec[int(s_node.feature)]
-        elif s_node.kind == "error":
-            delta = eps * rm.sites[skey].error[p]
-        elif s_node.kind == "embedding":
-            delta = eps * rm.emb[p]
-        else:
-            raise DataError(f"edge source {s_node.node_id} is a {s_node.kind} node")
-        if t_node.kind == "logit":
-            tkey, tvec = "final", rm.logit_direction(int(t_node.token_id))
-        elif t_node.kind == "feature":
-            tkey = _node_site(t_node)
-            tvec = rm.sites[tkey].W_enc[int(t_node.feature)]
-        else:
-            raise DataError(f"edge target {t_node.node_id} is a {t_node.kind} node")
-        specs.append((skey, p, delta.reshape(d), tkey, t_node.position, tvec, float(w[e]), s_node.node_id, t_node.node_id))
-
-    # run edges with feature targets on forwards that stop at the deepest target layer
-    depth = [rm.lm.n_layers if s[3] == "final" else rm.sites[s[3]].layer for s in specs]
-    by_depth = sorted(range(len(specs)), key=lambda i: depth[i])
-
-    def measure(mode):
-        out = [0.0] * len(specs)
-        for i in range(0, len(by_depth), batch_size):
-            idx = by_depth[i:i + batch_size]
-            chunk = [specs[j] for j in idx]
-            B = len(chunk) + 1
-            leaves = rm.make_leaves(B)
-            for b, sp_ in enumerate(chunk, start=1):
-                leaves[sp_[0]][b, sp_[1]] += sp_[2]
-            deepest = max(depth[j] for j in idx)
-            res = rm.run(B, mode=mode, leaves=leaves, stop_after=None if deepest >= rm.lm.n_layers else deepest)
-            for j, (b, sp_) in zip(idx, enumerate(chunk, start=1), strict=True):
-                t = res.final if sp_[3] == "final" else res.reads[sp_[3]]
-                diff = (t[b, sp_[4]].double() - t[0, sp_[4]].double()) @ sp_[5].double()
-                out[j] = float(diff) / eps
-        return out
-
-    def summary(fd):
-        if not fd:
-            return {}
-        ws = np.array([s[6] for s in specs])
-        f = np.array(fd)
-        rel = np.abs(f - ws) / np.maximum(np.abs(ws), 1e-30)
-        res = {"max_rel_err": float(rel.max()), "median_rel_err": float(np.median(rel)),
-               "mean_rel_err": float(rel.mean()), "sign_agreement": float(np.mean(np.sign(f) == np.sign(ws)))}
-        if len(f) > 1 and f.std() > 0 and ws.std() > 0:
-            res["pearson"] = float(np.corrcoef(f, ws)[0, 1])
-        return res, rel
-
-    fd_frozen = measure("replay")
-    s_frozen, rel_frozen = summary(fd_frozen) if specs else ({}, [])
-    result: dict = {"n": len(specs), "eps": eps, "frozen": s_frozen}
-    fd_live = measure(None) if unfrozen else []
-    if unfrozen and specs:
-        s_live, rel_live = summary(fd_live)
-        result["causal_agreement"] = s_live
-    result["edges"] = []
-    for i, s in enumerate(specs):
-        row = {"source": s[7], "target": s[8], "weight": s[6], "fd_frozen": fd_frozen[i],
-               "rel_err_frozen": float(rel_frozen[i])}
-        if unfrozen:
-            row.update(fd_unfrozen=fd_live[i], rel_err_unfrozen=float(rel_live[i]))
-        result["edges"].append(row)
-    return result
