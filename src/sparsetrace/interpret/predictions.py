@@ -99,18 +99,20 @@ def _ids(tokenizer, s: str) -> list[int]:
     return [int(i) for i in tokenizer(s, add_special_tokens=False)["input_ids"]]
 
 
-def _variants(word: str) -> list[str]:
-    """The word as written, and with a leading space when it has none (a word inside running text)."""
+def _variants(tokenizer, word: str) -> list[str]:
+    """The word as written, and with a leading space when it has none and the spaced form is one token
+    (a whole word inside running text; a word piece such as "ation" stays as written)."""
     out = [word]
-    if word and word == word.strip():
+    if word and word == word.strip() and len(_ids(tokenizer, " " + word)) == 1:
         out.append(" " + word)
     return out
 
 
 def word_token_sequences(tokenizer, word: str, max_len: int = 3) -> list[tuple[int, ...]]:
-    """Token sequences (at most ``max_len`` tokens) that spell ``word`` as written or with a leading space."""
+    """Token sequences (at most ``max_len`` tokens) that spell ``word`` as written, or with a leading space
+    when that is one token."""
     out: list[tuple[int, ...]] = []
-    for v in _variants(word):
+    for v in _variants(tokenizer, word):
         ids = tuple(_ids(tokenizer, v))
         if 1 <= len(ids) <= max_len and ids not in out:
             out.append(ids)
@@ -118,11 +120,11 @@ def word_token_sequences(tokenizer, word: str, max_len: int = 3) -> list[tuple[i
 
 
 def promoted_token_ids(tokenizer, words: list[str]) -> list[int]:
-    """The next-token ids a label's promoted words predict: the first token of each word, as written and
-    with a leading space."""
+    """The next-token ids a label's promoted words predict: the first token of each word as written, and
+    the word with a leading space when that is one token."""
     out: list[int] = []
     for w in words:
-        for v in _variants(w):
+        for v in _variants(tokenizer, w):
             ids = _ids(tokenizer, v)
             if ids and ids[0] not in out:
                 out.append(ids[0])

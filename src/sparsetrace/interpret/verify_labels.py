@@ -5,8 +5,8 @@ The verifier never sees the dashboard the label was written from: it reads the l
 the outputs it says the feature promotes) and tests those claims on held-out token windows that the
 caller keeps disjoint from the label-writing windows (``explain`` records both).
 
-(a) **activation test**: held-out contexts that end in one of the label's words (each spelled as written
-    and with a leading space, up to 3 tokens; preceded by the label's context when it names one; when the
+(a) **activation test**: held-out contexts that end in one of the label's words (each spelled as written,
+    and with a leading space when that is one token; up to 3 tokens; preceded by the label's context when it names one; when the
     label quotes no word, the most frequent held-out tokens of the category it names) activate the
     feature (at that last token) more than the *same* contexts with the last token swapped for a
     frequency-matched other token (chosen, with a seeded generator, among the ``n_freq_neighbors``
@@ -18,7 +18,7 @@ caller keeps disjoint from the label-writing windows (``explain`` records both).
 (b) **output (steering) test**: adding ``steer_scale × max_act × W_dec[f]`` to the dictionary's output
     hookpoint at the last position of those held-out contexts (the real model runs on; nothing is
     replaced) should raise the logits of the tokens the label *says* it promotes (the first token of
-    each promoted word, as written and with a leading space) more than those of random tokens. The
+    each promoted word as written, and the word with a leading space when that is one token) more than those of random tokens. The
     ranking is measured afresh on the held-out contexts; the ranking that wrote the label (steering on
     the top examples of the writing windows, or the direct logit effects) is never read. The promoted
     tokens' logit change, averaged over contexts, is ranked among the same average for ``n_random``
