@@ -224,18 +224,16 @@ def worker_ours(a) -> None:
 
 
 # ------------------------------------------------------------------------------------------ circuit-tracer
-def build_peer_model(work: Path, n_layers_hint: int | None = None):
-    """circuit-tracer's TransformerLens replacement model of the cached SmolLM2 folder with our transcoders."""
+def build_peer_model(work: Path, n_layers_hint: int | None = None, transcoders=None):
+    """circuit-tracer's TransformerLens replacement model of the cached SmolLM2 folder with our transcoders
+    (built from ``work/inputs.safetensors``, or ``transcoders``: a TranscoderSet already loaded)."""
     import torch
     import torch.nn.functional as F
-    from circuit_tracer.replacement_model.replacement_model_transformerlens import (
-        TransformerLensReplacementModel,
-    )
     from circuit_tracer.transcoder import SingleLayerTranscoder, TranscoderSet
     from safetensors.torch import load_file
     from transformer_lens import HookedTransformerConfig
     from transformer_lens.pretrained.weight_conversions.llama import convert_llama_weights
-    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerFast
 
     hf = json.loads((MODEL_DIR / "config.json").read_text())
     tok_cfg = json.loads((MODEL_DIR / "tokenizer_config.json").read_text())
@@ -258,6 +256,8 @@ def build_peer_model(work: Path, n_layers_hint: int | None = None):
     tok = PreTrainedTokenizerFast.from_pretrained(str(work / "tokenizer"))
 
     t = load_file(str(work / "inputs.safetensors"))
+    if transcoders is not None:
+        return _peer_model(cfg, transcoders, tok, convert_llama_weights), t
     n_feat = {t[k].shape[0] for k in t if k.endswith(".W_enc")}
     if len(n_feat) != 1:
         raise SystemExit(f"circuit-tracer's TranscoderSet needs one width for all layers, got {sorted(n_feat)}")
@@ -274,6 +274,16 @@ def build_peer_model(work: Path, n_layers_hint: int | None = None):
         tc.load_state_dict(sd, assign=True)
         tcs[layer] = tc
     ts = TranscoderSet(tcs, feature_input_hook="mlp.hook_in", feature_output_hook="mlp.hook_out")
+    return _peer_model(cfg, ts, tok, convert_llama_weights), t
+
+
+def _peer_model(cfg, ts, tok, convert_llama_weights):
+    """circuit-tracer's replacement model with the cached SmolLM2 weights converted to TransformerLens."""
+    import torch
+    from circuit_tracer.replacement_model.replacement_model_transformerlens import (
+        TransformerLensReplacementModel,
+    )
+    from transformers import AutoModelForCausalLM
 
     model = TransformerLensReplacementModel.from_config(cfg, ts, tokenizer=tok)
     hf_model = AutoModelForCausalLM.from_pretrained(str(MODEL_DIR), dtype=torch.float32)  # weights only
@@ -287,7 +297,7 @@ def build_peer_model(work: Path, n_layers_hint: int | None = None):
     if missing or res.unexpected_keys:
         raise SystemExit(f"weight conversion: missing {missing[:5]}, unexpected {res.unexpected_keys[:5]}")
     del hf_model, sd
-    return model, t
+    return model
 
 
 def worker_peer(a) -> None:

@@ -489,7 +489,7 @@ def test_explain_writes_labels_from_one_part_and_verifies_on_another(small_run, 
     from sparsetrace.util.hashing import sha256_file
 
     code, stdout, err = _cli(capsys, "explain", small_run, "--layer", "1", "--features", "random:4",
-                             "--n-tokens", "2000")
+                             "--n-tokens", "2000", "--overwrite")
     assert code == 0, err
     folder = small_run / "features" / "L01"
     summary = json.loads((folder / "summary.json").read_text())
@@ -524,7 +524,7 @@ def test_explain_labeler_option(small_run, tmp_path, capsys, lm):
     lm.model.save_pretrained(folder)
     lm.tokenizer.save_pretrained(folder)
     code, stdout, err = _cli(capsys, "explain", small_run, "--layer", "1", "--features", "random:2",
-                             "--n-tokens", "2000", "--labeler", f"local:{folder}")
+                             "--n-tokens", "2000", "--labeler", f"local:{folder}", "--overwrite")
     assert code == 0, err
     summary = json.loads((small_run / "features" / "L01" / "summary.json").read_text())
     assert summary["labeler"].startswith("transformers:") and summary["verdicts"]["n"] == 2

@@ -7,13 +7,14 @@ User mistakes raise :class:`sparsetrace.errors.SparsetraceError`; ``main`` print
 from __future__ import annotations
 
 import json
-import math
 import os
 import sys
 from pathlib import Path
 
 import typer
 
+from .cli_options import clear_or_refuse as _clear_or_refuse
+from .cli_options import parse_layers as _parse_layers
 from .errors import ConfigError, SparsetraceError
 
 app = typer.Typer(
@@ -32,22 +33,15 @@ def _root(debug: bool = typer.Option(False, "--debug", help="Show full traceback
         _DEBUG["on"] = True
 
 
-def _parse_layers(text: str) -> list[int]:
-    out: list[int] = []
-    for part in text.split(","):
-        part = part.strip()
-        if not part:
-            continue
-        if "-" in part[1:]:
-            a, b = part.split("-", 1)
-            if not (a.isdigit() and b.isdigit()):
-                raise ConfigError(f"--layers '{text}' is invalid; expected integers like 3,6 or 2-5")
-            out.extend(range(int(a), int(b) + 1))
-        elif part.lstrip("-").isdigit():
-            out.append(int(part))
-        else:
-            raise ConfigError(f"--layers '{text}' is invalid; expected integers like 3,6 or 2-5")
-    return out
+def _corpus_spec(corpus: str | None, encoding: str | None) -> str | None:
+    """--corpus with --encoding recorded in it (encoding=NAME:SPEC); an unknown encoding is an error."""
+    if encoding is None:
+        return corpus
+    if corpus is None:
+        raise ConfigError(f"--encoding {encoding} needs --corpus: it names the encoding of the corpus files")
+    from .data.corpus import with_encoding
+
+    return with_encoding(corpus, encoding)
 
 
 def _progress() -> bool:
@@ -66,7 +60,8 @@ def train(
     k: int = typer.Option(None, help="k for topk/batchtopk (default: target L0)."),
     expansion: int = typer.Option(8, help="n_features = expansion × d_model."),
     n_features: int = typer.Option(None, "--n-features", help="Overrides --expansion."),
-    corpus: str = typer.Option("default", help="default | austen | botchan | tinystories | FILE.txt/.jsonl | GLOB | hf:NAME"),
+    corpus: str = typer.Option("default", help="default (the mix) | default-NAME (mix without NAME) | heldout | a source name | FILE.txt/.jsonl | DIR | GLOB | A,B,... | hf:NAME"),
+    encoding: str = typer.Option(None, "--encoding", help="Encoding of corpus files (default utf-8), e.g. latin-1."),
     n_tokens: int = typer.Option(300_000, "--n-tokens", help="Harvested training tokens."),
     epochs: float = typer.Option(3.0, help="Passes over the harvested tokens."),
     batch_size: int = typer.Option(512, "--batch-size"),
@@ -76,10 +71,14 @@ def train(
     seed: int = typer.Option(0),
     device: str = typer.Option("cpu", help="cpu | cuda"),
     parallel: str = typer.Option("data", help="Under torchrun: data (DDP) | layer (ranks own layers)."),
-    checkpoint_every: int = typer.Option(200, "--checkpoint-every", help="Steps between checkpoints."),
+    checkpoint_every: int = typer.Option(200, "--checkpoint-every", help="Steps between checkpoints (0: none)."),
     max_memory: float = typer.Option(None, "--max-memory", help="Resident-memory budget in GB (default unbounded)."),
     out: Path = typer.Option(Path("runs/tc"), help="Output run folder."),
     resume: bool = typer.Option(False, "--resume", help="Continue from the last checkpoint in --out."),
+    calibrate: bool = typer.Option(True, "--calibrate/--no-calibrate",
+                                   help="ReLU/JumpReLU: shift encoder biases at the end so L0 equals the target."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="An --out that already holds a run is refused unless "
+                                   "--resume or --overwrite (which deletes that run folder first) is given."),
 ) -> None:
     """Harvest activations and train one dictionary per layer, with λ tuned automatically to --target-l0."""
     from .train.config import TrainConfig
@@ -95,7 +94,7 @@ def train(
         k=k,
         expansion=expansion,
         n_features=n_features,
-        corpus=corpus,
+        corpus=_corpus_spec(corpus, encoding),
         n_tokens=n_tokens,
         epochs=epochs,
         batch_size=batch_size,
@@ -107,7 +106,13 @@ def train(
         parallel=parallel,
         checkpoint_every=checkpoint_every,
         max_memory_gb=max_memory,
+        calibrate=calibrate,
     ).validate()
+    if resume and overwrite:
+        raise ConfigError("pass either --resume or --overwrite, not both")
+    if not resume:
+        _clear_or_refuse([out / "train_config.json", out / "run.json"], overwrite, folder=out,
+                         how="pass --resume to continue it, --overwrite to start over, or another --out")
     info = run_training(tcfg, out, resume=resume, progress=_progress())
     info.pop("dictionaries", None)
     typer.echo(f"trained {len(tcfg.layers)} dictionaries in {info['seconds_total']:.0f} s -> {out}")
@@ -119,13 +124,23 @@ def evaluate(
     run_dir: Path = typer.Argument(..., help="Run folder (or one dictionary folder)."),
     model: str = typer.Option(None, help="Model (default: the one recorded in the dictionaries)."),
     corpus: str = typer.Option(None, help="Held-out text (default: the run's held-out windows)."),
-    n_windows: int = typer.Option(32, "--n-windows", help="Held-out windows of 128 tokens."),
+    encoding: str = typer.Option(None, "--encoding", help="Encoding of corpus files (default utf-8), e.g. latin-1."),
+    n_windows: int = typer.Option(64, "--n-windows", help="Held-out windows of 128 tokens."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object per dictionary."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an earlier evaluation of the same text "
+                                   "(refused otherwise). With --corpus the figures go to RUN/eval_<corpus>.json, "
+                                   "beside the run's own eval.json, which they never replace."),
 ) -> None:
     """Evaluate dictionaries against the real model: FVU, L0, dead/dense, CE recovered, KL, substitution."""
-    from .evaluate.job import evaluate_run
+    from .evaluate.job import eval_path, evaluate_run
 
-    result = evaluate_run(run_dir, model=model, corpus=corpus, n_windows=n_windows, progress=_progress())
+    spec = _corpus_spec(corpus, encoding)
+    dest = eval_path(run_dir, spec)
+    if run_dir.is_dir():
+        _clear_or_refuse([dest], overwrite)
+    result = evaluate_run(run_dir, model=model, corpus=spec, n_windows=n_windows, progress=_progress())
+    for w in result.get("warnings", []):
+        typer.echo(f"warning: {w}", err=True)
     if as_json:
         for row in result["dictionaries"]:
             typer.echo(json.dumps(row))
@@ -135,24 +150,30 @@ def evaluate(
     from .evaluate.job import format_table
 
     typer.echo(format_table(result))
+    typer.echo(f"written: {dest}")
 
 
 # ---------------------------------------------------------------------------------------------- run
 @app.command()
 def run(
     out: Path = typer.Option(Path("runs/default"), help="Run folder; the report goes to OUT/report."),
-    preset: str = typer.Option("default", help="default (≤20 min on 2 CPU cores) | quick (a few minutes)"),
+    preset: str = typer.Option("default", help="default (≤20 min on 2 CPU cores) | quick (a taste of every stage "
+                              "in ≤2 min; see README for what it leaves out)"),
     model: str = typer.Option("smollm2-135m", help="Model."),
     corpus: str = typer.Option("default", help="Training text."),
+    encoding: str = typer.Option(None, "--encoding", help="Encoding of corpus files (default utf-8), e.g. latin-1."),
     device: str = typer.Option("cpu"),
     max_memory: float = typer.Option(None, "--max-memory", help="Resident-memory budget in GB for training "
                                      "(default unbounded)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Start over. By default a folder that holds an earlier "
+                                   "run of the same settings is resumed: finished stages are kept, training "
+                                   "continues from its last checkpoint."),
 ) -> None:
     """The main job: train transcoders with automatic λ, evaluate them, trace and verify a circuit, write a report."""
     from .job import run_main_job
 
-    summary = run_main_job(out, preset=preset, model=model, corpus=corpus, device=device, progress=_progress(),
-                           max_memory_gb=max_memory)
+    summary = run_main_job(out, preset=preset, model=model, corpus=_corpus_spec(corpus, encoding), device=device,
+                           progress=_progress(), max_memory_gb=max_memory, overwrite=overwrite)
     typer.echo(summary)
 
 
@@ -196,22 +217,30 @@ def trace(
     template: int = typer.Option(0, help="With --positions relative: which task template."),
     seed: int = typer.Option(0),
     verify: bool = typer.Option(False, "--verify", help="Also run `sparsetrace verify` on the result."),
+    qk: bool = typer.Option(False, "--qk", help="Add QK terms and head loadings of the 5 strongest attention-mediated "
+                            "edges to graph.json (key \"qk\")."),
     device: str = typer.Option("cpu"),
     out: Path = typer.Option(None, help="Output folder (default DICTIONARIES/circuits/TASK)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a graph/circuit already in the output folder "
+                                   "(refused otherwise); its verify.json is deleted with it."),
 ) -> None:
     """Attribution graph for a task or a prompt, and the circuit of its most influential features."""
     from .intervene.circuit_job import TraceConfig, format_verify, task_for, trace_circuit, verify_trace
 
-    cfg = TraceConfig(task=task if task or prompt else "ioi", prompt=prompt, target=target, contrast=contrast,
+    cfg = TraceConfig(task=task if task is not None or prompt is not None else "ioi", prompt=prompt, target=target, contrast=contrast,
                       n_prompts=n_prompts, n_graph_prompts=graph_prompts, max_features=max_features,
                       node_threshold=node_threshold, edge_threshold=edge_threshold, mode=mode,
                       unrelated_task=unrelated_task, select=select, positions=positions, template=template,
-                      seed=seed).validate()
+                      seed=seed, qk_edges=5 if qk else 0).validate()
     task_for(cfg)  # an unknown task name fails before the model loads
-    lm, dicts = _dictionaries_and_model(dictionaries, model, device)
+    if not dictionaries:
+        raise ConfigError("--dictionaries is required: a run folder (e.g. runs/tc) or dictionary folders")
     if out is None:
         base = dictionaries[0] if dictionaries[0].is_dir() else dictionaries[0].parent
         out = base / "circuits" / cfg.name
+    lm, dicts = _dictionaries_and_model(dictionaries, model, device)
+    task_for(cfg).prompts(lm, n=1, seed=cfg.seed)  # a prompt/target the model cannot use fails before the refusal
+    _clear_or_refuse([out / "circuit.json", out / "graph.json", out / "verify.json"], overwrite)
     doc = trace_circuit(lm, dicts, cfg, out, log=_say)
     gs, ps, ec = doc.get("graph_scores") or {}, doc.get("pruned_scores") or {}, doc.get("edge_check") or {}
     typer.echo(f"task {doc['task']}: clean {doc['metric_name']} {doc['baseline']:.3f}")
@@ -256,7 +285,8 @@ def verify_cmd(
 def steer(
     feature: str = typer.Option(..., help="Feature as LAYER:INDEX (e.g. 6:1234) or L6/F1234."),
     prompt: str = typer.Option(..., help="Prompt to continue."),
-    scale: float = typer.Option(4.0, help="Multiple of a typical activation norm added along the decoder row."),
+    scale: float = typer.Option(4.0, help="Multiple of a typical activation norm added along the decoder row, "
+                               "in [-1000, 1000] (0: unsteered, negative: suppress)."),
     dictionaries: list[Path] = typer.Option(None, "--dictionaries", "-d", help="Run folder or dictionary folders."),
     model: str = typer.Option(None),
     max_new_tokens: int = typer.Option(20, "--max-new-tokens"),
@@ -267,10 +297,6 @@ def steer(
     from .intervene.features import parse_node_id
 
     node = parse_node_id(feature)
-    if max_new_tokens <= 0:
-        raise ConfigError(f"--max-new-tokens {max_new_tokens} is invalid; expected a positive integer")
-    if not prompt.strip():
-        raise ConfigError("--prompt is empty; expected some text to continue")
     lm, dicts = _dictionaries_and_model(dictionaries, model, device)
     ids = lm.tokenize(prompt)
     if ids.shape[1] + max_new_tokens > lm.max_length:
@@ -296,6 +322,31 @@ def export_graph(
     typer.echo(f"written: {dest}")
 
 
+@app.command(name="export")
+def export_cmd(
+    run: Path = typer.Argument(..., help="A run folder or one dictionary folder (or a graph.json: see --to)."),
+    to: str = typer.Option(..., "--to", help="circuit-tracer | saelens | sparsify (a graph.json: circuit-tracer)."),
+    out: Path = typer.Option(..., "--out", help="Output folder (a graph.json: output file)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace --out if it exists."),
+    model: str = typer.Option(None, help="circuit-tracer: the model (default: the dictionaries' own)."),
+    n_layers: int = typer.Option(None, "--n-layers", help="circuit-tracer: the model's layer count (skips loading it)."),
+) -> None:
+    """Write a run's dictionaries in circuit-tracer's, SAELens' or sparsify's own layout."""
+    from .dictionary.export import check_out, check_target, export_run
+
+    check_target(to)
+    if run.is_file() and run.suffix.lower() == ".json":
+        if to != "circuit-tracer":
+            raise ConfigError(f"--to '{to}' cannot take a graph ({run}); expected --to circuit-tracer")
+        from .attribute.export import export_graph_file
+
+        check_out(out, overwrite, protect=run, kind="file")
+        typer.echo(f"written: {export_graph_file(run, out)}")
+        return
+    for dest in export_run(run, to, out, overwrite=overwrite, model=model, n_layers=n_layers, progress=_progress()):
+        typer.echo(f"written: {dest}")
+
+
 @app.command()
 def upstream(
     run_dir: Path = typer.Argument(..., metavar="RUN", help="Run folder with the dictionaries (e.g. runs/tc)."),
@@ -312,8 +363,6 @@ def upstream(
     from .attribute import upstream as up
 
     layer, index = up.parse_feature(feature)
-    if top < 1:
-        raise ConfigError(f"--top {top} is invalid; expected a positive integer")
     dest = up.upstream_file(run_dir, layer, index, overwrite=overwrite)
     lm, dicts = _dictionaries_and_model([run_dir], model, device)
     doc = up.upstream_features(lm, dicts, layer, index, top=top, through_attention=through_attention)
@@ -330,6 +379,7 @@ def explain(
     features: str = typer.Option("random:100", help="0:200 | 3,17,99 | random:120 (live features) | all"),
     n_tokens: int = typer.Option(60_000, "--n-tokens", help="Corpus tokens for the dashboards."),
     corpus: str = typer.Option(None, help="Corpus (default: the run's)."),
+    encoding: str = typer.Option(None, "--encoding", help="Encoding of corpus files (default utf-8), e.g. latin-1."),
     verify: bool = typer.Option(True, "--verify/--no-verify", help="Causally verify each label."),
     promoted: str = typer.Option("steered", help="Labels' promoted outputs: steered (measured by steering on the "
                                  "top examples) | direct (decoder row through the unembedding)."),
@@ -338,21 +388,23 @@ def explain(
     seed: int = typer.Option(0),
     model: str = typer.Option(None),
     device: str = typer.Option("cpu"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace the layer's earlier dashboards "
+                                   "(RUN/features/LNN, refused otherwise)."),
 ) -> None:
     """Feature dashboards, labels, and a causal verdict for each label (tested on held-out windows)."""
     from .interpret.explain_job import explain_layer, find_layer_dictionary, format_explain
 
-    if n_tokens <= 0:
-        raise ConfigError(f"--n-tokens {n_tokens} is invalid; expected a positive number of tokens")
     if promoted not in ("steered", "direct"):
         raise ConfigError(f"--promoted '{promoted}' is unknown; expected steered or direct")
     from .interpret.llm_labelers import make_labeler
 
     make_labeler(labeler, promoted=promoted)  # a bad --labeler fails before the model loads
     folder = find_layer_dictionary(run_dir, layer)
+    feats = run_dir / "features" / f"L{layer:02d}"
+    _clear_or_refuse([feats / "summary.json", feats / "index.json"], overwrite, folder=feats)
     lm, _ = _dictionaries_and_model([folder], model, device)
-    summary = explain_layer(lm, run_dir, layer, features, n_tokens=n_tokens, corpus=corpus, verify=verify,
-                            promoted=promoted, seed=seed, labeler=labeler, progress=_progress(), log=_say)
+    summary = explain_layer(lm, run_dir, layer, features, n_tokens=n_tokens, corpus=_corpus_spec(corpus, encoding),
+                            verify=verify, promoted=promoted, seed=seed, labeler=labeler, progress=_progress(), log=_say)
     typer.echo(format_explain(summary))
     typer.echo(f"written: {run_dir}/features/L{layer:02d}/")
 
@@ -370,8 +422,6 @@ def align(
     """Match the features of two runs' dictionaries; matched fraction by firing-frequency bucket."""
     from .interpret.explain_job import align_runs, feature_densities, find_layer_dictionary, format_align
 
-    if not 0.0 < threshold <= 1.0:
-        raise ConfigError(f"--threshold {threshold} is invalid; expected a similarity in (0, 1]")
     for r in (run1, run2):
         if not r.is_dir():
             raise ConfigError(f"run folder '{r}' does not exist")
@@ -402,12 +452,15 @@ def align(
 def report(
     run_dirs: list[Path] = typer.Argument(..., help="Run folders (or a folder of runs)."),
     out: Path = typer.Option(Path("report"), help="Output folder for the static site."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Rebuild over a report already in --out (refused "
+                                   "otherwise)."),
     upstream_seconds: float = typer.Option(60.0, "--upstream-seconds", help="Time budget per run for the feature "
                                            "pages' upstream panel (weight-only attribution; loads the model); 0 = off."),
 ) -> None:
     """Build the static HTML report (opens from disk, no network)."""
     from .report.html import build_report
 
+    _clear_or_refuse([out / "index.html"], overwrite)
     dirs: list[Path] = []
     for d in run_dirs:
         if not d.exists():
@@ -417,8 +470,6 @@ def report(
         else:
             subs = sorted(p.parent for p in d.glob("*/run.json"))
             dirs.extend(subs or [d])
-    if not math.isfinite(upstream_seconds) or upstream_seconds < 0:
-        raise ConfigError(f"--upstream-seconds {upstream_seconds} is invalid; expected a finite number >= 0 (0 = off)")
     index = build_report(dirs, out, upstream=upstream_seconds > 0, upstream_budget_s=upstream_seconds)
     typer.echo(f"report written: {index}")
 
@@ -438,13 +489,22 @@ def serve(
     _serve(root, host=host, port=port, allow_remote=allow_remote)
 
 
+def command():
+    """The click command tree of ``app`` with every option checked by :mod:`sparsetrace.cli_options`."""
+    import typer.main
+
+    from .cli_options import install
+
+    return install(typer.main.get_command(app))
+
+
 def main() -> None:
     try:
         from typer._click import exceptions as click_exc
     except ImportError:  # typer < 0.20 uses the click package
         from click import exceptions as click_exc
     try:
-        rv = app(standalone_mode=False)
+        rv = command().main(args=sys.argv[1:], prog_name="sparsetrace", standalone_mode=False)
     except SparsetraceError as e:
         if _DEBUG["on"] or "--debug" in sys.argv:
             raise

@@ -231,8 +231,9 @@ class _Attributor:
                 if G is None:
                     continue
                 dec, spans, cols = self.dec[key]
-                Gp = G[:nb].permute(1, 2, 0).contiguous()  # [P, d, nb]
-                vals = torch.empty(dec.shape[0], nb, dtype=G.dtype, device=G.device)
+                # under autocast G can come back in bf16 while dec is float32: multiply in dec's dtype
+                Gp = G[:nb].permute(1, 2, 0).to(dec.dtype).contiguous()  # [P, d, nb]
+                vals = torch.empty(dec.shape[0], nb, dtype=dec.dtype, device=G.device)
                 for p, (r0, r1) in enumerate(spans):
                     torch.mm(dec[r0:r1], Gp[p], out=vals[r0:r1])
                 parts.append((vals.cpu(), cols))

@@ -143,6 +143,7 @@ class Graph:
         self.supernodes = [{"name": g["name"], "members": list(g["members"])} for g in supernodes or []]
         self.replacement: ReplacementModel | None = None
         self.unpruned: Graph | None = None
+        self.qk: list[dict] | None = None  # QK terms of attention-mediated edges (attribute.heads.add_qk)
         self._index: dict[str, int] | None = None
 
     # ------------------------------------------------------------------ access
@@ -197,6 +198,8 @@ class Graph:
         ids = [n.node_id for n in self.nodes]
         links = [{"source": ids[s], "target": ids[t], "weight": float(x)} for s, t, x in zip(src.tolist(), dst.tolist(), w, strict=True)]
         doc = {"format": GRAPH_FORMAT, "metadata": _jsonable(self.metadata), "nodes": nodes, "links": links}
+        if self.qk is not None:
+            doc["qk"] = _jsonable(self.qk)
         if self.supernodes:
             doc["supernodes"] = [{"name": g["name"], "members": list(g["members"])} for g in self.supernodes]
         return doc
@@ -244,6 +247,10 @@ class Graph:
         g = cls(nodes, Edges.from_numpy(np.array(src, dtype=np.int32), np.array(dst, dtype=np.int32), np.array(w)), meta,
                 supernodes)
         g._index = index
+        qk = doc.get("qk")
+        if qk is not None and not (isinstance(qk, list) and all(isinstance(e, dict) for e in qk)):
+            raise DataError(f"{where}: 'qk' is not a list of objects")
+        g.qk = qk
         return g
 
     @classmethod

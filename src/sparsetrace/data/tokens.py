@@ -60,3 +60,33 @@ def split_windows(windows: Tensor, eval_fraction: float, seed: int = 0) -> tuple
 
 def windows_digest(windows: Tensor) -> str:
     return hashlib.sha256(windows.numpy().tobytes()).hexdigest()[:16]
+
+
+def window_source_counts(
+    tokenizer, texts: list[str], sources: list[str], context: int, n_windows: int, *, batch_docs: int = 256
+) -> tuple[Tensor, list[str]]:
+    """Tokens of each source in each of the first ``n_windows`` windows of :func:`tokenize_windows`.
+
+    Returns ``(counts [n_windows, n_sources] long, source names)``; a separator token counts for the
+    document before it and the BOS of each window for no source.
+    """
+    names = sorted(set(sources))
+    ids = {n: i for i, n in enumerate(names)}
+    bos = getattr(tokenizer, "bos_token_id", None)
+    sep = getattr(tokenizer, "eos_token_id", None)
+    sep = sep if sep is not None else bos
+    body = context - 1 if bos is not None else context
+    need = n_windows * body
+    owner: list[int] = []
+    pairs = [(t, s) for t, s in zip(texts, sources, strict=True) if t and t.strip()]
+    for start in range(0, len(pairs), batch_docs):
+        chunk = pairs[start : start + batch_docs]
+        enc = tokenizer([t for t, _ in chunk], add_special_tokens=False)["input_ids"]
+        for tok, (_, src) in zip(enc, chunk, strict=True):
+            owner.extend([ids[src]] * (len(tok) + (sep is not None)))
+        if len(owner) >= need:
+            break
+    n = min(n_windows, len(owner) // body)
+    grid = torch.tensor(owner[: n * body], dtype=torch.long).view(n, body)
+    counts = torch.stack([(grid == i).sum(1) for i in range(len(names))], dim=1)
+    return counts, names

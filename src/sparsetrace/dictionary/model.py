@@ -206,7 +206,9 @@ class SparseDictionary(nn.Module):
         elif code.dense is not None:
             out = torch.addmm(self.b_dec, code.dense, self.W_dec)
         else:
-            out = F.embedding_bag(code.indices, self.W_dec, per_sample_weights=code.values, mode="sum") + self.b_dec
+            # under autocast the code's values can be bf16 while W_dec stays float32
+            w = code.values.to(self.W_dec.dtype)
+            out = F.embedding_bag(code.indices, self.W_dec, per_sample_weights=w, mode="sum") + self.b_dec
         if self.W_skip is not None:
             if x_in is None:
                 raise ValueError("a skip transcoder needs x_in to decode")

@@ -55,26 +55,105 @@ def heldout_windows(run_dir: Path, lm: LanguageModel, corpus: str | None, n_wind
     return tokenize_windows(lm.tokenizer, texts, context, max_windows=n_windows)
 
 
+TRAINING_STATS = "training_stats.safetensors"
+TRAINING_STATS_JSON = "training_stats.json"
+CALIBRATION_FVU_TOLERANCE = 0.05
+
+
+def training_references(folder: Path) -> dict | None:
+    """What training saved beside a dictionary (train/stats.py), or None for dictionaries without it."""
+    import torch
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    p, pj = Path(folder) / TRAINING_STATS, Path(folder) / TRAINING_STATS_JSON
+    if not p.exists():
+        return None
+    try:
+        t = load_file(str(p))
+        info = json.loads(pj.read_text(encoding="utf-8")) if pj.exists() else {}
+    except (SafetensorError, OSError, ValueError) as e:
+        raise DictionaryFileError(f"'{p}' is corrupt ({e}); delete it to evaluate without training statistics") \
+            from None
+    ref = {k: t[k] for k in ("target_mean", "fire_count", "b_enc_before_calibration",
+                             "threshold_before_calibration") if k in t}
+    if "fire_count" in ref and int(info.get("stream_tokens", 1)) == 0:
+        ref.pop("fire_count")
+    if "target_mean" in ref and not bool(torch.isfinite(ref["target_mean"]).all()):
+        ref.pop("target_mean")
+    ref["stream_tokens"] = info.get("stream_tokens")
+    ref["training"] = info
+    return ref
+
+
+def evaluation_warnings(result: dict, refs: list[dict | None]) -> list[str]:
+    """Loud lines for the table and eval.json: training's own warnings, a calibration that hurt
+    held-out FVU by more than 5% (relative), and dictionaries worse than mean-ablation."""
+    out = []
+    for row, ref in zip(result["dictionaries"], refs, strict=True):
+        layer = row["layer"]
+        for w in ((ref or {}).get("training") or {}).get("warnings", []):
+            out.append(f"training: {w}")
+        before = row.get("fvu_before_calibration")
+        if before is not None and before > 0 and (row["fvu"] - before) / before > CALIBRATION_FVU_TOLERANCE:
+            out.append(f"layer {layer}: the L0 calibration raised held-out FVU from {before:.3f} to {row['fvu']:.3f} "
+                       f"({(row['fvu'] - before) / before:+.0%})")
+        row["worse_than_mean_ablation"] = bool(row["ce_spliced"] > row["ce_mean_ablation"])
+        if row["worse_than_mean_ablation"]:
+            out.append(f"layer {layer}: splicing the dictionary in is WORSE than mean-ablating {row['hookpoint_out']} "
+                       f"(CE {row['ce_spliced']:.3f} vs {row['ce_mean_ablation']:.3f})")
+    return out
+
+
+def eval_path(run_dir: str | Path, corpus: str | None) -> Path:
+    """Where an evaluation is written: eval.json on the run's held-out windows, eval_<corpus slug>.json else."""
+    import re
+
+    if corpus is None:
+        return Path(run_dir) / "eval.json"
+    name = corpus.rstrip("/\\")
+    name = Path(name).stem if ("/" in name or "." in Path(name).name) and not name.startswith("hf:") else name
+    slug = re.sub(r"[^A-Za-z0-9_-]+", "_", name).strip("_")[:60] or "corpus"
+    return Path(run_dir) / f"eval_{slug}.json"
+
+
 def evaluate_run(
     run_dir: str | Path,
     *,
     model: str | None = None,
     corpus: str | None = None,
-    n_windows: int = 32,
+    n_windows: int = 64,
     lm: LanguageModel | None = None,
     progress: bool = True,
     write: bool = True,
 ) -> dict:
     run_dir = Path(run_dir)
     dictionaries = load_run_dictionaries(run_dir)
+    refs = [training_references(p) for p in find_dictionaries(run_dir)]
     lm = lm or LanguageModel.load(model_for(dictionaries, model))
     windows = heldout_windows(run_dir, lm, corpus, n_windows)
-    result = evaluate(lm, dictionaries, windows, progress=progress)
-    if write:
+    result = evaluate(lm, dictionaries, windows, progress=progress, references=refs)
+    if len(windows) < n_windows:
+        result["notes"].append(f"only {len(windows)} held-out windows were available (asked for {n_windows}); "
+                               f"pass --corpus FILE for more")
+    by_layer = sorted(zip(dictionaries, refs, strict=True), key=lambda p: p[0].cfg.layer)
+    result["warnings"] = evaluation_warnings(result, [r for _, r in by_layer])
+    if write and corpus is not None:  # other text: beside the run's own held-out figures, named by the corpus
+        atomic_write_text(eval_path(run_dir, corpus), json.dumps({"corpus": corpus, **result}, indent=2))
+    elif write:
         atomic_write_text(run_dir / "eval.json", json.dumps(result, indent=2))
         for path, row in zip(find_dictionaries(run_dir), result["dictionaries"], strict=False):
             atomic_write_text(path / "metrics.json", json.dumps(row, indent=2))
     return result
+
+
+def _with_ci(row: dict, key: str, fmt: str) -> str:
+    value = fmt.format(row[key])
+    ci = row.get(f"{key}_ci")
+    if ci is None:
+        return value
+    lo, hi = (fmt.format(c).rstrip("%") for c in ci)
+    return f"{value} [{lo}, {hi}]"
 
 
 def format_table(result: dict) -> str:
@@ -83,20 +162,33 @@ def format_table(result: dict) -> str:
         ("kind", "kind", "{}"),
         ("L0", "l0", "{:.1f}"),
         ("FVU", "fvu", "{:.3f}"),
-        ("dead", "dead_frac", "{:.1%}"),
+        ("FVU precal", "fvu_before_calibration", "{:.3f}"),
+        ("dead(train)", "dead_frac", "{:.1%}"),
         ("dense", "dense_frac", "{:.1%}"),
         ("CE spliced", "ce_spliced", "{:.3f}"),
         ("rec(zero)", "ce_recovered_vs_zero", "{:.1%}"),
         ("rec(mean)", "ce_recovered_vs_mean", "{:.1%}"),
         ("KL", "kl", "{:.4f}"),
     ]
-    rows = [[h for h, _, _ in cols]]
+    with_ci = {"l0", "fvu", "fvu_before_calibration", "ce_spliced", "ce_recovered_vs_zero", "ce_recovered_vs_mean", "kl"}
+    rows = [[h for h, _, _ in cols] + [""]]
     for r in result["dictionaries"]:
-        rows.append([f.format(r[k]) for _, k, f in cols])
-    widths = [max(len(row[i]) for row in rows) for i in range(len(cols))]
-    lines = ["  ".join(c.rjust(w) for c, w in zip(row, widths, strict=True)) for row in rows]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    out = [f"model {result['model']}   clean CE {result['clean_ce']:.3f} nats/token   ({result['n_windows']} held-out windows)"]
+        cells = []
+        for _, k, f in cols:
+            if k not in r:
+                cells.append("-")
+            elif k in with_ci:
+                cells.append(_with_ci(r, k, f))
+            else:
+                cells.append(f.format(r[k]))
+        cells.append("<- WORSE THAN MEAN-ABLATION" if r.get("worse_than_mean_ablation") else "")
+        rows.append(cells)
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.rjust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths[:-1]))
+    lo, hi = result.get("clean_ce_ci", [float("nan")] * 2)
+    out = [f"model {result['model']}   clean CE {result['clean_ce']:.3f} [{lo:.3f}, {hi:.3f}] nats/token   "
+           f"({result['n_windows']} held-out windows; [..] = {result.get('interval_definition', '95% interval')})"]
     out += lines
     if result["substitution"]:
         out.append("")
@@ -105,4 +197,8 @@ def format_table(result: dict) -> str:
             out.append(
                 f"  k={s['n_layers']} layers {s['layers']}: CE {s['ce_loss']:.3f} ({s['ce_increase']:+.3f}), KL {s['kl']:.4f}"
             )
+    for n in result.get("notes", []):
+        out.append(f"note: {n}")
+    for w in result.get("warnings", []):
+        out.append(f"WARNING: {w}")
     return "\n".join(out)

@@ -18,6 +18,7 @@ from .core import (
     run_with_interventions,
 )
 from .features import FeatureNode, FeatureSet, is_feature_node, parse_node_id
+from .label_check import label_intervention_check
 from .ops import (
     ablate,
     ablation_interventions,
@@ -31,7 +32,6 @@ from .ops import (
 from .verify import (
     circuit_from_graph,
     edge_checks,
-    label_intervention_check,
     spearman,
     verify_circuit,
     write_verify_json,

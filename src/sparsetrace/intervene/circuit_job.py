@@ -75,6 +75,7 @@ class TraceConfig:
     positions: str = "relative"  # relative: nodes at positions from the end, one template | any: every position
     template: int | None = 0  # with positions="relative": the task template used (None: all templates)
     seed: int = 0
+    qk_edges: int = 0  # QK terms and head loadings for this many attention-mediated graph edges (--qk: 5)
 
     def validate(self) -> TraceConfig:
         if self.task is None and not self.prompt:
@@ -83,6 +84,11 @@ class TraceConfig:
             raise ConfigError("--prompt needs --target (the next token to explain, e.g. ' Paris')")
         if self.task is not None and self.prompt:
             raise ConfigError(f"pass either --task ('{self.task}') or --prompt, not both")
+        for name in ("target", "contrast"):
+            if getattr(self, name) is not None and self.prompt is None:
+                raise ConfigError(f"--{name} {getattr(self, name)!r} needs --prompt (a built-in task gives its own)")
+        if self.prompt is not None and not self.prompt.strip():
+            raise ConfigError("--prompt is empty; expected the text whose next token to explain")
         for name in ("n_prompts", "n_graph_prompts", "max_features", "max_feature_nodes"):
             v = getattr(self, name)
             if not isinstance(v, int) or v <= 0:
@@ -307,6 +313,11 @@ def trace_circuit(
     check = check_edges(first, k=cfg.n_edge_checks) if cfg.n_edge_checks and len(first.edges) else {}
     check_summary = {k: v for k, v in check.items() if k != "edges"}
     first.metadata["edge_check"] = check_summary
+    if cfg.qk_edges:
+        from ..attribute.heads import add_qk
+
+        say(f"QK terms and head loadings for the {cfg.qk_edges} strongest attention-mediated edges")
+        add_qk(first, n_edges=cfg.qk_edges, log=say)
     out.mkdir(parents=True, exist_ok=True)
     first.save(out / "graph.json")
     doc = {
@@ -326,8 +337,27 @@ def trace_circuit(
         "edge_check": check_summary,
         "seconds": {"graphs": round(graph_s, 2), "first_graph": first.metadata.get("timings", {}).get("total_s")},
     }
+    (out / "verify.json").unlink(missing_ok=True)  # it described the circuit this one replaces
     atomic_write_text(out / "circuit.json", json.dumps(doc, indent=1, allow_nan=False) + "\n")
     return doc
+
+
+def circuit_sha256(trace_dir: str | Path) -> str | None:
+    """sha256 of a trace folder's circuit.json bytes (None when it is missing)."""
+    from ..util.hashing import sha256_file
+
+    p = Path(trace_dir) / "circuit.json"
+    return sha256_file(p) if p.is_file() else None
+
+
+def verify_is_current(trace_dir: str | Path) -> bool:
+    """True when verify.json exists and records the sha256 of the circuit.json now beside it."""
+    try:
+        res = json.loads((Path(trace_dir) / "verify.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError):
+        return False
+    digest = circuit_sha256(trace_dir)
+    return isinstance(res, dict) and digest is not None and res.get("circuit_sha256") == digest
 
 
 def read_circuit(trace_dir: str | Path) -> dict:
@@ -374,6 +404,7 @@ def verify_trace(
     say = log or (lambda _m: None)
     trace_dir = Path(trace_dir)
     doc = read_circuit(trace_dir)
+    digest = circuit_sha256(trace_dir)
     cfg = TraceConfig.from_dict(doc.get("config") or {})
     if mode is not None:
         cfg.mode = mode
@@ -402,6 +433,9 @@ def verify_trace(
     res["baseline"] = doc.get("baseline")
     res["unrelated_task"] = cfg.unrelated()
     res["seconds"] = round(time.perf_counter() - t0, 2)
+    res["circuit_sha256"] = digest
+    if circuit_sha256(trace_dir) != digest:
+        raise DataError(f"'{trace_dir / 'circuit.json'}' changed while it was being verified; verify it again")
     write_verify_json(res, trace_dir / "verify.json")
     return res
 

@@ -34,6 +34,11 @@ class TrainConfig:
     decay_frac: float = 0.2
     l1_init: float | None = None  # initial lambda; None = automatic
     lambda_gain: float = 0.05  # log-lambda change per step per unit of log-L0 error
+    lambda_horizon: float | None = None  # steps the λ controller looks ahead (None: 20; 50 for JumpReLU)
+    init_l0_factor: float = 4.0  # JumpReLU: thresholds start where L0 = this x target (from the first batch)
+    threshold_lr_scale: float = 10.0  # JumpReLU: learning-rate multiplier of the log-thresholds
+    threshold_warmup_frac: float = 0.1  # JumpReLU: thresholds (and λ) held for this fraction of the steps
+    calibrate: bool = True  # ReLU/JumpReLU: shift encoder biases at the end so the L0 equals the target
     dead_window_tokens: int = 200_000  # a feature silent this long is dead
     resample_every: int = 400  # steps between dead-feature resamples (ReLU/JumpReLU)
     aux_k_coef: float = 1 / 32  # AuxK loss weight (TopK/BatchTopK)
@@ -58,78 +63,10 @@ class TrainConfig:
         return max(1, int(self.n_tokens * self.epochs) // self.batch_size)
 
     def validate(self) -> TrainConfig:
-        for name in ("model", "kind", "activation", "corpus", "device", "dtype", "parallel"):
-            v = getattr(self, name)
-            if not isinstance(v, str) or not v.strip():
-                raise ConfigError(f"--{name.replace('_', '-')} {v!r} is invalid; expected a non-empty string")
-        if self.kind not in KINDS:
-            raise ConfigError(f"--kind '{self.kind}' is unknown; expected one of {', '.join(KINDS)}")
-        if self.hookpoint is not None and (not isinstance(self.hookpoint, str) or self.hookpoint not in HOOKPOINTS):
-            raise ConfigError(f"--hookpoint {self.hookpoint!r} is unknown; expected one of {', '.join(HOOKPOINTS)}")
-        if self.activation not in ACTIVATION_CHOICES:
-            raise ConfigError(
-                f"--activation '{self.activation}' is unknown; expected one of {', '.join(ACTIVATION_CHOICES)}"
-            )
-        if not _is_real(self.target_l0) or not 0 < self.target_l0 < math.inf:
-            raise ConfigError(f"--target-l0 {self.target_l0} is invalid; expected a number > 0")
-        if self.l1_init is not None and (not _is_real(self.l1_init) or not 0 < self.l1_init < math.inf):
-            raise ConfigError(f"--l1 (initial λ) {self.l1_init} is invalid; expected a number > 0")
-        if not isinstance(self.layers, (list, tuple)) or not all(_is_int(x) for x in self.layers):
-            raise ConfigError(f"--layers {self.layers!r} is invalid; expected a list of layer numbers, e.g. 3,6")
-        if not self.layers:
-            raise ConfigError("--layers is empty; expected at least one layer, e.g. --layers 3,6")
-        if len(set(self.layers)) != len(self.layers):
-            raise ConfigError(f"--layers {list(self.layers)} lists a layer twice")
-        if min(self.layers) < 0:
-            raise ConfigError(f"layer {min(self.layers)} is out of range; expected layers >= 0")
-        for name in ("n_tokens", "batch_size", "context", "expansion", "dead_window_tokens", "log_every"):
-            v = getattr(self, name)
-            if not _is_int(v) or v <= 0:
-                raise ConfigError(f"--{name.replace('_', '-')} {v!r} is invalid; expected a positive integer")
-        if self.context < 2:
-            raise ConfigError(f"--context {self.context} is too short; expected at least 2 tokens")
-        for name in ("checkpoint_every", "resample_every"):
-            v = getattr(self, name)
-            if not _is_int(v) or v < 0:
-                raise ConfigError(f"--{name.replace('_', '-')} {v!r} is invalid; expected an integer >= 0")
-        if not _is_int(self.seed) or not 0 <= self.seed < 2**31:
-            raise ConfigError(f"--seed {self.seed!r} is invalid; expected an integer in 0..{2**31 - 1}")
-        if self.n_features is not None and (not _is_int(self.n_features) or self.n_features <= 0):
-            raise ConfigError(f"--n-features {self.n_features!r} is invalid; expected a positive integer")
-        for name in ("lr", "epochs"):
-            v = getattr(self, name)
-            if not _is_real(v) or not 0 < v < math.inf:
-                raise ConfigError(f"--{name} {v} is invalid; expected a number > 0")
-        if not math.isfinite(self.n_tokens * self.epochs):
-            raise ConfigError(f"--n-tokens {self.n_tokens} × --epochs {self.epochs} is too large; expected a finite product")
-        if not _is_real(self.eval_fraction) or not 0 < self.eval_fraction < 0.5:
-            raise ConfigError(f"eval_fraction {self.eval_fraction} is invalid; expected 0 < x < 0.5")
-        for name, hi in (("warmup_frac", 1.0), ("decay_frac", 1.0)):
-            v = getattr(self, name)
-            if not _is_real(v) or not 0 <= v <= hi:
-                raise ConfigError(f"{name} {v!r} is invalid; expected a number in [0, {hi}]")
-        for name in ("lambda_gain", "aux_k_coef"):
-            v = getattr(self, name)
-            if not _is_real(v) or not 0 <= v < math.inf:
-                raise ConfigError(f"{name} {v!r} is invalid; expected a finite number >= 0")
-        if self.max_memory_gb is not None and (
-            not _is_real(self.max_memory_gb) or not 0 < self.max_memory_gb < math.inf
-        ):
-            raise ConfigError(
-                f"--max-memory {self.max_memory_gb!r} is invalid; expected a number of GB > 0 (or none: unbounded)"
-            )
-        if self.dtype not in ("float32", "float16"):
-            raise ConfigError(f"dtype '{self.dtype}' is unknown; expected 'float32' or 'float16'")
-        if self.parallel not in ("data", "layer"):
-            raise ConfigError(f"--parallel '{self.parallel}' is unknown; expected 'data' or 'layer'")
-        if self.k is not None and not _is_int(self.k):
-            raise ConfigError(f"--k {self.k!r} is invalid; expected a positive integer")
-        if self.activation in ("topk", "batchtopk"):
-            if self.k is not None and self.k <= 0:
-                raise ConfigError(f"--k {self.k} is invalid; expected a positive integer")
-            k = self.k if self.k is not None else max(1, round(self.target_l0))
-            if self.n_features is not None and k > self.n_features:
-                raise ConfigError(f"--k {k} is larger than --n-features {self.n_features}; expected k <= n_features")
+        """Raise :class:`ConfigError` naming the first bad value and what was expected; return self."""
+        for check in (_check_names, _check_sparsity, _check_layers, _check_counts, _check_rates,
+                      _check_choices):
+            check(self)
         return self
 
     def to_dict(self) -> dict:
@@ -153,3 +90,101 @@ def _is_int(v) -> bool:
 
 def _is_real(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _check_names(c: TrainConfig) -> None:
+    """The string options: non-empty, and a known dictionary kind, hookpoint and activation."""
+    for name in ("model", "kind", "activation", "corpus", "device", "dtype", "parallel"):
+        v = getattr(c, name)
+        if not isinstance(v, str) or not v.strip():
+            raise ConfigError(f"--{name.replace('_', '-')} {v!r} is invalid; expected a non-empty string")
+    if c.kind not in KINDS:
+        raise ConfigError(f"--kind '{c.kind}' is unknown; expected one of {', '.join(KINDS)}")
+    if c.hookpoint is not None and (not isinstance(c.hookpoint, str) or c.hookpoint not in HOOKPOINTS):
+        raise ConfigError(f"--hookpoint {c.hookpoint!r} is unknown; expected one of {', '.join(HOOKPOINTS)}")
+    if c.activation not in ACTIVATION_CHOICES:
+        raise ConfigError(f"--activation '{c.activation}' is unknown; expected one of {', '.join(ACTIVATION_CHOICES)}")
+
+
+def _check_sparsity(c: TrainConfig) -> None:
+    """Target L0, initial λ and k (TopK/BatchTopK)."""
+    if not _is_real(c.target_l0) or not 0 < c.target_l0 < math.inf:
+        raise ConfigError(f"--target-l0 {c.target_l0} is invalid; expected a number > 0")
+    if c.l1_init is not None and (not _is_real(c.l1_init) or not 0 < c.l1_init < math.inf):
+        raise ConfigError(f"--l1 (initial λ) {c.l1_init} is invalid; expected a number > 0")
+    if c.k is not None and not _is_int(c.k):
+        raise ConfigError(f"--k {c.k!r} is invalid; expected a positive integer")
+    if c.activation in ("topk", "batchtopk"):
+        if c.k is not None and c.k <= 0:
+            raise ConfigError(f"--k {c.k} is invalid; expected a positive integer")
+        k = c.k if c.k is not None else max(1, round(c.target_l0))
+        if c.n_features is not None and _is_int(c.n_features) and k > c.n_features:
+            raise ConfigError(f"--k {k} is larger than --n-features {c.n_features}; expected k <= n_features")
+    if not isinstance(c.calibrate, bool):
+        raise ConfigError(f"calibrate {c.calibrate!r} is invalid; expected true or false")
+
+
+def _check_layers(c: TrainConfig) -> None:
+    if not isinstance(c.layers, (list, tuple)) or not all(_is_int(x) for x in c.layers):
+        raise ConfigError(f"--layers {c.layers!r} is invalid; expected a list of layer numbers, e.g. 3,6")
+    if not c.layers:
+        raise ConfigError("--layers is empty; expected at least one layer, e.g. --layers 3,6")
+    if len(set(c.layers)) != len(c.layers):
+        raise ConfigError(f"--layers {list(c.layers)} lists a layer twice")
+    if min(c.layers) < 0:
+        raise ConfigError(f"layer {min(c.layers)} is out of range; expected layers >= 0")
+
+
+def _check_counts(c: TrainConfig) -> None:
+    """Integer sizes, intervals and the seed."""
+    for name in ("n_tokens", "batch_size", "context", "expansion", "dead_window_tokens", "log_every"):
+        v = getattr(c, name)
+        if not _is_int(v) or v <= 0:
+            raise ConfigError(f"--{name.replace('_', '-')} {v!r} is invalid; expected a positive integer")
+    if c.context < 2:
+        raise ConfigError(f"--context {c.context} is too short; expected at least 2 tokens")
+    for name in ("checkpoint_every", "resample_every"):
+        v = getattr(c, name)
+        if not _is_int(v) or v < 0:
+            raise ConfigError(f"--{name.replace('_', '-')} {v!r} is invalid; expected an integer >= 0")
+    if not _is_int(c.seed) or not 0 <= c.seed < 2**31:
+        raise ConfigError(f"--seed {c.seed!r} is invalid; expected an integer in 0..{2**31 - 1}")
+    if c.n_features is not None and (not _is_int(c.n_features) or c.n_features <= 0):
+        raise ConfigError(f"--n-features {c.n_features!r} is invalid; expected a positive integer")
+
+
+def _check_rates(c: TrainConfig) -> None:
+    """Learning rate, epochs, fractions, gains and the memory budget."""
+    for name in ("lr", "epochs"):
+        v = getattr(c, name)
+        if not _is_real(v) or not 0 < v < math.inf:
+            raise ConfigError(f"--{name} {v} is invalid; expected a number > 0")
+    if not math.isfinite(c.n_tokens * c.epochs):
+        raise ConfigError(f"--n-tokens {c.n_tokens} × --epochs {c.epochs} is too large; expected a finite product")
+    if not _is_real(c.eval_fraction) or not 0 < c.eval_fraction < 0.5:
+        raise ConfigError(f"eval_fraction {c.eval_fraction} is invalid; expected 0 < x < 0.5")
+    for name in ("warmup_frac", "decay_frac", "threshold_warmup_frac"):
+        v = getattr(c, name)
+        if not _is_real(v) or not 0 <= v <= 1.0:
+            raise ConfigError(f"{name} {v!r} is invalid; expected a number in [0, 1.0]")
+    for name in ("lambda_gain", "aux_k_coef", "lambda_horizon"):
+        v = getattr(c, name)
+        if name == "lambda_horizon" and v is None:
+            continue
+        if not _is_real(v) or not 0 <= v < math.inf:
+            raise ConfigError(f"{name} {v!r} is invalid; expected a finite number >= 0")
+    for name in ("init_l0_factor", "threshold_lr_scale"):
+        v = getattr(c, name)
+        if not _is_real(v) or not 0 < v < math.inf:
+            raise ConfigError(f"{name} {v!r} is invalid; expected a finite number > 0")
+    if c.max_memory_gb is not None and (not _is_real(c.max_memory_gb) or not 0 < c.max_memory_gb < math.inf):
+        raise ConfigError(
+            f"--max-memory {c.max_memory_gb!r} is invalid; expected a number of GB > 0 (or none: unbounded)"
+        )
+
+
+def _check_choices(c: TrainConfig) -> None:
+    if c.dtype not in ("float32", "float16"):
+        raise ConfigError(f"dtype '{c.dtype}' is unknown; expected 'float32' or 'float16'")
+    if c.parallel not in ("data", "layer"):
+        raise ConfigError(f"--parallel '{c.parallel}' is unknown; expected 'data' or 'layer'")

@@ -30,6 +30,7 @@ from .config import TrainConfig
 from .trainer import train_dictionaries, world_from_env, write_run_json
 
 HELDOUT = "heldout_tokens.safetensors"
+MIN_HELDOUT = 64
 
 
 def load_corpus_windows(
@@ -40,12 +41,28 @@ def load_corpus_windows(
 
     if texts is None:
         texts = load_texts(tcfg.corpus)
-    per_window = tcfg.context - 1
-    n_train_windows = -(-tcfg.n_tokens // per_window)
-    n_total = int(n_train_windows / (1 - tcfg.eval_fraction)) + 2
+    n_train_windows, frac, n_total = _split_plan(tcfg)
     windows = tokenize_windows(lm.tokenizer, texts, tcfg.context, max_windows=n_total)
-    train, heldout = split_windows(windows, tcfg.eval_fraction, seed=tcfg.seed)
+    train, heldout = split_windows(windows, frac, seed=tcfg.seed)
     return train[:n_train_windows], heldout
+
+
+def _split_plan(tcfg: TrainConfig) -> tuple[int, float, int]:
+    """Training windows, held-out fraction and windows to tokenize: at least MIN_HELDOUT held-out
+    windows (evaluation's default), however small the run."""
+    n_train_windows = -(-tcfg.n_tokens // (tcfg.context - 1))
+    frac = min(0.45, max(tcfg.eval_fraction, MIN_HELDOUT / (n_train_windows + MIN_HELDOUT)))
+    return n_train_windows, frac, int(n_train_windows / (1 - frac)) + 2
+
+
+def source_tokens(lm: LanguageModel, tcfg: TrainConfig, corpus) -> dict[str, int]:
+    """Training tokens taken from each source of the corpus (the windows of :func:`load_corpus_windows`)."""
+    from ..data.tokens import window_source_counts
+
+    n_train_windows, frac, n_total = _split_plan(tcfg)
+    counts, names = window_source_counts(lm.tokenizer, corpus.texts, corpus.sources, tcfg.context, n_total)
+    train = split_windows(counts, frac, seed=tcfg.seed)[0][:n_train_windows].sum(0)
+    return {n: int(v) for n, v in zip(names, train.tolist(), strict=True)}
 
 
 def check_layers(lm: LanguageModel, layers: list[int]) -> None:
@@ -88,9 +105,10 @@ def run_training(
             tcfg = replace(saved, max_memory_gb=mem)
     _check_writable(out_dir)
     t0 = time.time()
-    from ..data.corpus import load_texts
+    from ..data.corpus import load_corpus
 
-    texts = load_texts(tcfg.corpus)  # before the model, so a bad corpus fails fast
+    corpus = load_corpus(tcfg.corpus)  # before the model, so a bad corpus fails fast
+    texts = corpus.texts
     lm = lm or LanguageModel.load(tcfg.model, device=tcfg.device)
     check_layers(lm, tcfg.layers)
     n_features = tcfg.n_features or tcfg.expansion * lm.d_model
@@ -113,6 +131,7 @@ def run_training(
         lm, train_windows, hookpoints, cache_dir=cache_dir, progress=progress, dtype=tcfg.dtype, **mem_kw
     )
     t_harvest = time.time() - t0
+    sparsity: dict = {}
     dictionaries = train_dictionaries(
         tcfg,
         cache,
@@ -122,6 +141,7 @@ def run_training(
         resume=resume,
         progress=progress,
         stop_at_step=stop_at_step,
+        sparsity=sparsity,
     )
     info = {
         "model": lm.model_id,
@@ -131,10 +151,15 @@ def run_training(
         "target_l0": tcfg.target_l0,
         "corpus": tcfg.corpus,
         "n_tokens": cache.n_tokens,
+        "corpus_sources": source_tokens(lm, tcfg, corpus),
         "seconds_harvest": round(t_harvest, 1),
         "seconds_total": round(time.time() - t0, 1),
         "peak_rss_mb": round(peak_resident_bytes() / 1e6),
     }
+    # per layer: the controller's own L0 before the final calibration, the calibration shift, L0/FVU on a
+    # training sample before and after it (train/stats.py); warnings are also printed on stderr
+    info["sparsity"] = {str(layer): rec for layer, rec in sorted(sparsity.items())}
+    info["warnings"] = [w for rec in info["sparsity"].values() for w in rec["warnings"]]
     if plan is not None:
         info["max_memory_gb"] = tcfg.max_memory_gb
         info["cache_reads"] = "mapped" if cache.mapped else "pread"

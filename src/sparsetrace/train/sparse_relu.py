@@ -53,7 +53,8 @@ class ActiveReluEncode(torch.autograd.Function):
             # dW_enc = (dL/dpre)ᵀ @ x over the active entries: one bag of x rows per feature
             g_w = _sparse_t_matmul(_group_by_feature(cols, n, rows), g_values, x).to(W_enc.dtype)
         if ctx.needs_input_grad[0]:  # dx[b] = sum of g * W_enc[f] over row b's active features
-            g_x = F.embedding_bag(cols, W_enc, _row_offsets(rows, batch), per_sample_weights=g_values, mode="sum")
+            g_x = F.embedding_bag(cols, W_enc, _row_offsets(rows, batch), per_sample_weights=g_values.to(W_enc.dtype),
+                                  mode="sum")
         if ctx.needs_input_grad[2]:
             g_b = torch.zeros(n, dtype=g_values.dtype, device=g_values.device).index_add_(0, cols, g_values)
         return g_x, g_w, g_b
@@ -63,5 +64,6 @@ def active_relu_forward(x: Tensor, W_enc: Tensor, b_enc: Tensor, W_dec: Tensor, 
     """x [batch, d_in] -> (ŷ [batch, d_out] without any skip term, values, rows, cols)."""
     values, rows, cols = ActiveReluEncode.apply(x, W_enc, b_enc)
     offsets = _row_offsets(rows, x.shape[0])
-    y_hat = F.embedding_bag(cols, W_dec, offsets, per_sample_weights=values, mode="sum") + b_dec
+    # under autocast the values can be bf16 while W_dec stays float32
+    y_hat = F.embedding_bag(cols, W_dec, offsets, per_sample_weights=values.to(W_dec.dtype), mode="sum") + b_dec
     return y_hat, values, rows, cols

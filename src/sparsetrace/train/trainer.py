@@ -4,10 +4,12 @@ One harvest feeds every layer: the model runs once over the corpus, stopping aft
 needed, and each layer's dictionary is trained on its own hookpoints from the shared cache.
 
 Sparsity: TopK/BatchTopK fix L0 = k. ReLU+L1 and JumpReLU+L0 have a penalty λ, which is tuned
-*automatically and per layer* by :class:`L0Controller`: a log-space integral controller that raises λ
-when the (smoothed) L0 is above ``target_l0`` and lowers it when below. It starts from a small λ and
-approaches the target from the dense side, so features are not killed by an early overshoot, and
-dead features are resampled so an undershoot can recover.
+*automatically and per layer* by :class:`~.controller.L0Controller` (a log-space integral controller
+with look-ahead) towards ``target_l0``, approaching it from the dense side; dead features are resampled
+so an undershoot can recover. JumpReLU thresholds start where each feature fires on a few times
+target/n_features of the first batch and learn at ``threshold_lr_scale`` x the base rate. At the end,
+:func:`~.stats.finish_layer` records the controller's own L0, calibrates the encoder bias (unless
+``calibrate`` is off) and warns when either step went wrong; see :mod:`.stats`.
 
 Distributed: under ``torchrun`` with ``parallel="data"`` each dictionary is wrapped in
 ``DistributedDataParallel`` and each rank takes a disjoint slice of every global batch; with
@@ -19,113 +21,40 @@ from __future__ import annotations
 import json
 import math
 import os
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from safetensors import SafetensorError
-from safetensors.torch import load_file
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from ..data.store import ActivationCache, BatchSchedule
-from ..dictionary.io import atomic_write_text, save_dictionary, verify_manifest, write_folder_atomically
-from ..dictionary.model import Code, DictionaryConfig, SparseDictionary
+from ..dictionary.io import atomic_write_text, save_dictionary
+from ..dictionary.model import DictionaryConfig, SparseDictionary
 from ..errors import ConfigError, TrainingDiverged
+from .checkpoint import (
+    append_log,
+    checkpoint_tensors,
+    dictionary_dirname,
+    load_checkpoint,
+    save_checkpoints,
+    truncate_log,
+)
 from .config import TrainConfig
-from .sparse_relu import SPARSE_DENSITY, active_relu_forward
+from .controller import L0Controller, init_thresholds
+from .objective import StepStats, _Objective
+from .sparse_relu import SPARSE_DENSITY
+from .stats import TrainingStream, feature_counts, finish_layer, save_training_stats
+
+__all__ = ["LayerTrainer", "StepStats", "_Objective", "dictionary_dirname", "train_dictionaries"]
 
 
-def dictionary_dirname(layer: int, kind: str) -> str:
-    return f"L{layer:02d}_{kind}"
+JUMPRELU_DECODER_INIT = 0.3  # initial norm of JumpReLU decoder rows (inputs are scaled to unit mean square)
 
 
 def _fused_kwargs(device: str) -> dict:
     kind = torch.device(device).type
     return {"fused": True} if kind in ("cpu", "cuda") else {}
-
-
-class L0Controller:
-    """Integral control of log λ towards a target L0."""
-
-    def __init__(self, target: float, log_lambda: float, gain: float, smoothing: float = 0.8):
-        self.target = float(target)
-        self.log_lambda = float(log_lambda)
-        self.gain = float(gain)
-        self.smoothing = smoothing
-        self.ema_l0: float | None = None
-
-    @property
-    def value(self) -> float:
-        return math.exp(self.log_lambda)
-
-    def update(self, l0: float) -> float:
-        self.ema_l0 = l0 if self.ema_l0 is None else self.smoothing * self.ema_l0 + (1 - self.smoothing) * l0
-        err = math.log((self.ema_l0 + 1.0) / (self.target + 1.0))
-        self.log_lambda += self.gain * max(-1.0, min(1.0, err))
-        self.log_lambda = max(-30.0, min(10.0, self.log_lambda))
-        return self.value
-
-    def state(self) -> dict:
-        return {"log_lambda": self.log_lambda, "ema_l0": self.ema_l0}
-
-    def load(self, s: dict) -> None:
-        self.log_lambda, self.ema_l0 = s["log_lambda"], s["ema_l0"]
-
-
-class _Objective(nn.Module):
-    """Computes one step's loss inside ``forward`` so DDP sees every parameter use."""
-
-    def __init__(self, dictionary: SparseDictionary, aux_k_coef: float):
-        super().__init__()
-        self.dictionary = dictionary
-        self.aux_k_coef = aux_k_coef
-
-    def forward(self, x: Tensor, y: Tensor, lam: Tensor, dead: Tensor, active_only: bool = False
-                ) -> tuple[Tensor, Tensor, Code, Tensor]:
-        d = self.dictionary
-        act = d.cfg.activation
-        if act == "relu" and active_only:
-            # few active features: decode and back-propagate through the active entries only (same math)
-            y_hat, values, rows, cols = active_relu_forward(x, d.W_enc, d.b_enc, d.W_dec, d.b_dec)
-            if d.W_skip is not None:
-                y_hat = y_hat + x @ d.W_skip.t()
-            code = Code(values=values, indices=cols, rows=rows, n_rows=x.shape[0])
-            l1 = (values * d.W_dec.norm(dim=-1)[cols]).sum() / x.shape[0]
-        else:
-            code = d.encode(x)
-            y_hat = d.decode(code, x)
-            l1 = d.l1_penalty(code) if act == "relu" else None
-        err = y_hat - y
-        mse = err.pow(2).sum(-1).mean() / y.shape[-1]
-        loss = mse
-        if l1 is not None:
-            loss = loss + lam * l1 / y.shape[-1]
-        elif act == "jumprelu":
-            loss = loss + lam * d.l0_penalty(code) / y.shape[-1]
-        elif self.aux_k_coef > 0 and bool(dead.any()):
-            # AuxK: the top dead features must explain what the live ones missed
-            n_dead = int(dead.sum())
-            k_aux = min(n_dead, max(1, y.shape[-1] // 2))
-            pre = x @ d.W_enc[dead].t() + d.b_enc[dead]
-            vals, idx = pre.relu().topk(k_aux, dim=-1)
-            resid = (y - y_hat).detach()
-            recon = torch.nn.functional.embedding_bag(idx, d.W_dec[dead], per_sample_weights=vals, mode="sum")
-            denom = (resid - resid.mean(0)).pow(2).sum(-1).mean().clamp_min(1e-8)
-            aux = (recon - resid).pow(2).sum(-1).mean() / denom
-            loss = loss + self.aux_k_coef * torch.nan_to_num(aux, nan=0.0)
-        return loss, mse, code, err
-
-
-@dataclass
-class StepStats:
-    loss: float
-    mse: float
-    fvu: float
-    l0: float
-    lam: float
-    dead_frac: float
 
 
 class LayerTrainer:
@@ -156,18 +85,43 @@ class LayerTrainer:
         if tcfg.activation == "jumprelu":
             with torch.no_grad():
                 self.dictionary.b_enc.fill_(0.0)
+                # small decoder rows: a JumpReLU feature cannot shrink below its threshold, so against a
+                # unit-norm random decoder the quickest cut in MSE is to switch features off, and the
+                # encoder does that in a few steps (L0 135 -> 6 on SmolLM2 within 20 steps, whatever λ)
+                self.dictionary.W_dec.mul_(JUMPRELU_DECODER_INIT)
         self.objective: nn.Module = _Objective(self.dictionary, tcfg.aux_k_coef)
         if dist.is_available() and dist.is_initialized() and tcfg.parallel == "data" and dist.get_world_size() > 1:
             self.objective = nn.parallel.DistributedDataParallel(self.objective)
         # fused Adam: one kernel over each parameter (6x faster than foreach on CPU for 38M parameters)
-        self.opt = torch.optim.Adam(self.dictionary.parameters(), lr=tcfg.lr, betas=(0.9, 0.999),
-                                    **_fused_kwargs(tcfg.device))
-        init = tcfg.l1_init if tcfg.l1_init is not None else (0.05 if tcfg.activation == "relu" else 0.01)
-        self.controller = L0Controller(tcfg.target_l0, math.log(init), tcfg.lambda_gain)
+        d = self.dictionary
+        groups = [{"params": [p for p in d.parameters() if p is not d.log_threshold], "lr_scale": 1.0}]
+        if d.log_threshold is not None:
+            groups.append({"params": [d.log_threshold], "lr_scale": tcfg.threshold_lr_scale})
+        self.opt = torch.optim.Adam(groups, lr=tcfg.lr, betas=(0.9, 0.999), **_fused_kwargs(tcfg.device))
+        init = tcfg.l1_init if tcfg.l1_init is not None else (0.05 if tcfg.activation == "relu" else 1.0)
+        # JumpReLU answers λ more slowly (a threshold moves only through tokens within the bandwidth of it),
+        # so its controller looks further ahead
+        horizon = tcfg.lambda_horizon if tcfg.lambda_horizon is not None else (
+            50.0 if tcfg.activation == "jumprelu" else 20.0)
+        self.controller = L0Controller(tcfg.target_l0, math.log(init), tcfg.lambda_gain, horizon=horizon)
         self.since_fired = torch.zeros(n_features, dtype=torch.long)
         self.step = 0
+        self.last_l0: float | None = None
+        self.b_enc_before_calibration: Tensor | None = None
+        self.threshold_before_calibration: Tensor | None = None
+        # training-stream statistics over the last pass (at most n_tokens tokens) of the run
+        stream_steps = min(tcfg.total_steps, -(-tcfg.n_tokens // tcfg.batch_size))
+        self.stream = TrainingStream(n_features, d_model, tcfg.total_steps - stream_steps, tcfg.device)
         total_tokens = tcfg.total_steps * tcfg.batch_size
         self.dead_window = max(10 * tcfg.batch_size, min(tcfg.dead_window_tokens, total_tokens // 8))
+
+    @property
+    def thresholds_frozen(self) -> bool:
+        """JumpReLU thresholds (and λ with them) are held for the first ``threshold_warmup_frac`` of the
+        steps while the decoder learns its first directions: what a feature is worth to reconstruction,
+        which moves its threshold, means little against a random decoder."""
+        return self.dictionary.log_threshold is not None and self.step < self.tcfg.threshold_warmup_frac * \
+            self.tcfg.total_steps
 
     @property
     def uses_lambda(self) -> bool:
@@ -191,7 +145,9 @@ class LayerTrainer:
         lam = torch.tensor(self.controller.value, device=x.device)
         dead = self.since_fired.to(x.device) > self.dead_window
         for g in self.opt.param_groups:
-            g["lr"] = self.lr_at(self.step)
+            g["lr"] = self.lr_at(self.step) * g.get("lr_scale", 1.0)
+        if self.step == 0 and d.cfg.activation == "jumprelu":
+            self._init_thresholds(x)
         # the controller's smoothed L0 (saved in checkpoints, equal on every rank) picks the ReLU step
         ema = self.controller.ema_l0
         active_only = (d.cfg.activation == "relu" and self.tcfg.sparse_relu and ema is not None
@@ -206,6 +162,8 @@ class LayerTrainer:
         loss.backward()
         if d.cfg.activation in ("topk", "batchtopk"):
             d.remove_parallel_decoder_grad()
+        if self.thresholds_frozen and d.log_threshold.grad is not None:
+            d.log_threshold.grad.zero_()
         torch.nn.utils.clip_grad_norm_(d.parameters(), 1.0)
         self.opt.step()
         with torch.no_grad():
@@ -220,7 +178,9 @@ class LayerTrainer:
                         d.batch_threshold.fill_(m)
                     else:
                         d.batch_threshold.mul_(0.99).add_(0.01 * m)
-            fired = self._fired(code)
+            counts = feature_counts(code, d.n_features)
+            self.stream.add(self.step, counts, y)
+            fired = (counts > 0).to(torch.int64)
             l0 = code.l0()
             var = (y - y.mean(0)).pow(2).sum()
             fvu = err.pow(2).sum() / var.clamp_min(1e-12)
@@ -234,7 +194,8 @@ class LayerTrainer:
             self.since_fired += n_tok
             self.since_fired[fired.cpu().bool()] = 0
         lam_v = self.controller.value
-        if self.uses_lambda:
+        self.last_l0 = l0_v
+        if self.uses_lambda and not self.thresholds_frozen:
             self.controller.update(l0_v)
         self.step += 1
         return StepStats(
@@ -246,13 +207,16 @@ class LayerTrainer:
             dead_frac=float((self.since_fired > self.dead_window).float().mean()),
         )
 
-    def _fired(self, code: Code) -> Tensor:
-        n = self.dictionary.n_features
-        if code.dense is not None:
-            return (code.dense > 0).any(0).to(torch.int64)
-        out = torch.zeros(n, dtype=torch.int64, device=code.values.device)
-        out[code.indices[code.values > 0]] = 1
-        return out
+    @torch.no_grad()
+    def _init_thresholds(self, x: Tensor) -> None:
+        """Start JumpReLU with every feature firing on ``init_l0_factor`` x target / n_features of the tokens."""
+        d = self.dictionary
+        rate = min(0.5, self.tcfg.init_l0_factor * self.tcfg.target_l0 / d.n_features)
+        thr = init_thresholds(d.pre_activations(x), rate)
+        if dist.is_available() and dist.is_initialized() and self.tcfg.parallel == "data":
+            dist.all_reduce(thr)
+            thr /= dist.get_world_size()
+        d.log_threshold.copy_(thr.log())
 
     @torch.no_grad()
     def resample_dead(self, cache: ActivationCache, n_candidates: int = 4096) -> int:
@@ -280,7 +244,10 @@ class LayerTrainer:
         d.W_enc[dead] = xi * enc_norm * 0.2
         d.b_enc[dead] = 0.0
         if d.log_threshold is not None:
-            d.log_threshold[dead] = math.log(0.05)
+            # as selective as a typical live feature (a tiny threshold would fire on every token and throw
+            # L0 far above the target right when the controller has settled)
+            live = d.log_threshold[alive]
+            d.log_threshold[dead] = live.median() if live.numel() else math.log(0.05)
         for p in (d.W_dec, d.W_enc, d.b_enc, d.log_threshold):
             if p is None:
                 continue
@@ -291,82 +258,15 @@ class LayerTrainer:
         self.since_fired[dead] = 0
         return int(dead.numel())
 
-    @torch.no_grad()
-    def calibrate_l0(self, cache: ActivationCache, n_tokens: int = 8192, tolerance: float = 0.05) -> float | None:
-        """Shift every encoder bias by one constant so the mean L0 on a cache sample equals the target.
-
-        The λ controller brings L0 close to the target during training; this final bisection removes
-        the remaining error (it is skipped when L0 is already within ``tolerance``). Returns the shift.
-        """
-        d = self.dictionary
-        if not self.uses_lambda:
-            return None
-        g = torch.Generator().manual_seed(self.tcfg.seed * 31 + 17)
-        idx = torch.randint(0, cache.n_tokens, (min(n_tokens, cache.n_tokens),), generator=g)
-        x = cache.get(self.hp_in, idx).to(self.tcfg.device) / self.in_scale
-        d.eval()
-        pre = d.pre_activations(x)
-        thr = d.threshold if d.threshold is not None else torch.zeros_like(d.b_enc)
-
-        def l0(shift: float) -> float:
-            return float(((pre + shift) > thr).float().sum(-1).mean())
-
-        target = self.tcfg.target_l0
-        if abs(l0(0.0) - target) / target <= tolerance:
-            return 0.0
-        span = float(pre.abs().max()) + 1.0
-        lo, hi = -span, span  # l0 is increasing in shift
-        for _ in range(50):
-            mid = (lo + hi) / 2
-            if l0(mid) < target:
-                lo = mid
-            else:
-                hi = mid
-        shift = (lo + hi) / 2
-        d.b_enc.add_(shift)
-        return shift
-
     # ------------------------------------------------------------------ checkpoints
     def checkpoint_tensors(self) -> dict[str, Tensor]:
-        out: dict[str, Tensor] = {}
-        names = {id(p): n for n, p in self.dictionary.named_parameters()}
-        for n, p in self.dictionary.named_parameters():
-            out[f"param.{n}"] = p.data
-        for n, b in self.dictionary.named_buffers():
-            out[f"buffer.{n}"] = b.reshape(-1) if b.dim() == 0 else b
-        for p, st in self.opt.state.items():
-            n = names[id(p)]
-            for key in ("exp_avg", "exp_avg_sq"):
-                out[f"adam.{n}.{key}"] = st[key]
-            out[f"adam.{n}.step"] = torch.as_tensor(st["step"], dtype=torch.float64).reshape(1)
-        out["since_fired"] = self.since_fired
-        return out
+        return checkpoint_tensors(self)
 
     def checkpoint_json(self) -> dict:
         return {"step": self.step, "controller": self.controller.state(), "layer": self.layer}
 
     def load_checkpoint(self, folder: Path) -> None:
-        verify_manifest(folder)
-        try:
-            t = load_file(str(folder / "state.safetensors"))
-            meta = json.loads((folder / "state.json").read_text())
-        except (SafetensorError, OSError, ValueError) as e:
-            raise TrainingDiverged(f"checkpoint {folder} is unreadable ({e}); delete it to start over") from None
-        with torch.no_grad():
-            for n, p in self.dictionary.named_parameters():
-                p.copy_(t[f"param.{n}"])
-            for n, b in self.dictionary.named_buffers():
-                b.copy_(t[f"buffer.{n}"].reshape(b.shape))
-        for n, p in self.dictionary.named_parameters():
-            if f"adam.{n}.exp_avg" in t:
-                self.opt.state[p] = {
-                    "step": torch.tensor(float(t[f"adam.{n}.step"].item())),
-                    "exp_avg": t[f"adam.{n}.exp_avg"].clone(),
-                    "exp_avg_sq": t[f"adam.{n}.exp_avg_sq"].clone(),
-                }
-        self.since_fired = t["since_fired"].clone()
-        self.step = int(meta["step"])
-        self.controller.load(meta["controller"])
+        load_checkpoint(self, folder)
 
 
 def _rank_world() -> tuple[int, int]:
@@ -392,9 +292,13 @@ def train_dictionaries(
     resume: bool = False,
     progress: bool = True,
     stop_at_step: int | None = None,
+    sparsity: dict | None = None,
 ) -> dict[int, SparseDictionary]:
-    """Train one dictionary per layer in ``tcfg.layers`` on ``cache``; save them into ``out_dir``."""
+    """Train one dictionary per layer in ``tcfg.layers`` on ``cache``; save them into ``out_dir``.
+
+    ``sparsity`` (optional) receives, per layer, the record of :func:`~.stats.finish_layer`."""
     tcfg.validate()
+    sparsity = {} if sparsity is None else sparsity
     out_dir = Path(out_dir)
     rank, world = _rank_world()
     my_layers = tcfg.layers
@@ -414,7 +318,7 @@ def train_dictionaries(
             folder = ckpt_root / dictionary_dirname(tr.layer, tcfg.kind)
             if folder.exists():
                 tr.load_checkpoint(folder)
-            _truncate_log(out_dir / dictionary_dirname(tr.layer, tcfg.kind) / "train_log.jsonl", tr.step)
+            truncate_log(out_dir / dictionary_dirname(tr.layer, tcfg.kind) / "train_log.jsonl", tr.step)
     else:
         for tr in trainers:
             log = out_dir / dictionary_dirname(tr.layer, tcfg.kind) / "train_log.jsonl"
@@ -445,7 +349,7 @@ def train_dictionaries(
             if (step % tcfg.log_every == 0 or step == total - 1) and rank == 0 or (
                 tcfg.parallel == "layer" and step % tcfg.log_every == 0
             ):
-                _append_log(
+                append_log(
                     out_dir / dictionary_dirname(tr.layer, tcfg.kind) / "train_log.jsonl",
                     {
                         "step": step,
@@ -471,54 +375,30 @@ def train_dictionaries(
         bar.set_postfix(postfix, refresh=False)
         if tcfg.checkpoint_every and (step + 1) % tcfg.checkpoint_every == 0 and step + 1 < total:
             due = [tr for tr in trainers if tr.step == step + 1]
-            _save_checkpoints(due, ckpt_root, tcfg.kind, rank, tcfg.parallel)
+            save_checkpoints(due, ckpt_root, tcfg.kind, rank, tcfg.parallel)
             last_ckpt.update({tr.layer: tr.step for tr in due})
     bar.close()
     if stop_at_step is not None and end < total:
-        _save_checkpoints([tr for tr in trainers if tr.step <= end], ckpt_root, tcfg.kind, rank, tcfg.parallel)
+        save_checkpoints([tr for tr in trainers if tr.step <= end], ckpt_root, tcfg.kind, rank, tcfg.parallel)
         return {tr.layer: tr.dictionary for tr in trainers}
     result = {}
     for tr in trainers:
         d = tr.dictionary
-        d.eval()
-        tr.calibrate_l0(cache)
+        rec = finish_layer(tr, cache)
+        stream = tr.stream.reduced(tcfg.parallel == "data")
         d.fold_normalisation(tr.in_scale, tr.out_scale)
         if rank == 0 or tcfg.parallel == "layer":
-            save_dictionary(d, out_dir / dictionary_dirname(tr.layer, tcfg.kind))
+            folder = out_dir / dictionary_dirname(tr.layer, tcfg.kind)
+            save_dictionary(d, folder)
+            save_training_stats(tr, folder, rec, stream)
         result[tr.layer] = d
+        sparsity[tr.layer] = rec
     if rank == 0 or tcfg.parallel == "layer":
         import shutil
 
         for tr in trainers:
             shutil.rmtree(ckpt_root / dictionary_dirname(tr.layer, tcfg.kind), ignore_errors=True)
     return result
-
-
-def _save_checkpoints(trainers: list[LayerTrainer], root: Path, kind: str, rank: int, parallel: str) -> None:
-    if rank != 0 and parallel != "layer":
-        return
-    for tr in trainers:
-        write_folder_atomically(
-            root / dictionary_dirname(tr.layer, kind),
-            {
-                "state.safetensors": tr.checkpoint_tensors(),
-                "state.json": json.dumps(tr.checkpoint_json()),
-                "config.json": json.dumps(tr.dictionary.cfg.to_dict()),
-            },
-        )
-
-
-def _append_log(path: Path, row: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a", encoding="utf-8") as f:
-        f.write(json.dumps(row) + "\n")
-
-
-def _truncate_log(path: Path, step: int) -> None:
-    if not path.exists():
-        return
-    keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) < step]
-    atomic_write_text(path, "".join(k + "\n" for k in keep))
 
 
 def write_run_json(out_dir: Path, info: dict) -> None:
