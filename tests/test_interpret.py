@@ -13,26 +13,17 @@ import torch  # noqa: E402
 
 from sparsetrace.dictionary.model import DictionaryConfig, SparseDictionary  # noqa: E402
 from sparsetrace.interpret.align import align, write_alignment  # noqa: E402
-from sparsetrace.interpret.dashboards import (  # noqa: E402
-    DashboardState,
-    compute_dashboards,
-    write_dashboards,
-)
+from sparsetrace.interpret.dashboards import DashboardState, compute_dashboards  # noqa: E402
 from sparsetrace.interpret.importance import layer_importance, measure_layer_ablation  # noqa: E402
-from sparsetrace.interpret.labels import (  # noqa: E402
-    BuiltinLabeler,
-    LabelCache,
-    OpenAICompatibleLabeler,
-    TransformersLabeler,
-    dictionary_sha,
-    label_features,
-)
+from sparsetrace.interpret.labels import BuiltinLabeler, LabelCache, dictionary_sha, label_features  # noqa: E402
+from sparsetrace.interpret.llm_labelers import OpenAICompatibleLabeler, TransformersLabeler  # noqa: E402
 from sparsetrace.interpret.verify_labels import (  # noqa: E402
     VERDICTS,
     VerifyConfig,
     summarize_verdicts,
     verify_labels,
 )
+from sparsetrace.interpret.writer import write_dashboards  # noqa: E402
 from sparsetrace.model.adapter import LanguageModel  # noqa: E402
 from sparsetrace.model.hookpoints import Hookpoint  # noqa: E402
 
@@ -331,15 +322,26 @@ def test_measure_layer_ablation_runs(lm):
     assert set(out) == {1} and isinstance(out[1], float)
 
 
+def _single(lm, ids, space=True):
+    """The first id of ``ids`` whose decoded text tokenizes back to exactly that id (leading space when
+    ``space``), so a label quoting the text names that token."""
+    for i in ids:
+        s = lm.tokenizer.decode([int(i)])
+        if (not space or (s.startswith(" ") and s.strip().isalpha())) and \
+                lm.tokenizer(s, add_special_tokens=False)["input_ids"] == [int(i)]:
+            return int(i), s
+    raise AssertionError("no round-tripping token found")
+
+
 def test_intervention_test_detects_a_real_output_effect(lm, windows):
-    """A feature at the last layer whose decoder row is a token's unembedding direction must pass the
-    intervention test for that token, and fail it for an unrelated token."""
-    from sparsetrace.interpret.labels import Label
+    """(c) A feature at the last layer whose decoder row is a token's unembedding direction must pass the
+    output test for a label whose TEXT says it promotes that token, and fail it for a label naming the
+    wrong token (the verifier reads the text only)."""
     from sparsetrace.interpret.verify_labels import LabelVerifier
 
     last = lm.n_layers - 1
     d = SparseDictionary(DictionaryConfig(kind="transcoder", d_in=64, d_out=64, n_features=8, layer=last), seed=2)
-    target = 1234 % lm.vocab_size
+    target, target_s = _single(lm, range(1234 % lm.vocab_size, lm.vocab_size))
     W_U = lm.arch.unembed.weight.detach()
     g = lm.arch.final_norm.weight.detach()
     with torch.no_grad():
@@ -348,19 +350,80 @@ def test_intervention_test_detects_a_real_output_effect(lm, windows):
     g2 = torch.Generator().manual_seed(7)
     heldout = torch.randint(0, min(lm.vocab_size, 2000), (16, 24), generator=g2)
     v = LabelVerifier(lm, d.eval(), heldout, VerifyConfig(n_contexts=8, context_len=6, n_random=128))
-    key = int(heldout[0, 10])
-    good = Label(text="t", labeler="test", key_token_ids=[key], promoted_ids=[target])
+    _, key_s = _single(lm, heldout[0].tolist(), space=False)
+    good = f"{json.dumps(key_s)} → promotes {json.dumps(target_s)}"
     res = v.verify(0, good, max_act=20.0)
+    assert res["prediction"]["promoted_tokens"] == [target_s]
     assert res["intervention_test"]["passed"], res["intervention_test"]
     effect = (W_U @ (d.W_dec[0].detach() * g)).abs()
-    other = int(effect.argmin())  # the token the direction moves least
-    bad = Label(text="t", labeler="test", key_token_ids=[key], promoted_ids=[other])
-    res_bad = v.verify(0, bad, max_act=20.0)
+    other, other_s = _single(lm, effect.argsort().tolist())  # a token the direction barely moves
+    res_bad = v.verify(0, f"{json.dumps(key_s)} → promotes {json.dumps(other_s)}", max_act=20.0)
+    assert res_bad["prediction"]["promoted_tokens"] == [other_s]
     assert not res_bad["intervention_test"]["passed"]
+    assert res_bad["verdict"] != "verified"
+    # a label that says nothing about outputs cannot pass the output test
+    assert not v.verify(0, json.dumps(key_s), max_act=20.0)["intervention_test"]["passed"]
+
+
+def test_activation_contexts_come_from_the_label_words(lm, dictionary, dashboards):
+    """(b) The activation test's contexts end in the words the label's text names, found in the held-out
+    windows (not the feature's top examples): every natural context ends there, control contexts do not."""
+    from sparsetrace.interpret.predictions import parse_label
+    from sparsetrace.interpret.verify_labels import LabelVerifier
+
+    g = torch.Generator().manual_seed(11)
+    heldout = torch.randint(0, min(lm.vocab_size, 2000), (24, 32), generator=g)
+    f = next(f for f, x in dashboards.items() if x["top_examples"])
+    top_ids = {e["max_token_id"] for e in dashboards[f]["top_examples"]}
+    # two words of the held-out text that are not where the feature fires most
+    cands = [int(t) for t in heldout[:, 10:].flatten().tolist() if int(t) not in top_ids]
+    w1, s1 = _single(lm, cands, space=False)
+    w2, s2 = _single(lm, [c for c in cands if c != w1 and lm.tokenizer.decode([c]).strip() != s1.strip()], space=False)
+    for i, w in enumerate((w1, w2) * 8):  # both words occur 8 times in the held-out text
+        heldout[i, 12 + i % 5] = w
+    cfg = VerifyConfig(n_contexts=12, context_len=8, n_random=64, min_natural=1)
+    v = LabelVerifier(lm, dictionary, heldout, cfg)
+
+    def spelled(word):  # the single tokens that spell a word as written or with a leading space
+        out = set()
+        for text in (word, " " + word.strip()):
+            ids = lm.tokenizer(text, add_special_tokens=False)["input_ids"]
+            if len(ids) == 1:
+                out.add(int(ids[0]))
+        return out
+
+    res = v.verify(f, f"{json.dumps(s1)} / {json.dumps(s2)} → promotes \" the\"")
+    act = res["activation_test"]
+    assert res["prediction"]["words"] == [s1, s2]
+    assert act["n_contexts"] == 12 and act["n_natural"] == 12
+    for w, p, natural in act["contexts"]:
+        assert natural == 1 and int(heldout[w, p]) in spelled(s1) | spelled(s2)
+    assert {int(heldout[w, p]) for w, p, _ in act["contexts"]} >= {w1, w2}  # both words are tested
+    # another label, other contexts: they follow the words
+    res2 = v.verify(f, json.dumps(s1))
+    assert all(int(heldout[w, p]) in spelled(s1) for w, p, _ in res2["activation_test"]["contexts"])
+    ctx, last, where = v.contexts(v.key_sequences(parse_label(json.dumps(s1))), torch.Generator())
+    ctrl = v.control_tokens(sorted({int(x) for x in last.tolist()}), last, torch.Generator())
+    assert not set(ctrl.tolist()) & spelled(s1)
+    for row, (w, p, _) in zip(ctx, where, strict=True):  # the context is the held-out text up to the word
+        assert row[-cfg.context_len :].tolist() == heldout[w, p - cfg.context_len + 1 : p + 1].tolist()
+
+
+def test_label_text_parsing():
+    from sparsetrace.interpret.predictions import parse_label
+
+    p = parse_label('" Mary" / " John" (names) after " there was" → promotes " she" / " her"')
+    assert (p.words, p.context, p.category, p.promoted) == ([" Mary", " John"], " there was", "names", [" she", " her"])
+    p = parse_label('"\\n" (line breaks) → promotes "The"')
+    assert p.words == ["\n"] and p.promoted == ["The"] and p.category == "line breaks"
+    p = parse_label("fires on punctuation, predicts \"and\"")
+    assert p.words == [] and p.category == "punctuation" and p.promoted == ["and"] and p.source == "category"
+    assert parse_label("dead feature (never fired)").source == "none"
+    assert parse_label('the word "promotes" → promotes "x"').words == ["promotes"]
 
 
 def test_steered_logits_and_labels(lm, dictionary, windows, dashboards):
-    from sparsetrace.interpret.dashboards import add_steered_logits
+    from sparsetrace.interpret.steered import add_steered_logits
 
     live = [f for f, d in dashboards.items() if d["top_examples"]][:2]
     sub = {f: json.loads(json.dumps(dashboards[f])) for f in live}
@@ -380,3 +443,96 @@ def test_align_quantile_buckets(dictionary):
     assert [b["label"] for b in buckets][0] == "dead" and buckets[0]["n"] == 8
     assert len(buckets) == 5 and sum(b["n"] for b in buckets) == N_FEAT
     assert all(abs(b["n"] - (N_FEAT - 8) / 4) <= 1 for b in buckets[1:])
+
+
+# ------------------------------------------------------------------------------------------ explain CLI
+def _cli(capsys, *args):
+    import sys
+
+    from sparsetrace import cli as cli_mod
+
+    old = sys.argv
+    sys.argv = ["sparsetrace", *map(str, args)]
+    code = 0
+    try:
+        cli_mod.main()
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else 1
+    finally:
+        sys.argv = old
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+@pytest.fixture(scope="module")
+def small_run(tmp_path_factory, lm):
+    from sparsetrace.train.config import TrainConfig
+    from sparsetrace.train.pipeline import run_training
+
+    root = tmp_path_factory.mktemp("explain_run")
+    base = ["Once upon a time there was a little fox who lived in the woods near a river.",
+            "Mary and John went to the store. John gave a drink to Mary because she was thirsty.",
+            "In 1732 the war began, and it lasted until the year 1748 when peace returned."]
+    (root / "corpus.txt").write_text("\n\n".join(f"{t} Story number {i}. " * 3 for i in range(60) for t in base))
+    cfg = TrainConfig(model="tiny-llama", layers=[1], kind="transcoder", corpus=str(root / "corpus.txt"), context=32,
+                      n_tokens=3000, epochs=2.0, batch_size=128, expansion=4, target_l0=8.0, seed=0)
+    run_training(cfg, root / "run", lm=lm, progress=False, cache_dir=root / "cache")
+    return root / "run"
+
+
+def test_explain_writes_labels_from_one_part_and_verifies_on_another(small_run, capsys, lm):
+    """(a) The windows the verdicts are tested on are disjoint from the windows the labels were written
+    from, and the JSON says which were used; dashboards carry the dictionary's sha256."""
+    from safetensors.torch import load_file
+
+    from sparsetrace.interpret.explain_job import corpus_windows
+    from sparsetrace.util.hashing import sha256_file
+
+    code, stdout, err = _cli(capsys, "explain", small_run, "--layer", "1", "--features", "random:4",
+                             "--n-tokens", "2000", "--overwrite")
+    assert code == 0, err
+    folder = small_run / "features" / "L01"
+    summary = json.loads((folder / "summary.json").read_text())
+    split = summary["label_windows"]
+    assert split["shared_windows"] == 0
+    assert split["writing"]["n_windows"] >= 2 and split["verification"]["n_windows"] >= 1
+    assert "held-out" in split["verification"]["source"]
+    sha = sha256_file(small_run / "L01_transcoder" / "weights.safetensors")
+    assert summary["dictionary_sha256"] == sha
+    heldout = load_file(str(small_run / "heldout_tokens.safetensors"))["tokens"]
+    # the writing windows, rebuilt as explain builds them: the corpus's windows outside the held-out ones
+    writing = corpus_windows(lm, small_run, None, 2000, 32, heldout)
+    assert len(writing) == split["writing"]["n_windows"]
+    writing_rows = {tuple(r) for r in writing.tolist()}
+    used = set()
+    for e in json.loads((folder / "index.json").read_text()):
+        dash = json.loads((folder / f"f{e['feature']}.json").read_text())
+        assert dash["dictionary_sha256"] == sha
+        assert dash["verification"]["windows"]["verification"] == split["verification"]["source"]
+        assert all(0 <= ex["window"] < len(writing) for ex in dash["top_examples"])  # written from these
+        for w, p, _natural in dash["verification"]["activation_test"].get("contexts", []):
+            used.add(w)
+            assert 16 <= p < heldout.shape[1]
+    assert used, "no feature was tested on held-out contexts"
+    assert not {tuple(heldout[w].tolist()) for w in used} & writing_rows
+
+
+def test_explain_labeler_option(small_run, tmp_path, capsys, lm):
+    """`--labeler local:PATH` runs a transformers model folder (a tiny model saved here: its labels are
+    nonsense, the plumbing is what is checked); bad values give one error line before any work."""
+    folder = tmp_path / "tiny-labeler"
+    lm.model.save_pretrained(folder)
+    lm.tokenizer.save_pretrained(folder)
+    code, stdout, err = _cli(capsys, "explain", small_run, "--layer", "1", "--features", "random:2",
+                             "--n-tokens", "2000", "--labeler", f"local:{folder}", "--overwrite")
+    assert code == 0, err
+    summary = json.loads((small_run / "features" / "L01" / "summary.json").read_text())
+    assert summary["labeler"].startswith("transformers:") and summary["verdicts"]["n"] == 2
+    labels = json.loads((small_run / "features" / "labels.json").read_text())
+    assert any(k.endswith(summary["labeler"]) for k in labels)
+    for bad, expect in [("gpt", "--labeler 'gpt' is unknown"), (f"local:{tmp_path / 'nope'}", "does not exist"),
+                        (f"local:{tmp_path}", "no config.json"), ("openai:ftp://x", "not an http(s) URL"),
+                        ("builtin:x", "--labeler 'builtin:x'")]:
+        code, stdout, err = _cli(capsys, "explain", small_run, "--layer", "1", "--labeler", bad)
+        lines = [x for x in err.strip().splitlines() if not x.startswith("[sparsetrace]")]
+        assert code != 0 and len(lines) == 1 and lines[0].startswith("error: ") and expect in lines[0], err

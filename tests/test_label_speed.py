@@ -6,27 +6,27 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import copy  # noqa: E402
+import json  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from sparsetrace.dictionary.model import DictionaryConfig, SparseDictionary  # noqa: E402
-from sparsetrace.interpret import dashboards as dash_mod  # noqa: E402
-from sparsetrace.interpret.dashboards import (  # noqa: E402
+from sparsetrace.interpret.dashboards import compute_dashboards  # noqa: E402
+from sparsetrace.interpret.labels import Label, label_features  # noqa: E402
+from sparsetrace.interpret.steered import add_steered_logits  # noqa: E402
+from sparsetrace.interpret.verify_labels import LabelVerifier, VerifyConfig, verify_labels  # noqa: E402
+from sparsetrace.intervene.steering import clean_and_steered, steer_last  # noqa: E402
+from sparsetrace.model import prefix_cache as dash_mod  # noqa: E402
+from sparsetrace.model.adapter import LanguageModel  # noqa: E402
+from sparsetrace.model.hookpoints import HOOKPOINTS, Hookpoint  # noqa: E402
+from sparsetrace.model.prefix_cache import (  # noqa: E402
     PrefixCache,
     PrefixError,
-    add_steered_logits,
-    clean_and_steered,
-    compute_dashboards,
     harvest,
     last_logits,
     run_sharing_prefix,
-    steer_last,
 )
-from sparsetrace.interpret.labels import Label, label_features  # noqa: E402
-from sparsetrace.interpret.verify_labels import LabelVerifier, VerifyConfig, verify_labels  # noqa: E402
-from sparsetrace.model.adapter import LanguageModel  # noqa: E402
-from sparsetrace.model.hookpoints import HOOKPOINTS, Hookpoint  # noqa: E402
 
 MODELS = ["tiny-llama", "tiny-gpt2"]
 N_FEAT = 64
@@ -183,9 +183,10 @@ def test_verify_labels_fast_path_equals_full_forwards(setup):
     # the scale taken from the key activations (no max_act) and a label with a context n-gram
     v_fast = LabelVerifier(lm, d, heldout, cfg)
     v_slow = LabelVerifier(lm, d, heldout, cfg, use_cache=False)
-    key = int(heldout[0, 12])
-    lab = Label(text="t", labeler="test", key_token_ids=[key], promoted_ids=[int(heldout[1, 3])],
-                context=[lm.tokenizer.decode([int(heldout[0, 11])])])
+    dec = lm.tokenizer.decode
+    # a label whose text names a held-out word, the word before it and an output (the verifier reads text)
+    lab = Label(text=f"{json.dumps(dec([int(heldout[0, 12])]))} after {json.dumps(dec([int(heldout[0, 11])]))} "
+                     f"→ promotes {json.dumps(dec([int(heldout[1, 3])]))}", labeler="test")
     for f in feats[:2]:
         _assert_same(v_slow.verify(f, labels[f]), v_fast.verify(f, labels[f]))
         _assert_same(v_slow.verify(f, lab), v_fast.verify(f, lab))

@@ -208,23 +208,28 @@ def explain(
     verify: bool = typer.Option(True, "--verify/--no-verify", help="Causally verify each label."),
     promoted: str = typer.Option("steered", help="Labels' promoted outputs: steered (measured by steering on the "
                                  "top examples) | direct (decoder row through the unembedding)."),
+    labeler: str = typer.Option("builtin", help="Who writes the labels: builtin | local:PATH (a transformers model "
+                                "folder) | openai:URL[#MODEL] (an OpenAI-compatible server; key from OPENAI_API_KEY)."),
     seed: int = typer.Option(0),
     model: str = typer.Option(None),
     device: str = typer.Option("cpu"),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace the layer's earlier dashboards "
                                    "(RUN/features/LNN, refused otherwise)."),
 ) -> None:
-    """Feature dashboards, built-in labels and a causal verdict for each label."""
+    """Feature dashboards, labels, and a causal verdict for each label (tested on held-out windows)."""
     from .interpret.explain_job import explain_layer, find_layer_dictionary, format_explain
 
     if promoted not in ("steered", "direct"):
         raise ConfigError(f"--promoted '{promoted}' is unknown; expected steered or direct")
+    from .interpret.llm_labelers import make_labeler
+
+    make_labeler(labeler, promoted=promoted)  # a bad --labeler fails before the model loads
     folder = find_layer_dictionary(run_dir, layer)
     feats = run_dir / "features" / f"L{layer:02d}"
     _clear_or_refuse([feats / "summary.json", feats / "index.json"], overwrite, folder=feats)
     lm, _ = _dictionaries_and_model([folder], model, device)
-    summary = explain_layer(lm, run_dir, layer, features, n_tokens=n_tokens, corpus=_corpus_spec(corpus, encoding), verify=verify,
-                            promoted=promoted, seed=seed, progress=_progress(), log=_say)
+    summary = explain_layer(lm, run_dir, layer, features, n_tokens=n_tokens, corpus=_corpus_spec(corpus, encoding),
+                            verify=verify, promoted=promoted, seed=seed, labeler=labeler, progress=_progress(), log=_say)
     typer.echo(format_explain(summary))
     typer.echo(f"written: {run_dir}/features/L{layer:02d}/")
 

@@ -33,10 +33,12 @@ from ..model.norms import norm_info
 
 __all__ = [
     "estimate_norm_scales",
+    "deembedding_matrix",
     "feature_input_tokens",
     "feature_logit_effects",
     "find_upstream_features",
     "head_ov",
+    "logit_effect_matrix",
     "norm_linear",
     "ov_readers",
     "ov_virtual_weights",
@@ -262,14 +264,41 @@ def feature_logit_effects(lm: LanguageModel, dictionary: SparseDictionary, featu
                           *, return_scores: bool = False):
     """Direct logit effects of ``feature``: ``W_U @ (gamma_final * centre(W_dec[f]))`` (final norm's
     weight, not its scale). Returns ``{"top": [(token, effect)] promoted, "bottom": [...] suppressed}``."""
-    v = dictionary.W_dec.detach()[feature].float()
-    gamma, centred = norm_linear(lm, None, "final")
-    if centred:
-        v = v - v.mean()
-    v = v * gamma.to(v.device)
-    W_U = lm.arch.unembed.weight.detach().float()
-    scores = W_U @ v.to(W_U.device)
+    scores = logit_effect_matrix(lm, dictionary.W_dec.detach()[feature][None])[0]
     out = {"top": _top(lm, scores, k), "bottom": _top(lm, scores, k, largest=False)}
     if return_scores:
         out["scores"] = scores
     return out
+
+
+@torch.no_grad()
+def logit_effect_matrix(lm: LanguageModel, rows: Tensor) -> Tensor:
+    """Direct logit effects ``[n, vocab]`` of residual-stream directions ``rows`` ``[n, d]`` (e.g. decoder
+    rows): through the final norm's weight (and centring), not its scale, and the unembedding."""
+    gamma, centred = norm_linear(lm, None, "final")
+    W_U = lm.arch.unembed.weight.detach().float()
+    v = rows.detach().float().to(W_U.device)
+    if centred:
+        v = v - v.mean(-1, keepdim=True)
+    return (v * gamma.to(v.device)) @ W_U.t()
+
+
+@torch.no_grad()
+def deembedding_matrix(lm: LanguageModel, dictionary: SparseDictionary, features, *,
+                       per_token_scale: bool = True) -> Tensor:
+    """De-embedding of several features ``[k, vocab]``: ``W_E[v] . N^T W_enc[f]`` as in
+    :func:`feature_input_tokens`; with ``per_token_scale`` each token's embedding is also divided by its
+    own RMS (after centring for LayerNorm), as the norm in front of a transcoder would (residual SAEs
+    read the raw stream: no scaling)."""
+    idx, _ = _as_index(features)
+    W_E = lm.arch.embed.weight.detach().float()
+    u = dictionary.W_enc.detach()[idx].float().to(W_E.device)
+    if dictionary.cfg.kind == "sae":
+        return u @ W_E.t()
+    info = norm_info(lm, dictionary.cfg.layer, "mlp")
+    u = _norm_T(u, info.gamma.to(u.device), info.centred, 1.0)
+    scores = u @ W_E.t()
+    if per_token_scale and info.module is not None:
+        E = W_E - W_E.mean(-1, keepdim=True) if info.centred else W_E
+        scores = scores * torch.rsqrt(E.pow(2).mean(-1) + info.eps)
+    return scores

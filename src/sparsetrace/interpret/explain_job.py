@@ -78,8 +78,10 @@ def _layer_of(folder: Path) -> int | None:
 
 
 def corpus_windows(lm, run_dir: Path, corpus: str | None, n_tokens: int, context: int,
-                   heldout: Tensor | None) -> Tensor:
-    """Token windows for dashboards: the run's corpus (or ``corpus``), without its held-out windows."""
+                   heldout: Tensor | None, *, with_index: bool = False):
+    """Token windows for dashboards: the run's corpus (or ``corpus``), without its held-out windows.
+    ``with_index``: also the stream index of each window (its place among the corpus's consecutive
+    windows) and the stream indices at which held-out windows were met."""
     from ..data.corpus import load_texts
     from ..data.tokens import tokenize_windows
 
@@ -91,11 +93,39 @@ def corpus_windows(lm, run_dir: Path, corpus: str | None, n_tokens: int, context
     n_windows = max(1, n_tokens // context)
     extra = len(heldout) if heldout is not None else 0
     windows = tokenize_windows(lm.tokenizer, load_texts(corpus), context, max_windows=n_windows + extra)
+    index = list(range(len(windows)))
+    met: list[int] = []
     if heldout is not None and heldout.shape[1] == windows.shape[1]:
         held = {tuple(r) for r in heldout.tolist()}
-        keep = [i for i, r in enumerate(windows.tolist()) if tuple(r) not in held]
-        windows = windows[keep]
+        rows = [tuple(r) for r in windows.tolist()]
+        index = [i for i, r in enumerate(rows) if r not in held]
+        met = [i for i, r in enumerate(rows) if r in held]
+        windows = windows[index]
+    if with_index:
+        return windows[:n_windows], index[:n_windows], met
     return windows[:n_windows]
+
+
+def _ranges(idx: list[int]) -> list[list[int]]:
+    """Sorted integers as half-open ranges ``[[start, end), ...]``."""
+    out: list[list[int]] = []
+    for i in sorted(idx):
+        if out and out[-1][1] == i:
+            out[-1][1] = i + 1
+        else:
+            out.append([i, i + 1])
+    return out
+
+
+def _windows_record(source: str, windows: Tensor, stream_index: list[int] | None) -> dict:
+    """Which windows of the corpus's token stream a part uses: counts, window and token ranges."""
+    n, ctx = int(windows.shape[0]), int(windows.shape[1])
+    rec: dict = {"source": source, "n_windows": n, "n_tokens": n * ctx, "context": ctx}
+    if stream_index is not None:
+        wr = _ranges(stream_index)
+        rec["stream_window_ranges"] = wr
+        rec["stream_token_ranges"] = [[a * ctx, b * ctx] for a, b in wr]
+    return rec
 
 
 def explain_layer(
@@ -111,21 +141,32 @@ def explain_layer(
     promoted: str = "steered",
     extra: list[int] | tuple[int, ...] = (),
     seed: int = 0,
+    labeler: str = "builtin",
     progress: bool = True,
     log: Callable[[str], None] | None = None,
 ) -> dict:
     """Dashboards + built-in labels + causal verdicts for features of one layer; returns the summary.
 
     ``extra``: features explained in addition to the selection (e.g. a circuit's); the summary's
-    ``verdicts`` cover the selection only, ``extra_verdicts`` these."""
+    ``verdicts`` cover the selection only, ``extra_verdicts`` these. ``labeler``: ``builtin``,
+    ``local:PATH`` or ``openai:URL[#MODEL]`` (see :func:`~.llm_labelers.make_labeler`).
+
+    Labels are written from the dashboard windows (corpus windows outside the run's held-out set) and
+    verified on the run's held-out windows (without them: the last tenth of the corpus windows); the
+    summary and every dashboard record both (``label_windows``)."""
     from ..evaluate.job import heldout_windows
-    from .dashboards import add_steered_logits, compute_dashboards, write_dashboards
-    from .labels import BuiltinLabeler, LabelCache, dictionary_sha, label_features
+    from ..util.hashing import sha256_file
+    from .dashboards import compute_dashboards
+    from .labels import LabelCache, dictionary_sha, label_features
+    from .llm_labelers import make_labeler
+    from .steered import add_steered_logits
     from .verify_labels import VerifyConfig, summarize_verdicts, verify_labels
+    from .writer import write_dashboards
 
     say = log or (lambda _m: None)
     if promoted not in ("steered", "direct"):
         raise ConfigError(f"--promoted '{promoted}' is unknown; expected steered or direct")
+    labeler_obj = make_labeler(labeler, promoted=promoted, device=str(lm.device))
     run_dir = Path(run_dir)
     folder = find_layer_dictionary(run_dir, layer)
     d = load_dictionary(folder, device=lm.device)
@@ -139,13 +180,32 @@ def explain_layer(
             heldout = heldout_windows(run_dir, lm, None, n_windows=10_000, context=context)
         except DataError:
             heldout = None
-    windows = corpus_windows(lm, run_dir, corpus, n_tokens, context, heldout)
+    if heldout is not None and heldout.shape[1] != context:
+        # the run's held-out windows can only be left out of windows of their own width
+        say(f"dashboard windows of {heldout.shape[1]} tokens (the run's held-out window width), not {context}")
+        context = int(heldout.shape[1])
+    windows, stream_index, held_met = corpus_windows(lm, run_dir, corpus, n_tokens, context, heldout,
+                                                     with_index=True)
     if len(windows) < 2:
         raise DataError(f"the corpus gives {len(windows)} window(s) of {context} tokens outside the run's held-out "
                         f"text; expected at least 2 (pass --corpus with more text)")
+    corpus_name = corpus or "the run's corpus"
     if heldout is None:  # no held-out windows recorded: hold out the last 10% of the corpus windows
         cut = max(1, len(windows) // 10)
         windows, heldout = windows[:-cut], windows[-cut:]
+        write_index, verify_index = stream_index[:-cut], stream_index[-cut:]
+        verify_rec = _windows_record(f"{corpus_name}: the last tenth of the windows", heldout, verify_index)
+    else:
+        write_index = stream_index
+        verify_rec = _windows_record("the run's held-out windows (heldout_tokens.safetensors)", heldout, None)
+        verify_rec["met_in_writing_stream"] = {"n": len(held_met), "stream_window_ranges": _ranges(held_met)}
+    split = {
+        "writing": _windows_record(f"{corpus_name}: dashboard windows (top examples, steering of the top examples)",
+                                   windows, write_index),
+        "verification": verify_rec,
+        "shared_windows": len(set(map(tuple, windows.tolist())) & set(map(tuple, heldout.tolist()))),
+    }
+    dict_sha256 = sha256_file(folder / "weights.safetensors") if (folder / "weights.safetensors").is_file() else None
     # a random live sample: twice as many candidates as wanted in one pass, topped up if too many were dead
     todo = candidates if n_live is None else candidates[: 2 * n_live]
     rest = [] if n_live is None else candidates[2 * n_live :]
@@ -175,8 +235,7 @@ def explain_layer(
         add_steered_logits(lm, d, keep, windows, chosen_all)
         say(f"measured steering effects of {len(chosen_all)} features in {time.perf_counter() - t1:.0f} s")
     cache = LabelCache(run_dir / "features" / "labels.json")
-    labels = label_features({f: keep[f] for f in chosen_all}, BuiltinLabeler(promoted_from=promoted), cache=cache,
-                            dict_sha=dictionary_sha(d))
+    labels = label_features({f: keep[f] for f in chosen_all}, labeler_obj, cache=cache, dict_sha=dictionary_sha(d))
     for f in keep:
         if f not in labels:
             keep[f]["label"] = "dead (never fired on the corpus)"
@@ -186,10 +245,13 @@ def explain_layer(
         t1 = time.perf_counter()
         vbar = _bar(progress, len(chosen_all), f"verifying labels L{layer}")
         results = verify_labels(lm, d, keep, labels, heldout, cfg=VerifyConfig(seed=seed), features=chosen_all,
-                                progress=vbar)
+                                progress=vbar, split={k: split[k]["source"] for k in ("writing", "verification")})
         if hasattr(vbar, "close"):
             vbar.close()
         verify_s = time.perf_counter() - t1
+    for dash in keep.values():
+        dash["dictionary_sha256"] = dict_sha256
+        dash["label_windows"] = {k: split[k]["source"] for k in ("writing", "verification")}
     write_dashboards(run_dir, layer, keep)
     summary = {
         "layer": layer,
@@ -204,7 +266,9 @@ def explain_layer(
         "extra_features": extra,
         "extra_verdicts": summarize_verdicts({f: results[f] for f in extra if f in results}) if extra and results
         else None,
-        "labeler": BuiltinLabeler(promoted_from=promoted).id,
+        "labeler": labeler_obj.id,
+        "dictionary_sha256": dict_sha256,
+        "label_windows": split,
     }
     atomic_write_text(run_dir / "features" / f"L{layer:02d}" / "summary.json", json.dumps(summary, indent=1) + "\n")
     return summary
@@ -271,7 +335,7 @@ def align_runs(run1: str | Path, run2: str | Path, *, layer: int | None = None, 
 
 def feature_densities(lm, dictionary, windows: Tensor, batch_windows: int = 16) -> Tensor:
     """Firing frequency of every feature of ``dictionary`` over token windows (BOS excluded)."""
-    from .dashboards import harvest
+    from ..model.prefix_cache import harvest
 
     hp_name, layer = dictionary.cfg.hookpoint_in, dictionary.cfg.layer
     from ..model.hookpoints import Hookpoint

@@ -1,28 +1,35 @@
-"""Causal verification of feature labels.
+"""Causal verification of feature labels, from the label's text alone, on contexts that did not write it.
 
-A label makes two testable predictions:
+The verifier never sees the dashboard the label was written from: it reads the label's *text*
+(:func:`~.predictions.parse_label`: the words it quotes, the context it names, the kind of token it names,
+the outputs it says the feature promotes) and tests those claims on held-out token windows that the
+caller keeps disjoint from the label-writing windows (``explain`` records both).
 
-(a) **activation test**: held-out contexts that end in one of the label's key tokens (preceded by
-    the label's context n-gram, when it names one) activate the feature (at that last token) more than the *same* contexts with the key token swapped for a
+(a) **activation test**: held-out contexts that end in one of the label's words (each spelled as written,
+    and with a leading space when that is one token; up to 3 tokens; preceded by the label's context when it names one; when the
+    label quotes no word, the most frequent held-out tokens of the category it names) activate the
+    feature (at that last token) more than the *same* contexts with the last token swapped for a
     frequency-matched other token (chosen, with a seeded generator, among the ``n_freq_neighbors``
     tokens of nearest held-out frequency that are not a case/space variant of a key token). Contexts
     are natural occurrences in held-out windows; when there are fewer than ``min_natural``, the rest
-    are made by writing the context and key token into random held-out positions. Passed
-    when a one-sided Mann–Whitney U test gives ``p < alpha`` and the rank-biserial effect size is at
-    least ``min_effect``.
+    are made by writing the word into random held-out positions. Passed when a one-sided Mann–Whitney U
+    test gives ``p < alpha`` and the rank-biserial effect size is at least ``min_effect``.
 
-(b) **intervention test**: adding ``steer_scale × max_act × W_dec[f]`` to the dictionary's output
-    hookpoint at the last position of those contexts (the real model runs on; nothing is replaced)
-    should raise the logits of the label's promoted tokens more than those of random tokens. The
-    promoted tokens' logit change, averaged over contexts, is ranked among the same average for
-    ``n_random`` random tokens (``percentile``; ``empirical_p`` = (1 + #random ≥ it) / (1 + n_random)),
-    and per context its excess over the random tokens' mean is tested for consistency. Passed when the
-    percentile is at least ``min_percentile`` (default 0.99, i.e. a ~1% false-positive rate for an
-    arbitrary token), the mean change is positive, and a one-sided Wilcoxon signed-rank test of the
-    per-context excess gives ``p < alpha``.
+(b) **output (steering) test**: adding ``steer_scale × max_act × W_dec[f]`` to the dictionary's output
+    hookpoint at the last position of those held-out contexts (the real model runs on; nothing is
+    replaced) should raise the logits of the tokens the label *says* it promotes (the first token of
+    each promoted word as written, and the word with a leading space when that is one token) more than those of random tokens. The
+    ranking is measured afresh on the held-out contexts; the ranking that wrote the label (steering on
+    the top examples of the writing windows, or the direct logit effects) is never read. The promoted
+    tokens' logit change, averaged over contexts, is ranked among the same average for ``n_random``
+    random tokens (``percentile``; ``empirical_p`` = (1 + #random ≥ it) / (1 + n_random)), and per
+    context its excess over the random tokens' mean is tested for consistency. Passed when the
+    percentile is at least ``min_percentile``, the mean change is positive, and a one-sided Wilcoxon
+    signed-rank test of the per-context excess gives ``p < alpha``.
 
-Verdicts: ``verified`` (both pass), ``associative`` (activation passes, intervention fails), ``failed``
-(activation fails).
+Verdicts: ``verified`` (both pass), ``associative`` (activation passes, output fails), ``failed``
+(activation fails). Each result records the parsed prediction and the held-out (window, position) of
+every context used.
 """
 
 from __future__ import annotations
@@ -35,17 +42,12 @@ from scipy import stats
 from torch import Tensor
 
 from ..errors import DataError
+from ..intervene.steering import clean_and_steered, steer_last
 from ..model.hookpoints import Hookpoint
-from .dashboards import (
-    PrefixCache,
-    clean_and_steered,
-    encode_subset,
-    harvest,
-    last_logits,
-    run_sharing_prefix,
-    steer_last,
-)
-from .labels import Label
+from ..model.prefix_cache import PrefixCache, harvest, last_logits, run_sharing_prefix
+from .dashboards import encode_subset
+from .labels import Label, _category
+from .predictions import Prediction, parse_label, promoted_token_ids, word_token_sequences
 
 VERDICTS = ("verified", "associative", "failed")
 
@@ -62,6 +64,7 @@ class VerifyConfig:
     n_random: int = 1000
     min_percentile: float = 0.99
     n_freq_neighbors: int = 20
+    max_category_tokens: int = 50
     seed: int = 0
 
 
@@ -110,60 +113,79 @@ class LabelVerifier:
             self._text[i] = self.lm.tokenizer.decode([i])
         return self._text[i]
 
-    def contexts(
-        self, key_ids: list[int], gen: torch.Generator, prefix: list[int] | None = None
-    ) -> tuple[Tensor, Tensor, int]:
-        """Contexts [n, L(+1)] ending in a key token (preceded by ``prefix`` when given), the key id of
-        each, and how many are natural occurrences (the rest have the tokens written in)."""
+    def contexts(self, keys: list[tuple[int, ...]], gen: torch.Generator) -> tuple[Tensor, Tensor, list[list[int]]]:
+        """Contexts [n, L(+1)] ending in one of the token sequences ``keys``, the last token of each, and
+        where each came from: ``[held-out window, end position, natural (1) or written in (0)]``."""
         cfg = self.cfg
         L = cfg.context_len
-        prefix = list(prefix or [])
-        if len(prefix) >= L:
-            prefix = prefix[-(L - 1) :]
+        T = self.heldout.shape[1]
         body = self.heldout[:, L:]  # candidate end positions p >= L (never the BOS slot)
         per_key = []
-        for k in key_ids:
-            hit = body == k
-            for j, c in enumerate(reversed(prefix)):
-                hit &= self.heldout[:, L - 1 - j : self.heldout.shape[1] - 1 - j] == c
+        for seq in keys:
+            hit = body == seq[-1]
+            for j, c in enumerate(reversed(seq[:-1])):
+                hit &= self.heldout[:, L - 1 - j : T - 1 - j] == c
             w, p = hit.nonzero(as_tuple=True)
             perm = torch.randperm(w.numel(), generator=gen)
             per_key.append(list(zip(w[perm].tolist(), (p[perm] + L).tolist(), strict=True)))
-        chosen: list[tuple[int, int, int]] = []
+        chosen: list[tuple[int, int, int, int]] = []  # (window, end, key index, natural)
         j = 0
         while len(chosen) < cfg.n_contexts and any(j < len(x) for x in per_key):
-            for k, occ in zip(key_ids, per_key, strict=True):
+            for k, occ in enumerate(per_key):
                 if j < len(occ) and len(chosen) < cfg.n_contexts:
-                    chosen.append((*occ[j], k))
+                    chosen.append((*occ[j], k, 1))
             j += 1
-        n_natural = len(chosen)
-        if n_natural < cfg.min_natural:
-            n_fill = cfg.n_contexts - n_natural
+        if len(chosen) < cfg.min_natural:
+            n_fill = cfg.n_contexts - len(chosen)
             ws = torch.randint(0, self.heldout.shape[0], (n_fill,), generator=gen).tolist()
-            ps = torch.randint(L, self.heldout.shape[1], (n_fill,), generator=gen).tolist()
+            ps = torch.randint(L, T, (n_fill,), generator=gen).tolist()
             for i, (w, p) in enumerate(zip(ws, ps, strict=True)):
-                chosen.append((w, p, key_ids[i % len(key_ids)]))
-        rows = []
-        keys = []
-        for w, p, k in chosen:
+                chosen.append((w, p, i % len(keys), 0))
+        rows, last, where = [], [], []
+        for w, p, k, natural in chosen:
             ctx = self.heldout[w, p - L + 1 : p + 1].clone()
-            ctx[-1] = k
-            if prefix:
-                ctx[-1 - len(prefix) : -1] = torch.tensor(prefix)
+            seq = keys[k]
+            ctx[L - len(seq) :] = torch.tensor(seq)
             if self.bos is not None:
                 ctx = torch.cat([torch.tensor([self.bos]), ctx])
             rows.append(ctx)
-            keys.append(k)
-        return torch.stack(rows), torch.tensor(keys), n_natural
+            last.append(seq[-1])
+            where.append([int(w), int(p), int(natural)])
+        return torch.stack(rows), torch.tensor(last), where
 
-    def single_ids(self, tokens: list[str]) -> list[int] | None:
-        """Token ids of strings that are one token each (None if any is not)."""
+    def key_sequences(self, pred: Prediction) -> list[tuple[int, ...]]:
+        """Token sequences the activation test's contexts end in, from the label's text alone."""
+        tok = self.lm.tokenizer
+        L = self.cfg.context_len
+        ctx = [int(i) for i in tok(pred.context, add_special_tokens=False)["input_ids"]] if pred.context else []
+        ctx = [t for t in ctx if t not in self.special]  # e.g. "after <BOS>": the start of a window
+        if not self.cfg.use_context:
+            ctx = []
+        if pred.words:
+            words = [s for w in pred.words for s in word_token_sequences(tok, w)]
+        elif pred.category:
+            words = [(t,) for t in self._category_tokens(pred.category)]
+        else:
+            words = []
+        out: list[tuple[int, ...]] = []
+        for seq in words:
+            room = max(0, L - len(seq))  # the context is cut from the left to fit the window
+            full = tuple(ctx[len(ctx) - min(room, len(ctx)) :] + list(seq))
+            if len(full) > L:
+                continue
+            if all(0 <= t < self.vocab and t not in self.special for t in full) and full not in out:
+                out.append(full)
+        return out
+
+    def _category_tokens(self, category: str) -> list[int]:
+        """The most frequent held-out tokens of a category the label names (``max_category_tokens``)."""
+        by_count = self.pool.flip(0).tolist()  # pool is sorted by held-out count, ascending
         out = []
-        for tok in tokens:
-            ids = self.lm.tokenizer(tok, add_special_tokens=False)["input_ids"]
-            if len(ids) != 1:
-                return None
-            out.append(int(ids[0]))
+        for t in by_count:
+            if _category([self._str(t)]) == category:
+                out.append(int(t))
+                if len(out) >= self.cfg.max_category_tokens:
+                    break
         return out
 
     def control_tokens(self, key_ids: list[int], keys: Tensor, gen: torch.Generator) -> Tensor:
@@ -193,25 +215,39 @@ class LabelVerifier:
 
     # ------------------------------------------------------------------ tests
     @torch.no_grad()
-    def verify(self, feature: int, label: Label, *, max_act: float | None = None) -> dict:
+    def verify(self, feature: int, label: Label | str, *, max_act: float | None = None) -> dict:
+        """Test the claims of ``label``'s text (a :class:`Label` or the text itself) for ``feature``.
+        ``max_act``: the steering magnitude (a typical activation of the feature; else the largest
+        activation on the key contexts, at least 1)."""
         cfg = self.cfg
         gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + int(feature))
-        key_ids = [int(k) for k in label.key_token_ids if 0 <= int(k) < self.vocab]
-        if not key_ids:  # labels without ids: key strings that are single tokens
-            key_ids = [i for t in label.key_tokens for i in (self.single_ids([t]) or [])]
-        result: dict = {"feature": int(feature), "label": label.text, "labeler": label.labeler}
-        if not key_ids:
+        text = label.text if isinstance(label, Label) else str(label)
+        pred = parse_label(text)
+        keys = self.key_sequences(pred)
+        prom = [t for t in promoted_token_ids(self.lm.tokenizer, pred.promoted) if 0 <= t < self.vocab]
+        result: dict = {
+            "feature": int(feature),
+            "label": text,
+            "labeler": label.labeler if isinstance(label, Label) else None,
+            "prediction": {
+                **pred.to_dict(),
+                "key_tokens": [self.lm.tokenizer.decode(list(k)) for k in keys][:20],
+                "promoted_tokens": [self._str(t) for t in prom],
+            },
+        }
+        if not keys:
+            why = "the label's text names no word or token kind found in the tokenizer / held-out text"
             result.update(
                 verdict="failed",
-                activation_test={"passed": False, "reason": "the label names no key tokens"},
+                activation_test={"passed": False, "reason": why},
                 intervention_test={"passed": False, "reason": "not run"},
             )
             return result
         dev = self.lm.device
-        prefix = self.single_ids(label.context) if cfg.use_context and label.context else None
-        ctx, keys, n_nat = self.contexts(key_ids, gen, prefix)
+        ctx, last, where = self.contexts(keys, gen)
+        key_ids = list(dict.fromkeys(k[-1] for k in keys))
         ctrl = ctx.clone()
-        ctrl[:, -1] = self.control_tokens(key_ids, keys, gen)
+        ctrl[:, -1] = self.control_tokens(key_ids, last, gen)
         ctx, ctrl = ctx.to(dev), ctrl.to(dev)
         a_key, a_ctrl, dlogits, scale = run_sharing_prefix(
             self.lm, ctx, lambda pc: self._forwards(pc, ctx, ctrl, feature, max_act), use_cache=self.use_cache
@@ -219,13 +255,13 @@ class LabelVerifier:
         act_test = self._activation_stats(a_key, a_ctrl)
         act_test.update(
             n_contexts=int(ctx.shape[0]),
-            n_natural=n_nat,
-            key_tokens=[self._str(k) for k in key_ids],
-            context=[self._str(c) for c in prefix] if prefix else [],
+            n_natural=sum(w[2] for w in where),
+            contexts=where,
         )
         act_test["control_tokens"] = sorted({self._str(t) for t in ctrl[:, -1].tolist()})[:10]
-        iv = self._intervention_stats(dlogits, label, gen)
-        iv["steer"] = {"hookpoint": str(self.hp_out), "scale": cfg.steer_scale * scale}
+        iv = self._intervention_stats(dlogits, prom, gen)
+        iv["steer"] = {"hookpoint": str(self.hp_out), "scale": cfg.steer_scale * scale,
+                       "scale_from": "max_act" if max_act and max_act > 0 else "key contexts"}
         act_ok, iv_ok = act_test["passed"], iv["passed"]
         result.update(
             verdict="verified" if act_ok and iv_ok else ("associative" if act_ok else "failed"),
@@ -278,11 +314,10 @@ class LabelVerifier:
             "fire_rate_control": round(float((a_ctrl > 0).float().mean()), 4),
         }
 
-    def _intervention_stats(self, dlogits: Tensor, label: Label, gen: torch.Generator) -> dict:
+    def _intervention_stats(self, dlogits: Tensor, prom: list[int], gen: torch.Generator) -> dict:
         cfg = self.cfg
-        prom = [int(t) for t in label.promoted_ids if 0 <= int(t) < dlogits.shape[1]]
         if not prom:
-            return {"passed": False, "reason": "the label names no promoted tokens"}
+            return {"passed": False, "reason": "the label's text names no promoted output"}
         excluded = torch.zeros(dlogits.shape[1], dtype=torch.bool)
         excluded[prom] = True
         for s in self.special:
@@ -328,10 +363,13 @@ def verify_labels(
     update_dashboards: bool = True,
     progress: Callable[[int, int], None] | None = None,
     use_cache: bool = True,
+    split: dict | None = None,
 ) -> dict[int, dict]:
-    """Verify ``labels`` of ``features`` (all labelled ones by default). Sets ``dashboard["verdict"]``
-    and ``dashboard["verification"]`` unless ``update_dashboards`` is False. ``use_cache=False``: full
-    forward passes instead of a shared prefix cache (see :class:`LabelVerifier`)."""
+    """Verify ``labels`` of ``features`` (all labelled ones by default) on the ``heldout`` windows, which
+    the caller keeps disjoint from the windows the labels were written from. Sets ``dashboard["verdict"]``
+    and ``dashboard["verification"]`` unless ``update_dashboards`` is False (``split``, a description of
+    the writing and verification windows, is recorded there). ``use_cache=False``: full forward passes
+    instead of a shared prefix cache (see :class:`LabelVerifier`)."""
     verifier = LabelVerifier(lm, dictionary, heldout, cfg, use_cache=use_cache)
     feats = features if features is not None else sorted(labels)
     out: dict[int, dict] = {}
@@ -343,6 +381,8 @@ def verify_labels(
             dash["verdict"] = res["verdict"]
             dash["verification"] = {k: v for k, v in res.items() if k not in ("feature", "label")}
             dash["verification"]["config"] = asdict(verifier.cfg)
+            if split is not None:
+                dash["verification"]["windows"] = split
         if progress is not None:
             progress(i + 1, len(feats))
     return out
