@@ -98,6 +98,23 @@ def test_trace_writes_graph_and_circuit(traced, tiny_llama):
     assert doc["edge_check"]["frozen"]["max_rel_err"] < 1e-2
 
 
+def test_trace_records_paths_that_exist_in_the_graph(traced):
+    """circuit.json's paths (path search on the graph) run along real graph edges into a logit node."""
+    out, doc, _ = traced
+    from sparsetrace.attribute import Graph
+
+    g = Graph.load(out / "graph.json")
+    assert doc["paths"], "trace wrote no paths"
+    src, dst, w = g.edges.numpy()
+    edge = {(int(a), int(b)): float(x) for a, b, x in zip(src, dst, w, strict=True)}
+    for p in doc["paths"]:
+        idx = [g.index[n] for n in p["nodes"]]
+        assert g.nodes[idx[-1]].kind == "logit"
+        assert p["weights"] == [pytest.approx(edge[(a, b)]) for a, b in zip(idx, idx[1:], strict=False)]
+    scores = [p["score"] for p in doc["paths"]]
+    assert scores == sorted(scores, reverse=True)
+
+
 def test_verify_whole_dictionary_is_fully_faithful(traced, tiny_llama):
     """A circuit of *every* feature: keeping it is the model (f = 1), ablating it is m(empty) (completeness 0)."""
     out, doc, dicts = traced

@@ -91,6 +91,10 @@ def trace(
         typer.echo(f"edge check ({ec['n']} strongest edges, finite differences): max rel err "
                    f"{ec['frozen']['max_rel_err']:.2e} frozen; sign agreement with live attention "
                    f"{ec.get('causal_agreement', {}).get('sign_agreement', float('nan')):.0%}")
+    if doc.get("paths"):
+        top = doc["paths"][0]
+        typer.echo(f"strongest path (of {len(doc['paths'])} in circuit.json): " + " -> ".join(top["nodes"])
+                   + f"  (linearised effect {top['effect']:+.3g})")
     sel = doc.get("selection") or {}
     typer.echo(f"circuit ({len(doc['circuit'])} features, chosen on {sel.get('split', 'the')} prompts, seed "
                f"{sel.get('seed', cfg.seed)}): " + ", ".join(doc["circuit"]))

@@ -217,6 +217,16 @@ def _prompt_ids(batch, i: int):
     return batch.clean[i : i + 1, : int(batch.last_pos[i]) + 1]
 
 
+def _top_paths(graph, say, n: int = 5) -> list[dict]:
+    """The strongest paths into the graph's likeliest target logit (greedy beam search, attribute/paths.py)."""
+    from ..attribute.paths import find_paths
+
+    if not len(graph.edges):
+        return []
+    say(f"path search: the {n} strongest paths into the target logit")
+    return [p.to_dict() for p in find_paths(graph, None, num_iters=10, num_branches=n)[:n]]
+
+
 def trace_circuit(
     lm: LanguageModel,
     dictionaries: list,
@@ -289,6 +299,7 @@ def trace_circuit(
 
         say(f"QK terms and head loadings for the {cfg.qk_edges} strongest attention-mediated edges")
         add_qk(first, n_edges=cfg.qk_edges, log=say)
+    paths = _top_paths(first, say)
     out.mkdir(parents=True, exist_ok=True)
     first.save(out / "graph.json")
     doc = {
@@ -308,6 +319,7 @@ def trace_circuit(
         "pruned_scores": first.metadata.get("pruned_scores"),
         "exactness": first.metadata.get("exactness"),
         "edge_check": check_summary,
+        "paths": paths,
         "seconds": {"graphs": round(graph_s, 2), "first_graph": first.metadata.get("timings", {}).get("total_s")},
     }
     (out / "verify.json").unlink(missing_ok=True)  # it described the circuit this one replaces
