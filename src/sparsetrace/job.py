@@ -47,8 +47,8 @@ class Preset:
 
 
 PRESETS = {
-    # <= 20 minutes on 2 CPU cores (measured 8 min 19 s, harvest + training 3.7 min of it); the same token
-    # budget as `sparsetrace train`'s default
+    # <= 20 minutes on 2 CPU cores (measured 6 min 46 s on the default mix, harvest + training 3.2 min of it);
+    # the same token budget as `sparsetrace train`'s default
     "default": Preset(layers=[3, 6], n_tokens=300_000, epochs=3.0, eval_windows=64, dashboard_features=30,
                       dashboard_tokens=40_000, circuit_prompts=24, graph_prompts=2, spearman_features=20),
     # a taste of every stage in <= 2 minutes: one layer, half the dictionary width, 1/15 of the tokens seen
