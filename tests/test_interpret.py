@@ -10,6 +10,7 @@ import threading  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from cli_runner import run_cli
 
 from sparsetrace.dictionary.model import DictionaryConfig, SparseDictionary  # noqa: E402
 from sparsetrace.interpret.align import align, write_alignment  # noqa: E402
@@ -447,21 +448,7 @@ def test_align_quantile_buckets(dictionary):
 
 # ------------------------------------------------------------------------------------------ explain CLI
 def _cli(capsys, *args):
-    import sys
-
-    from sparsetrace import cli as cli_mod
-
-    old = sys.argv
-    sys.argv = ["sparsetrace", *map(str, args)]
-    code = 0
-    try:
-        cli_mod.main()
-    except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else 1
-    finally:
-        sys.argv = old
-    out = capsys.readouterr()
-    return code, out.out, out.err
+    return run_cli(capsys, *args)
 
 
 @pytest.fixture(scope="module")

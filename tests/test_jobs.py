@@ -2,10 +2,10 @@
 commands themselves (in-process, through ``sparsetrace.cli.main``), on a small tiny-llama run."""
 
 import json
-import sys
 
 import pytest
 import torch
+from cli_runner import run_cli
 
 from sparsetrace.interpret.verify_labels import VERDICTS
 from sparsetrace.intervene.circuit_job import TraceConfig, load_dictionaries, trace_circuit, verify_trace
@@ -42,19 +42,7 @@ def run_dir(tmp_path_factory, module_texts, tiny_llama):
 
 def cli(capsys, *args):
     """Run ``sparsetrace ARGS`` in this process; returns (exit code, stdout, stderr)."""
-    from sparsetrace import cli as cli_mod
-
-    old = sys.argv
-    sys.argv = ["sparsetrace", *map(str, args)]
-    code = 0
-    try:
-        cli_mod.main()
-    except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else 1
-    finally:
-        sys.argv = old
-    out = capsys.readouterr()
-    return code, out.out, out.err
+    return run_cli(capsys, *args)
 
 
 # ------------------------------------------------------------------------------------------ trace / verify

@@ -5,9 +5,9 @@ records the circuit it verified."""
 from __future__ import annotations
 
 import json
-import sys
 
 import pytest
+from cli_runner import run_cli
 
 from sparsetrace.train.config import TrainConfig
 from sparsetrace.train.pipeline import run_training
@@ -35,18 +35,7 @@ def run_dir(tmp_path_factory, corpus, tiny_llama):
 
 
 def cli(capsys, *args):
-    from sparsetrace import cli as cli_mod
-
-    old, sys.argv = sys.argv, ["sparsetrace", *map(str, args)]
-    code = 0
-    try:
-        cli_mod.main()
-    except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else 1
-    finally:
-        sys.argv = old
-    out = capsys.readouterr()
-    return code, out.out, out.err
+    return run_cli(capsys, *args)
 
 
 def _refused(code, err):

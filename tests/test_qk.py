@@ -3,11 +3,11 @@ per-head loadings of attention-mediated edges, graph.json's "qk" key and `trace 
 
 import copy
 import json
-import sys
 
 import numpy as np
 import pytest
 import torch
+from cli_runner import run_cli
 
 from sparsetrace.attribute import Graph, ReplacementModel, attribute
 from sparsetrace.attribute.heads import add_qk, attention_edges, head_loadings
@@ -193,18 +193,8 @@ def test_graph_json_round_trip_with_qk(graphs, tmp_path):
 
 
 def _cli(capsys, *args):
-    from sparsetrace import cli as cli_mod
-
-    old = sys.argv
-    sys.argv = ["sparsetrace", *map(str, args)]
-    code = 0
-    try:
-        cli_mod.main()
-    except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else 1
-    finally:
-        sys.argv = old
-    return code, capsys.readouterr().err
+    code, _, err = run_cli(capsys, *args)
+    return code, err
 
 
 def test_cli_trace_qk_writes_the_key(tmp_path, capsys):
