@@ -160,34 +160,43 @@ def export_graph(
     graph: Path = typer.Argument(..., help="A graph.json written by `sparsetrace trace`."),
     out: Path = typer.Option(..., help="Output JSON (circuit-tracer / Neuronpedia graph format)."),
     slug: str = typer.Option(None, help="Graph slug (default from the prompt)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace --out if it exists."),
 ) -> None:
-    """Export an attribution graph as circuit-tracer / Neuronpedia graph JSON."""
-    from .attribute.export import export_graph_file
+    """Export an attribution graph as circuit-tracer / Neuronpedia graph JSON (= `export GRAPH --to neuronpedia`)."""
+    _export_graph(graph, out, slug, overwrite)
 
-    dest = export_graph_file(graph, out, slug=slug)
-    typer.echo(f"written: {dest}")
+
+def _export_graph(graph: Path, out: Path, slug: str | None, overwrite: bool) -> None:
+    from .attribute.export import export_graph_file
+    from .dictionary.export import check_out
+
+    check_out(out, overwrite, protect=graph, kind="file")
+    typer.echo(f"written: {export_graph_file(graph, out, slug=slug)}")
 
 
 def export_cmd(
-    run: Path = typer.Argument(..., help="A run folder or one dictionary folder (or a graph.json: see --to)."),
-    to: str = typer.Option(..., "--to", help="circuit-tracer | saelens | sparsify (a graph.json: circuit-tracer)."),
+    run: Path = typer.Argument(..., help="A run folder, one dictionary folder, a CLT folder, or a graph.json."),
+    to: str = typer.Option(..., "--to", help="A run: circuit-tracer | saelens | sparsify. "
+                           "A graph.json: neuronpedia (circuit-tracer's graph JSON; circuit-tracer is the same)."),
     out: Path = typer.Option(..., "--out", help="Output folder (a graph.json: output file)."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace --out if it exists."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace --out if it exists (an empty folder is "
+                                   "used as it is; anything else is refused without this flag)."),
     model: str = typer.Option(None, help="circuit-tracer: the model (default: the dictionaries' own)."),
     n_layers: int = typer.Option(None, "--n-layers", help="circuit-tracer: the model's layer count (skips loading it)."),
+    slug: str = typer.Option(None, help="A graph.json: the graph slug (default from the prompt)."),
 ) -> None:
-    """Write a run's dictionaries in circuit-tracer's, SAELens' or sparsify's own layout."""
-    from .dictionary.export import check_out, check_target, export_run
+    """Write a run's dictionaries (per-layer or a CLT) in circuit-tracer's, SAELens' or sparsify's own layout,
+    or a graph.json as Neuronpedia / circuit-tracer graph JSON."""
+    from .dictionary.export import GRAPH_TARGETS, TARGETS, check_target, export_run
 
-    check_target(to)
-    if run.is_file() and run.suffix.lower() == ".json":
-        if to != "circuit-tracer":
-            raise ConfigError(f"--to '{to}' cannot take a graph ({run}); expected --to circuit-tracer")
-        from .attribute.export import export_graph_file
-
-        check_out(out, overwrite, protect=run, kind="file")
-        typer.echo(f"written: {export_graph_file(run, out)}")
+    if run.suffix.lower() == ".json" and not run.is_dir():  # a graph (a missing one is named by the exporter)
+        if to in TARGETS and to not in GRAPH_TARGETS:
+            raise ConfigError(f"--to '{to}' cannot take a graph ({run}); expected --to neuronpedia "
+                              "(or its synonym circuit-tracer)")
+        check_target(to, graph=True)
+        _export_graph(run, out, slug, overwrite)
         return
+    check_target(to)
     for dest in export_run(run, to, out, overwrite=overwrite, model=model, n_layers=n_layers, progress=_progress()):
         typer.echo(f"written: {dest}")
 

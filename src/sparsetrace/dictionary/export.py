@@ -1,7 +1,8 @@
 """``sparsetrace export``: a run's dictionaries in another toolkit's on-disk layout.
 
 - ``circuit-tracer``: one transcoder set (``config.yaml`` + ``layer_{i}.safetensors``), see
-  :mod:`.export_circuit_tracer`;
+  :mod:`.export_circuit_tracer`; or, for a run with a cross-layer transcoder (``RUN/clt``), circuit-tracer's
+  CLT layout (``config.yaml`` + ``W_enc_{i}`` / ``W_dec_{i}.safetensors``), see :mod:`.export_clt`;
 - ``saelens``: one SAELens folder per dictionary, ``OUT/<dictionary folder name>`` (:func:`.interop.export_saelens`);
 - ``sparsify``: one sparsify folder per dictionary, named after the hooked module as sparsify names it
   (``OUT/layers.6.mlp`` for a transcoder, ``OUT/layers.6`` for a resid_post SAE), plus ``OUT/config.json``
@@ -22,16 +23,22 @@ from pathlib import Path
 from ..errors import ConfigError, DictionaryFileError
 from ..util.manifest import replace_folder, write_manifest
 from .interop import export_saelens, export_sparsify
-from .io import check_matches_model, find_dictionaries
+from .io import WEIGHTS, check_matches_model, find_dictionaries
 from .load import load_dictionary
 from .model import SparseDictionary
 
 TARGETS = ("circuit-tracer", "saelens", "sparsify")
+GRAPH_TARGETS = ("neuronpedia", "circuit-tracer")  # a graph.json: circuit-tracer's / Neuronpedia's graph JSON
 
 
-def check_target(to: str) -> str:
-    if to not in TARGETS:
-        raise ConfigError(f"--to '{to}' is unknown; expected one of {', '.join(TARGETS)}")
+def check_target(to: str, *, graph: bool = False) -> str:
+    """``to`` for a run (``graph=False``) or for a graph.json (``graph=True``)."""
+    ok = GRAPH_TARGETS if graph else TARGETS
+    if to not in ok:
+        what = "a graph.json" if graph else "a run"
+        also = (f" (a run takes {', '.join(TARGETS)})" if graph and to in TARGETS else
+                f" (a graph.json takes {', '.join(GRAPH_TARGETS)})" if not graph and to in GRAPH_TARGETS else "")
+        raise ConfigError(f"--to '{to}' is unknown for {what}; expected one of {', '.join(ok)}{also}")
     return to
 
 
@@ -48,6 +55,8 @@ def check_out(out: Path, overwrite: bool, *, protect: Path | list[Path] = (), ki
         return
     if kind == "folder" and not out.is_dir():
         raise ConfigError(f"--out {out} is a file; expected a folder (or a path that does not exist)")
+    if kind == "folder" and not out.is_symlink() and not any(out.iterdir()):
+        return  # an empty folder made ready for the export: nothing in it to lose
     if kind == "file" and out.is_dir():
         raise ConfigError(f"--out {out} is a folder; expected a file path")
     if not overwrite:
@@ -108,6 +117,41 @@ def _write_circuit_tracer(dicts, tmp: Path, *, n_layers: int, d_model: int, prog
     write_manifest(tmp, {"format": "circuit-tracer transcoder_set"}, name="manifest.json")
 
 
+def _write_clt(clt, tmp: Path, *, progress: bool) -> None:
+    from safetensors.torch import save_file
+    from tqdm.auto import tqdm
+
+    from .export_clt import clt_files
+
+    for name, content in tqdm(clt_files(clt), total=2 * clt.n_layers + 1, desc="circuit-tracer CLT files",
+                              disable=not progress, unit="file"):
+        p = tmp / name
+        if isinstance(content, str):
+            p.write_text(content, encoding="utf-8")
+        else:
+            save_file(content, str(p))
+    write_manifest(tmp, {"format": "circuit-tracer cross_layer_transcoder"}, name="manifest.json")
+
+
+def _find_clt_to_export(run: Path, to: str, n_layers: int | None):
+    """The run's CLT when it is what ``to`` should export (circuit-tracer), else None; refuses a CLT-only run
+    for the per-dictionary formats."""
+    from .clt import find_clt, load_clt
+
+    folder = find_clt(run) if run.is_dir() else None
+    if folder is None:
+        return None, None
+    if to != "circuit-tracer":
+        if folder == run or not any(run.glob(f"*/{WEIGHTS}")):
+            raise ConfigError(f"--to {to} cannot take the cross-layer transcoder in {folder}: {to} has no CLT "
+                              "format; expected --to circuit-tracer")
+        return None, None  # a run with both: the per-layer dictionaries go to saelens / sparsify
+    clt = load_clt(folder)
+    if n_layers is not None and n_layers != clt.n_layers:
+        raise ConfigError(f"--n-layers {n_layers} does not match the CLT in {folder} ({clt.n_layers} layers)")
+    return clt, folder
+
+
 def _write_sparsify(dicts, tmp: Path) -> list[Path]:
     names = [sparsify_name(d) for d in dicts]
     dup = sorted({n for n in names if names.count(n) > 1})
@@ -122,15 +166,22 @@ def _write_sparsify(dicts, tmp: Path) -> list[Path]:
 
 def export_run(run: str | Path, to: str, out: str | Path, *, overwrite: bool = False, model: str | None = None,
                n_layers: int | None = None, progress: bool = False) -> list[Path]:
-    """Export the dictionaries of ``run`` (a run folder or one dictionary folder) to ``out``; returns the
-    written folders (``[out]`` for circuit-tracer, one per dictionary otherwise)."""
+    """Export the dictionaries of ``run`` (a run folder, one dictionary folder, or a CLT folder) to ``out``;
+    returns the written folders (``[out]`` for circuit-tracer, one per dictionary otherwise). A run with a
+    CLT (``RUN/clt``) exports that CLT to circuit-tracer (as ``load_replacement`` picks it); its per-layer
+    dictionaries, if any, go to saelens / sparsify (or export one of them by its own folder)."""
     check_target(to)
     run, out = Path(run), Path(out)
-    paths = find_dictionaries(run)
+    clt, clt_folder = _find_clt_to_export(run, to, n_layers)
+    paths = [clt_folder] if clt is not None else find_dictionaries(run)
     check_out(out, overwrite, protect=[run, *paths])
-    dicts = [load_dictionary(p) for p in paths]
+    if clt is not None:
+        from .export_clt import check_clt
+
+        check_clt(clt)  # refuse before anything is written
+    dicts = [] if clt is not None else [load_dictionary(p) for p in paths]
     shape = None
-    if to == "circuit-tracer":
+    if to == "circuit-tracer" and clt is None:
         from .export_circuit_tracer import check_dictionaries
 
         check_dictionaries(dicts, None, None)  # kinds and activations, before loading the model
@@ -141,7 +192,10 @@ def export_run(run: str | Path, to: str, out: str | Path, *, overwrite: bool = F
     except OSError as e:
         raise ConfigError(f"cannot create --out {out}: {e.strerror or e}") from None
     try:
-        if to == "circuit-tracer":
+        if clt is not None:
+            _write_clt(clt, tmp, progress=progress)
+            written = [out]
+        elif to == "circuit-tracer":
             _write_circuit_tracer(dicts, tmp, n_layers=shape[0], d_model=shape[1], progress=progress)
             written = [out]
         elif to == "saelens":
