@@ -30,12 +30,8 @@ Constraints of circuit-tracer's ``TranscoderSet``, and how the export meets them
   per-feature threshold changes which features fire).
 - skip transcoders: if any layer has ``W_skip``, every layer file gets one (zeros where none).
 
-Cross-layer transcoders (planned, not in sparsetrace yet) will use circuit-tracer's other layout,
-``model_kind: cross_layer_transcoder`` read by ``load_clt``: ``W_enc_{i}.safetensors`` holding
-``W_enc_{i} [n, d_model]``, ``b_enc_{i} [n]``, ``b_dec_{i} [d_model]`` (the output bias of layer i) and
-``threshold_{i} [n]`` for JumpReLU, and ``W_dec_{i}.safetensors`` holding ``W_dec_{i} [n, n_layers - i,
-d_model]`` (layer i's features writing to layers i..n_layers-1). ``CLT_LAYOUT`` below names these so the
-CLT writer can share :func:`write_config_yaml` and the folder handling; see docs/formats.md.
+Cross-layer transcoders use circuit-tracer's other layout (``model_kind: cross_layer_transcoder``,
+``W_enc_{i}``/``W_dec_{i}`` files): :mod:`.export_clt`, which shares :func:`write_config_yaml` and the hooks.
 """
 
 from __future__ import annotations
@@ -50,13 +46,6 @@ CONFIG_YAML = "config.yaml"
 FEATURE_INPUT_HOOK = "mlp.hook_in"  # TransformerLens MLP input (after the norm) = our mlp_in
 FEATURE_OUTPUT_HOOK = "mlp.hook_out"  # TransformerLens MLP output = our mlp_out
 PLT_FILE = "layer_{layer}.safetensors"
-# the future cross-layer transcoder export (circuit-tracer's load_clt): file names and tensor keys per layer i
-CLT_LAYOUT = {
-    "model_kind": "cross_layer_transcoder",
-    "encoder_file": "W_enc_{i}.safetensors",  # W_enc_{i} [n, d], b_enc_{i} [n], b_dec_{i} [d], threshold_{i} [n]
-    "decoder_file": "W_dec_{i}.safetensors",  # W_dec_{i} [n, n_layers - i, d]
-    "activations": ("relu", "jumprelu"),
-}
 # hub names of the short model names whose weights we know (for config.yaml's model_name)
 HUB_NAMES = {"smollm2-135m": "HuggingFaceTB/SmolLM2-135M-Instruct"}
 
