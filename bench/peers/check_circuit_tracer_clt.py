@@ -252,12 +252,12 @@ def main(argv=None) -> int:
     here = Path(__file__).resolve()
     env = {"PYTHONPATH": os.pathsep.join([str(Path(a.ours_src).resolve() if a.ours_src else ROOT / "src"), str(BENCH)])}
     ours = run_worker(ours_python(a.ours_python), here, ["--worker", "ours", *common], env=env, timeout=3600)
-    print("ours:", json.dumps(ours), flush=True)
+    print("ours:", json.dumps({k: v for k, v in ours.items() if not isinstance(v, list)}), flush=True)
     with_graph = ours.get("graph") == "ours"
     peer = (run_worker(peer_python(), here, ["--worker", "peer", *common, *(["--graph"] if with_graph else [])],
                        env={"PYTHONPATH": str(BENCH)}, timeout=3600)
             if "error" not in ours else {"error": "skipped"})
-    print("circuit-tracer:", json.dumps(peer), flush=True)
+    print("circuit-tracer:", json.dumps({k: v for k, v in peer.items() if k != "per_layer"}), flush=True)
     report = {"run": a.run or "random CLT", "ours": ours, "circuit-tracer": peer, "feature_tol": FEATURE_TOL,
               "recon_tol": RECON_TOL, "edge_tol": EDGE_TOL}
     ok = "error" not in ours and "error" not in peer
