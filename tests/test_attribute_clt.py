@@ -1,13 +1,19 @@
 """Attribution over a full replacement: a transcoder on every MLP (PLT set) or a cross-layer transcoder."""
 
 import copy
+import json
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from cli_runner import run_cli
 
 from sparsetrace.attribute import Edges, Graph, ReplacementModel, attribute, check_edges, find_paths, graph_scores, prune_graph
-from sparsetrace.dictionary.clt import CLTConfig, CrossLayerTranscoder
+from sparsetrace import tasks
+from sparsetrace.attribute.scores import load_mlp_replacement, score_prompts
+from sparsetrace.dictionary.clt import CLTConfig, CrossLayerTranscoder, save_clt
+from sparsetrace.dictionary.io import save_dictionary
 from sparsetrace.dictionary.model import DictionaryConfig, SparseDictionary
 from sparsetrace.dictionary.replacement_set import CLTReplacement, PLTSet
 from sparsetrace.errors import ConfigError
@@ -163,3 +169,64 @@ def test_clt_refuses_transcoders_beside_it(llama64):
     ids = llama64.tokenize(PROMPT)
     with pytest.raises(ConfigError, match="cross-layer transcoder replaces every MLP"):
         ReplacementModel(llama64, ids, [clt_from(llama64, plts), plts[1]])
+
+
+# ------------------------------------------------------------------------------------------ graph scores
+def test_score_prompts_packaged():
+    prompts = score_prompts()
+    assert len(prompts) == 20 and len(set(prompts)) == 20
+    # disjoint from the circuit tasks' prompts and fillers
+    task_text = " ".join((Path(tasks.__file__).parent / "data" / f).read_text(encoding="utf-8").lower()
+                         for f in ("ioi.json", "sva.json", "facts.json"))
+    assert not [p for p in prompts if p.lower() in task_text]
+
+
+def _save_run(lm, folder, clt=None):
+    for d in plt_set(lm):
+        d = d.float()
+        d.cfg.model_id = "tiny-llama"
+        save_dictionary(d, folder / f"L{d.cfg.layer:02d}_transcoder")
+    if clt is not None:
+        save_clt(clt.float(), folder / "clt")
+
+
+def test_graph_scores_cli(llama64, tmp_path, capsys):
+    run = tmp_path / "run"
+    _save_run(llama64, run, clt_from(llama64, plt_set(llama64), off_diagonal=0.3))
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("The dog ran to the\n\n# a comment\nShe opened the door and\n", encoding="utf-8")
+    assert isinstance(load_mlp_replacement(run), CLTReplacement)
+    assert isinstance(load_mlp_replacement(run, "plt"), PLTSet)
+    res = {}
+    for kind in ("plt", "clt"):
+        code, out, err = run_cli(capsys, "graph-scores", run, "--prompts", prompts, "--kind", kind, "--json",
+                                 "--max-feature-nodes", "200")
+        assert code == 0, err
+        res[kind] = json.loads(out)
+        assert res[kind]["kind"] == kind and res[kind]["n_prompts"] == 2
+        for r in res[kind]["prompts"]:
+            assert 0.0 <= r["replacement"] <= 1.0 and 0.0 <= r["graph_completeness"] <= 1.0
+            assert r["n_feature_rows"] <= 200
+        m = res[kind]["mean"]["replacement"]
+        assert m == pytest.approx(np.mean([r["replacement"] for r in res[kind]["prompts"]]))
+    code, out, _ = run_cli(capsys, "graph-scores", run, "--prompts", prompts, "--kind", "plt")
+    assert code == 0 and "mean over 2 prompts (plt" in out
+
+
+def test_graph_scores_cli_mistakes(llama64, tmp_path, capsys):
+    run = tmp_path / "run"
+    _save_run(llama64, run)
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n# only a comment\n", encoding="utf-8")
+    cases = [
+        (("graph-scores", tmp_path / "nope"), "does not exist"),
+        (("graph-scores", run, "--kind", "clt"), "no cross-layer transcoder"),
+        (("graph-scores", run, "--kind", "both"), "--kind 'both'"),
+        (("graph-scores", run, "--prompts", tmp_path / "missing.txt"), "missing.txt"),
+        (("graph-scores", run, "--prompts", empty), "holds no prompt"),
+        (("graph-scores", run, "--max-feature-nodes", "0"), "--max-feature-nodes 0"),
+    ]
+    for args, msg in cases:
+        code, _, err = run_cli(capsys, *args)
+        assert code != 0 and msg in err and "Traceback" not in err, (args, err)
+        assert err.strip().startswith("error:") and len(err.strip().splitlines()) == 1
