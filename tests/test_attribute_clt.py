@@ -9,8 +9,17 @@ import pytest
 import torch
 from cli_runner import run_cli
 
-from sparsetrace.attribute import Edges, Graph, ReplacementModel, attribute, check_edges, find_paths, graph_scores, prune_graph
 from sparsetrace import tasks
+from sparsetrace.attribute import (
+    Edges,
+    Graph,
+    ReplacementModel,
+    attribute,
+    check_edges,
+    find_paths,
+    graph_scores,
+    prune_graph,
+)
 from sparsetrace.attribute.scores import load_mlp_replacement, score_prompts
 from sparsetrace.dictionary.clt import CLTConfig, CrossLayerTranscoder, save_clt
 from sparsetrace.dictionary.io import save_dictionary

@@ -229,7 +229,12 @@ def graph_scores_cmd(
     device: str = typer.Option("cpu"),
 ) -> None:
     """Replacement score and graph completeness of unpruned attribution graphs, per prompt and averaged."""
-    from .attribute.scores import format_scores, graph_scores_over_prompts, load_mlp_replacement, score_prompts
+    from .attribute.scores import (
+        format_scores,
+        graph_scores_over_prompts,
+        load_mlp_replacement,
+        score_prompts,
+    )
     from .model.adapter import LanguageModel
 
     texts = score_prompts(prompts)
