@@ -427,21 +427,13 @@ def _metadata(at: _Attributor, targets: list[tuple[int, float]], prompt: str | N
             for s in at.feat_sites
         ],
         "transcoder_list": [f"L{s.layer}" for s in at.feat_sites if s.kind == "mlp"],
-        "mlp_replacement": _mlp_replacement(rm),
+        "mlp_replacement": rm.mlp_replacement,
         "exactness": rm.exactness,
         "n_active_features": at.n_feat,
         "batch_size": batch_size,
         "num_threads": torch.get_num_threads(),
         "n_feature_rows": int(n_visited),
     }
-
-
-def _mlp_replacement(rm: ReplacementModel) -> str:
-    """``"clt"``, ``"plt"`` (a transcoder on every MLP), ``"partial"`` (some MLPs are whole error nodes)."""
-    if rm.clt is not None:
-        return "clt"
-    mlps = [s for s in rm.sites.values() if s.kind == "mlp"]
-    return "plt" if all(s.dictionary is not None for s in mlps) else "partial"
 
 
 def attribute(lm: LanguageModel, prompt: str | Tensor, dictionaries: Sequence[SparseDictionary], *,

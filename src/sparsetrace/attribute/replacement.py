@@ -241,6 +241,13 @@ class ReplacementModel:
                     pos=pos, feat=feat, act=acts[pos, feat], W_enc=W_enc, W_dec=W_dec, W_skip=W_skip)
 
     @property
+    def mlp_replacement(self) -> str:
+        """``"clt"``, ``"plt"`` (a transcoder on every MLP) or ``"partial"`` (some MLPs are whole error nodes)."""
+        if self.clt is not None:
+            return "clt"
+        return "plt" if all(s.dictionary is not None for s in self.sites.values() if s.kind == "mlp") else "partial"
+
+    @property
     def dictionary_sites(self) -> list[Site]:
         return [s for s in self.sites.values() if s.dictionary is not None]
 
