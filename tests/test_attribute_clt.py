@@ -114,6 +114,19 @@ def test_clt_errors_and_exactness(llama64, clt_graph):
         assert (site.error - ref).abs().max() <= 1e-10
 
 
+def test_clt_frozen_model_is_linear(clt_graph):
+    rm = clt_graph[0].replacement
+    delta = torch.randn(rm.n_pos, rm.lm.d_model, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    for key in ("emb", "mlp_out.0", "mlp_out.2"):
+        leaves = rm.make_leaves(3)
+        leaves[key][1] += delta
+        leaves[key][2] += 2 * delta
+        out = rm.run(3, leaves=leaves, logits=True).logits
+        d1, d2 = out[1] - out[0], out[2] - out[0]
+        assert d1.abs().max() > 1e-3
+        assert (d2 - 2 * d1).abs().max() <= 1e-8 * d1.abs().max()
+
+
 def test_clt_edges_match_finite_differences(clt_graph):
     g, _ = clt_graph
     res = check_edges(g, k=150, unfrozen=True)
