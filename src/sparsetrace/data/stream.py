@@ -224,8 +224,12 @@ class ActivationStream:
 
     def _first_norms(self) -> dict[str, float]:
         names = list(self.meta.d)
-        sums = torch.stack([self._buf[n].double().pow(2).sum() for n in names] + [
-            torch.tensor(float(self._perm.numel()), dtype=torch.float64)])
+        sums = torch.zeros(len(names) + 1, dtype=torch.float64)
+        for k, n in enumerate(names):
+            buf = self._buf[n]
+            for s in range(0, buf.shape[0], 4096):  # in slices: no full-size temporary
+                sums[k] += buf[s : s + 4096].float().pow(2).sum(dtype=torch.float64)
+        sums[-1] = float(self._perm.numel())
         if self.world_size > 1 and dist.is_available() and dist.is_initialized():
             dist.all_reduce(sums)
         count = float(sums[-1])
