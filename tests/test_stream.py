@@ -190,3 +190,27 @@ def test_store_auto_and_memory_budget(tmp_path, corpus_file, tiny_llama, monkeyp
     with pytest.raises(ConfigError, match=r"^--max-memory .* GB is too small to stream 2 layers"):
         pipeline.resolve_store(too_tight, tiny_llama, pipeline.plan_memory(too_tight, tiny_llama, n_features=256),
                                4, 100, tmp_path)
+
+
+@pytest.mark.parametrize("parallel", ["data", "layer"])
+def test_stream_under_torchrun(tmp_path, corpus_file, parallel):
+    """Two ranks stream: data-parallel ranks forward disjoint windows (scales all-reduced), layer-parallel
+    ranks stream only their own layers; both finish and save every layer."""
+    import os
+    import subprocess
+    import sys
+
+    src = str(Path(__file__).resolve().parents[1] / "src")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "SPARSETRACE_NO_PROGRESS": "1", "HF_HUB_OFFLINE": "1",
+           "SPARSETRACE_CACHE": str(tmp_path / "cache"), "PYTHONPATH": src}
+    out = tmp_path / "run"
+    args = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "--max_restarts",
+            "0", "-m", "sparsetrace.cli", "train", "--model", "tiny-llama", "--layers", "0-1,3", "--corpus",
+            str(corpus_file), "--context", "32", "--n-tokens", "2000", "--epochs", "1", "--batch-size", "128",
+            "--expansion", "4", "--target-l0", "8,8,4", "--store", "stream", "--parallel", parallel, "--out", str(out)]
+    proc = subprocess.run(args, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for layer in (0, 1, 3):
+        assert (out / f"L{layer:02d}_transcoder" / "weights.safetensors").exists()
+    assert json.loads((out / "train_config.json").read_text())["store"] == "stream"
+    assert not (tmp_path / "cache" / "activations").exists()
