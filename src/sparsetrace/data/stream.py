@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -113,6 +114,7 @@ class ActivationStream:
         self.meta = StreamMeta([str(h) for h in hps], {str(h): lm.d_model for h in hps})
         self.progress = progress
         self.forwarded = 0  # tokens run through the model (all chunks, this process)
+        self.seconds_forward = 0.0  # wall time spent computing chunks
         self._key: tuple[int, int] | None = None
         self._buf: dict[str, Tensor] = {}
         self._perm: Tensor | None = None
@@ -195,6 +197,7 @@ class ActivationStream:
         if self._key == (epoch, j):
             return
         self._buf, self._perm, self._key = {}, None, None  # free the old chunk before the next is computed
+        t0 = time.perf_counter()
         idx = self.chunk_windows_of(epoch, j)
         n = idx.numel() * self.per_window
         buf = {str(h): torch.empty(n, self.lm.d_model, dtype=self.store_dtype) for h in self.hookpoints}
@@ -219,6 +222,7 @@ class ActivationStream:
         self._buf = buf
         self._perm = torch.randperm(n, generator=_generator(self.seed, 2, epoch, j, self.rank))
         self._key = (epoch, j)
+        self.seconds_forward += time.perf_counter() - t0
         if (epoch, j) == (0, 0) and self._norms is None:
             self._norms = self._first_norms()
 

@@ -175,6 +175,7 @@ def run_training(
     if isinstance(cache, ActivationStream):
         info["buffer_tokens"] = cache.buffer_rows
         info["tokens_forwarded"] = cache.forwarded  # this process: epochs x its share, + the first chunk on resume
+        info["seconds_stream_forward"] = round(cache.seconds_forward, 1)
     if stop_at_step is None:
         write_run_json(out_dir, info)
     info["dictionaries"] = dictionaries

@@ -331,19 +331,12 @@ def train_dictionaries(
             if log.exists() and rank == 0:
                 log.unlink()
     total = tcfg.total_steps
-    sched_world = world if tcfg.parallel == "data" else 1
-    sched_rank = rank if tcfg.parallel == "data" else 0
     hps = sorted({h for tr in trainers for h in (tr.hp_in, tr.hp_out)})
     start = min((tr.step for tr in trainers), default=0)
     bar = tqdm(total=total, initial=start, desc="train", unit="step", disable=not progress or rank != 0)
     last_ckpt = {tr.layer: tr.step for tr in trainers}
     end = total if stop_at_step is None else min(total, stop_at_step)
-    if isinstance(cache, ActivationStream):
-        batches = cache.batches(hps, start, end)
-    else:
-        schedule = BatchSchedule(cache.n_tokens, tcfg.batch_size, tcfg.seed, rank=sched_rank, world_size=sched_world)
-        batches = schedule.batches(cache, hps, start, end)
-    for step, batch in zip(range(start, end), batches, strict=True):
+    for step, batch in zip(range(start, end), _batches(tcfg, cache, hps, start, end), strict=True):
         postfix = {}
         for tr in trainers:
             if tr.step > step:  # resumed from a later checkpoint than another layer
@@ -409,6 +402,18 @@ def train_dictionaries(
         for tr in trainers:
             shutil.rmtree(ckpt_root / dictionary_dirname(tr.layer, tcfg.kind), ignore_errors=True)
     return result
+
+
+def _batches(tcfg: TrainConfig, cache: ActivationCache | ActivationStream, hps: list[str], start: int, end: int):
+    """Batches of steps start..end-1: from the stream (already split by rank), or the disk cache's schedule
+    (DDP data-parallel ranks take their slices of each global batch)."""
+    if isinstance(cache, ActivationStream):
+        return cache.batches(hps, start, end)
+    rank, world = _rank_world()
+    if tcfg.parallel != "data":
+        rank, world = 0, 1
+    schedule = BatchSchedule(cache.n_tokens, tcfg.batch_size, tcfg.seed, rank=rank, world_size=world)
+    return schedule.batches(cache, hps, start, end)
 
 
 def write_run_json(out_dir: Path, info: dict) -> None:
