@@ -61,8 +61,8 @@ class ActivationStream:
 
     ``batches(hookpoints, start_step, end_step)`` yields the batches of steps ``start_step..end_step-1``.
     ``n_tokens`` and ``get(hp, idx)`` address the rows of the buffer now held (the chunk that holds the
-    last batch yielded; the first chunk before any), which is where dead-feature resampling and the
-    final calibration draw their samples; ``mean_sq_norm(hp)`` is measured on the first chunk of epoch 0
+    last batch yielded; the first chunk before any; rank 0's under DDP), which is where dead-feature
+    resampling and the final calibration draw their samples; ``mean_sq_norm(hp)`` is measured on the first chunk of epoch 0
     (averaged over DDP ranks), whatever step a run starts at. ``total_tokens``: tokens per epoch over
     all ranks.
     """
@@ -134,10 +134,15 @@ class ActivationStream:
         return int(self._perm.numel())
 
     def get(self, hookpoint: Hookpoint | str, index: Tensor | slice) -> Tensor:
-        """Rows ``index`` of the buffer now held, as float32 (a copy)."""
+        """Rows ``index`` of the buffer now held, as float32 (a copy). Under DDP every rank gets rank 0's
+        rows (ranks hold different windows; resampling and calibration must pick the same rows on all)."""
         if self._key is None:
             self._load(0, 0)
-        return self._buf[str(hookpoint)][index].float()
+        rows = self._buf[str(hookpoint)][index].float()
+        if self.world_size > 1 and dist.is_available() and dist.is_initialized():
+            rows = rows.contiguous()
+            dist.broadcast(rows, src=0)
+        return rows
 
     def mean_sq_norm(self, hookpoint: Hookpoint | str, n: int = 20000) -> float:  # noqa: ARG002 - cache's API
         if self._norms is None:
