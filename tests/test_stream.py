@@ -2,6 +2,7 @@
 activation source (deterministic in (seed, step), bounded buffer, DDP shares) and training from it."""
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -186,6 +187,12 @@ def test_store_auto_and_memory_budget(tmp_path, corpus_file, tiny_llama, monkeyp
     plan = pipeline.plan_memory(tight, tiny_llama, n_features=256)
     rows = pipeline.resolve_store(tight, tiny_llama, plan, 4, 100, tmp_path).buffer_tokens
     assert 31 <= rows <= plan.cache_bytes // (4 * 64 * 4)  # what the budget leaves, at least one window
+    run = tmp_path / "budget"  # end to end: a stream under a budget trains, its buffer within what is left
+    one = replace(tight, layers=[1], epochs=1.0)
+    left = pipeline.plan_memory(one, tiny_llama, n_features=256).cache_bytes // (2 * 64 * 4)
+    info = pipeline.run_training(one, run, lm=tiny_llama, progress=False)
+    assert info["cache_reads"] == "stream" and 31 <= info["buffer_tokens"] <= left + 31
+    assert (run / "L01_transcoder" / "weights.safetensors").exists()
     too_tight = _cfg(corpus_file, layers=[1, 2], buffer_tokens=None, max_memory_gb=(plan.need + 100) / 1e9)
     with pytest.raises(ConfigError, match=r"^--max-memory .* GB is too small to stream 2 layers"):
         pipeline.resolve_store(too_tight, tiny_llama, pipeline.plan_memory(too_tight, tiny_llama, n_features=256),

@@ -163,9 +163,9 @@ class ActivationStream:
         for name in names:
             if name not in self.meta.d:
                 raise DataError(f"hookpoint '{name}' is not streamed; expected one of {', '.join(self.meta.d)}")
-        if self.progress and self._bar is None:
+        if self.progress and self._bar is None:  # tokens through the model (about one per batch row)
             self._bar = tqdm(total=max(0, end_step - start_step) * self.batch, desc="stream", unit="tok",
-                             unit_scale=True, leave=False)
+                             unit_scale=True, leave=False, position=1)
         try:
             for step in range(start_step, end_step):
                 yield self.batch_at(step, names)
@@ -185,8 +185,6 @@ class ActivationStream:
             rows = self._perm[lo - j * self.chunk_rows : end - j * self.chunk_rows]
             pieces.append({n: self._buf[n][rows].float() for n in names})
             lo = end
-        if self._bar is not None:
-            self._bar.update(self.batch)
         if len(pieces) == 1:
             return pieces[0]
         return {n: torch.cat([p[n] for p in pieces]) for n in names}
@@ -224,6 +222,8 @@ class ActivationStream:
             del out
             at += m
             self.forwarded += m
+            if self._bar is not None:
+                self._bar.update(m)
         self._buf = buf
         self._perm = torch.randperm(n, generator=_generator(self.seed, 2, epoch, j, self.rank))
         self._key = (epoch, j)
