@@ -314,12 +314,18 @@ def _build_graph(rm: ReplacementModel, targets: list[tuple[int, float]], *, max_
 
     nodes, col_node = _nodes(at, targets, visited)
     r, c, v = at.rows.arrays()
-    row_node = np.asarray(at.rows.row_node, dtype=np.int64)
+    row_node = col_node[np.asarray(at.rows.row_node, dtype=np.int64)].astype(np.int32)
     at.rows = None  # free the building copies
-    dst = col_node[row_node[r]]
-    src = col_node[c]
+    # int32 throughout (a 30-layer graph with every feature row holds ~10^8 edges)
+    dst = row_node[r]
+    src = col_node.astype(np.int32)[c]
+    del r, c
     keep = src >= 0
-    edges = Edges.from_numpy(src[keep].astype(np.int32), dst[keep].astype(np.int32), v[keep])
+    if not keep.all():
+        src, dst, v = src[keep], dst[keep], v[keep]
+    del keep
+    edges = Edges.from_numpy(src, dst, v)
+    del src, dst, v
 
     meta = _metadata(at, targets, prompt, batch_size, n_visited)
     meta["timings"] = {"forward_s": round(at.forward_s, 3), "rows_s": round(t_rows, 3),
