@@ -83,6 +83,10 @@ def main() -> None:
         clt, clt_label = diagonal_clt(src), f"diagonal CLT from {a.clt[5:]} (code-path check, not a CLT result)"
     else:
         clt, clt_label = load_mlp_replacement(a.clt, "clt"), f"CLT {a.clt}"
+    totals = {name: sum(rep.n_features.values()) for name, rep in (("plt", plt), ("clt", clt))}
+    if totals["plt"] != totals["clt"]:
+        print(f"note: total features differ (PLT {totals['plt']}, CLT {totals['clt']}); the comparison is not at "
+              "matched total features")
     lm = LanguageModel.load(plt.model_id or clt.model_id)
     res = {}
     for name, rep in (("plt", plt), ("clt", clt)):

@@ -186,6 +186,13 @@ def test_clt_graph_prunes_scores_and_paths(clt_graph):
     assert paths and all(pth.nodes[-1].startswith("LOGIT/") for pth in paths)
 
 
+def test_qk_refuses_clt_features(clt_graph):
+    from sparsetrace.attribute.qk import node_refs
+
+    with pytest.raises(ConfigError, match="cross-layer transcoder"):
+        node_refs(clt_graph[0].replacement, 3)
+
+
 def test_clt_refuses_transcoders_beside_it(llama64):
     plts = plt_set(llama64)
     ids = llama64.tokenize(PROMPT)
