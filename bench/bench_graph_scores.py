@@ -1,7 +1,8 @@
 """Graph scores of two full replacements side by side: a per-layer transcoder set (PLT) vs a CLT.
 
     PYTHONPATH=src python bench/bench_graph_scores.py --plt RUN_A --clt RUN_B [--prompts FILE]
-        [--max-feature-nodes 3000] [--n-prompts N] [--threads N] [--out bench/out/graph_scores.json]
+        [--max-feature-nodes 3000] [--n-prompts N] [--threads N] [--check-edges K]
+        [--out bench/out/graph_scores.json]
 
 For each of the 20 packaged prompts (``sparsetrace/attribute/data/score_prompts.txt``, or ``--prompts``)
 the unpruned attribution graph is built over each replacement (``sparsetrace graph-scores``'s function),
@@ -27,6 +28,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
 
+from sparsetrace.attribute import attribute, check_edges  # noqa: E402
 from sparsetrace.attribute.scores import graph_scores_over_prompts, load_mlp_replacement, score_prompts  # noqa: E402
 from sparsetrace.dictionary.clt import CLTConfig, CrossLayerTranscoder  # noqa: E402
 from sparsetrace.dictionary.replacement_set import CLTReplacement, PLTSet  # noqa: E402
@@ -73,6 +75,8 @@ def main() -> None:
     ap.add_argument("--max-feature-nodes", type=int, default=3000)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--out", default=None, help="write both results as JSON here")
+    ap.add_argument("--check-edges", type=int, default=0, metavar="K",
+                    help="also check the K strongest edges of the first prompt's graph by finite differences")
     a = ap.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -93,6 +97,11 @@ def main() -> None:
         t0 = time.perf_counter()
         res[name] = graph_scores_over_prompts(lm, rep, prompts, max_feature_nodes=a.max_feature_nodes, progress=True)
         res[name]["wall_s"] = round(time.perf_counter() - t0, 1)
+        if a.check_edges:
+            g = attribute(lm, prompts[0], rep, max_feature_nodes=a.max_feature_nodes, prune=False)
+            chk = check_edges(g, k=a.check_edges)
+            res[name]["edge_check"] = {k: v for k, v in chk.items() if k != "edges"}
+            del g
     res["plt"]["run"], res["clt"]["run"] = a.plt, a.clt
     res["clt"]["label"] = clt_label
 
@@ -110,6 +119,13 @@ def main() -> None:
     for name in ("plt", "clt"):
         r, c = PUBLISHED[name]
         print(f"| Circuit Tracing (published), {name.upper()} | {r:.2f} | {c:.2f} | | |")
+    for name in ("plt", "clt"):
+        ec = res[name].get("edge_check")
+        if ec:
+            print(f"edge check {name.upper()} (prompt 1, {ec['n']} strongest edges, finite differences): max rel err "
+                  f"{ec['frozen']['max_rel_err']:.2e} frozen, sign agreement {ec['frozen']['sign_agreement']:.0%}; "
+                  f"live attention/norms: sign agreement {ec['causal_agreement']['sign_agreement']:.0%}, median rel "
+                  f"err {ec['causal_agreement']['median_rel_err']:.2e}")
     if a.out:
         Path(a.out).parent.mkdir(parents=True, exist_ok=True)
         Path(a.out).write_text(json.dumps(res, indent=1) + "\n", encoding="utf-8")
