@@ -1,0 +1,175 @@
+"""evaluate/replacement.py: a full replacement with every replaced MLP substituted at once.
+
+Hand-checkable cases: a replacement that returns each layer's true MLP output gives KL 0, top-1 agreement 1
+and CE recovered 1; one that outputs zeros is the zero-ablation reference (CE recovered 0). The by-depth
+fast path (resume from the substituted pass's residual) equals substituting the first k layers from
+scratch, for per-layer transcoders, a CLT and a partial set; and running a model from a cached residual
+(model/suffix.py) reproduces the full forward pass on every tiny architecture."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sparsetrace.dictionary.clt import CLTConfig, CrossLayerTranscoder
+from sparsetrace.dictionary.model import DictionaryConfig, SparseDictionary
+from sparsetrace.dictionary.replacement_set import CLTReplacement, MLPReplacement, PLTSet
+from sparsetrace.evaluate.replacement import evaluate_replacement, format_replacement
+from sparsetrace.model.hookpoints import Hookpoint
+from sparsetrace.model.suffix import start_at
+
+
+class TrueMLP(MLPReplacement):
+    """Features = the MLP input itself; decode = the true MLP (a perfect replacement)."""
+
+    kind = "plt"
+
+    def __init__(self, lm, layers, scale: float = 1.0):
+        self.lm, self._layers, self.scale = lm, list(layers), scale
+        self.n_features = {layer: lm.d_model for layer in layers}
+
+    @property
+    def layers(self):
+        return self._layers
+
+    def encode(self, layer, mlp_in):
+        return mlp_in
+
+    def decode(self, layer, features, mlp_in=None):
+        mlp = self.lm.arch.mlp(layer)
+        return type(mlp).forward(mlp, features[layer]) * self.scale
+
+    def targets(self, layer):
+        return [layer]
+
+
+class FirstK(MLPReplacement):
+    """Another replacement restricted to its first k layers (the slow path: substitute them from scratch)."""
+
+    def __init__(self, rep, k):
+        self.rep, self.kind, self.n_features = rep, rep.kind, rep.n_features
+        self._layers = sorted(rep.layers)[:k]
+
+    @property
+    def layers(self):
+        return self._layers
+
+    def encode(self, layer, mlp_in):
+        return self.rep.encode(layer, mlp_in)
+
+    def decode(self, layer, features, mlp_in=None):
+        return self.rep.decode(layer, features, mlp_in)
+
+
+@pytest.fixture(scope="module")
+def loud_llama(tiny_llama):
+    """tiny-llama with its MLP outputs scaled up, so that ablating them moves CE clearly."""
+    import copy
+
+    from sparsetrace.model.adapter import LanguageModel
+
+    model = copy.deepcopy(tiny_llama.model)
+    lm = LanguageModel(model, tiny_llama.tokenizer, tiny_llama.model_id)
+    with torch.no_grad():
+        for layer in range(lm.n_layers):
+            lm.arch.mlp(layer).down_proj.weight.mul_(40.0)
+    return lm
+
+
+def _windows(lm, n=6, t=12, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(1, min(lm.vocab_size, 250), (n, t), generator=g)
+
+
+def _plt(lm, layers, seed=1):
+    ds = []
+    for layer in layers:
+        cfg = DictionaryConfig(kind="transcoder", d_in=lm.d_model, d_out=lm.d_model, n_features=2 * lm.d_model,
+                               layer=layer, model_id=lm.model_id)
+        d = SparseDictionary(cfg, seed=seed + layer)
+        with torch.no_grad():
+            d.b_enc.fill_(0.05)
+            d.W_dec.mul_(0.3)
+        ds.append(d)
+    return PLTSet(ds)
+
+
+def _clt(lm, seed=2):
+    clt = CrossLayerTranscoder(CLTConfig(n_layers=lm.n_layers, d_model=lm.d_model, n_features=2 * lm.d_model,
+                                         activation="relu", model_id=lm.model_id), seed=seed)
+    with torch.no_grad():
+        clt.b_enc.fill_(0.02)
+        for w in clt.W_dec:
+            w.mul_(0.5)
+    return CLTReplacement(clt)
+
+
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-gpt2", "tiny-neox", "tiny-gptneo"])
+def test_start_at_reproduces_the_full_pass(tiny_lms, name):
+    lm = tiny_lms[name]
+    ids = _windows(lm, 3, 10)
+    out = lm.run(ids, read=[Hookpoint("resid_pre", layer) for layer in range(lm.n_layers)])
+    for layer in range(lm.n_layers):
+        with start_at(lm, layer, out.acts[Hookpoint("resid_pre", layer)]), torch.no_grad():
+            logits = lm.model(input_ids=ids, use_cache=False).logits
+        torch.testing.assert_close(logits, out.logits, rtol=1e-5, atol=1e-5)
+    # the layers below the start really are skipped: a garbage residual changes the output
+    with start_at(lm, 2, torch.zeros_like(out.acts[Hookpoint("resid_pre", 2)])), torch.no_grad():
+        assert not torch.allclose(lm.model(input_ids=ids, use_cache=False).logits, out.logits)
+
+
+def test_exact_replacement(loud_llama):
+    lm = loud_llama
+    res = evaluate_replacement(lm, TrueMLP(lm, range(lm.n_layers)), _windows(lm), progress=False)
+    assert res["kl"] == pytest.approx(0.0, abs=1e-5)
+    assert res["top1_agreement"] == 1.0
+    assert res["ce"] == pytest.approx(res["clean_ce"], abs=1e-5)
+    assert res["ce_zero_ablation"] > res["clean_ce"] + 0.01  # the reference differs, so recovered is defined
+    assert res["ce_recovered"] == pytest.approx(1.0, abs=1e-4)
+    assert res["ce_recovered_vs_mean"] == pytest.approx(1.0, abs=1e-3)
+    assert res["mean_ablation_reference"] == "evaluation windows"
+    assert all(v < 1e-8 for v in res["nmse_by_layer"].values())
+    assert [r["k"] for r in res["by_depth"]] == [1, 2, 3, 4]
+    assert all(r["kl"] == pytest.approx(0.0, abs=1e-5) and r["top1_agreement"] == 1.0 for r in res["by_depth"])
+    assert "every replaced MLP" in format_replacement(res)
+
+
+def test_zero_replacement_is_zero_ablation(loud_llama):
+    lm = loud_llama
+    means = {layer: torch.zeros(lm.d_model) for layer in range(lm.n_layers)}
+    res = evaluate_replacement(lm, TrueMLP(lm, range(lm.n_layers), scale=0.0), _windows(lm), means=means,
+                               progress=False)
+    assert res["ce"] == pytest.approx(res["ce_zero_ablation"], abs=1e-5)
+    assert res["ce_recovered"] == pytest.approx(0.0, abs=1e-4)
+    # zero means: mean-ablation is zero-ablation too, and the training means were used
+    assert res["ce_mean_ablation"] == pytest.approx(res["ce_zero_ablation"], abs=1e-6)
+    assert res["mean_ablation_reference"] == "training"
+    assert all(v == pytest.approx(1.0) for v in res["nmse_local_by_layer"].values())
+    assert res["by_depth"][-1]["ce"] == pytest.approx(res["ce_zero_ablation"], abs=1e-5)
+
+
+def test_half_scaled_replacement_has_local_nmse_quarter(loud_llama):
+    lm = loud_llama
+    res = evaluate_replacement(lm, TrueMLP(lm, range(lm.n_layers), scale=0.5), _windows(lm), progress=False)
+    assert all(v == pytest.approx(0.25, rel=1e-4) for v in res["nmse_local_by_layer"].values())
+    assert res["ce"] != res["clean_ce"]
+    assert res["kl"] > 0 and res["kl_ci"][0] <= res["kl"] <= res["kl_ci"][1]
+
+
+@pytest.mark.parametrize("which", ["plt", "clt", "partial"])
+def test_by_depth_fast_path_equals_substituting_from_scratch(tiny_llama, which):
+    lm = tiny_llama
+    rep = {"plt": lambda: _plt(lm, range(lm.n_layers)), "clt": lambda: _clt(lm),
+           "partial": lambda: _plt(lm, [1, 2])}[which]()
+    windows = _windows(lm, 5, 14, seed=3)
+    fast = evaluate_replacement(lm, rep, windows, batch_windows=2, progress=False)
+    assert fast["kl"] > 1e-4  # a real (imperfect) replacement
+    n = len(rep.layers)
+    assert [r["last_layer"] for r in fast["by_depth"]] == sorted(rep.layers)
+    for k in range(1, n + 1):
+        slow = evaluate_replacement(lm, FirstK(rep, k), windows, batch_windows=3, by_depth=False, progress=False)
+        r = fast["by_depth"][k - 1]
+        assert r["ce"] == pytest.approx(slow["ce"], abs=1e-4), k
+        assert r["kl"] == pytest.approx(slow["kl"], abs=1e-4), k
+        assert r["top1_agreement"] == pytest.approx(slow["top1_agreement"], abs=1e-9), k
+    assert fast["by_depth"][-1]["ce"] == fast["ce"] and fast["by_depth"][-1]["kl"] == fast["kl"]
