@@ -173,3 +173,68 @@ def test_by_depth_fast_path_equals_substituting_from_scratch(tiny_llama, which):
         assert r["kl"] == pytest.approx(slow["kl"], abs=1e-4), k
         assert r["top1_agreement"] == pytest.approx(slow["top1_agreement"], abs=1e-9), k
     assert fast["by_depth"][-1]["ce"] == fast["ce"] and fast["by_depth"][-1]["kl"] == fast["kl"]
+
+
+# ------------------------------------------------------------------------------------------ the CLI
+@pytest.fixture(scope="module")
+def all_layer_run(tmp_path_factory, tiny_llama):
+    from sparsetrace.train.config import TrainConfig
+    from sparsetrace.train.pipeline import run_training
+
+    base = ["Once upon a time there was a little fox who lived in the woods near a river.",
+            "Mary and John went to the store. John gave a drink to Mary because she was thirsty."]
+    root = tmp_path_factory.mktemp("allrun")
+    corpus = root / "text.txt"
+    corpus.write_text("\n\n".join(f"{t} Story number {i}. " * 3 for i in range(60) for t in base))
+    out = root / "run"
+    cfg = TrainConfig(model="tiny-llama", layers=list(range(tiny_llama.n_layers)), kind="transcoder",
+                      corpus=str(corpus), context=32, n_tokens=1500, epochs=1.0, batch_size=128, expansion=2,
+                      target_l0=8.0)
+    run_training(cfg, out, lm=tiny_llama, progress=False, cache_dir=root / "cache")
+    return out, corpus
+
+
+def test_cli_json_has_a_replacement_line(all_layer_run, capsys):
+    import json
+
+    from cli_runner import run_cli
+
+    run, corpus = all_layer_run
+    code, out, err = run_cli(capsys, "evaluate", run, "--n-windows", "4", "--json")
+    assert code == 0, err
+    lines = [json.loads(x) for x in out.splitlines() if x.strip()]
+    reps = [x["replacement"] for x in lines if "replacement" in x]
+    assert len(reps) == 1
+    r = reps[0]
+    for key in ("ce_recovered", "ce_recovered_vs_mean", "kl", "top1_agreement", "nmse_by_layer", "by_depth"):
+        assert key in r
+    assert r["layers"] == [0, 1, 2, 3] and [d["k"] for d in r["by_depth"]] == [1, 2, 3, 4]
+    assert r["mean_ablation_reference"] == "training"  # the run saved its training means
+    rows = [x for x in lines if "layer" in x and "replacement" not in x]
+    assert len(rows) == 4 and all("fvu" in x and "ce_spliced" not in x for x in rows)  # per-layer CE skipped
+    saved = json.loads((run / "eval.json").read_text())
+    assert saved["replacement"]["kl"] == r["kl"] and len(saved["substitution"]) == 4
+    # the table, on other text, with the per-layer splices asked for
+    code, out, err = run_cli(capsys, "evaluate", run, "--n-windows", "3", "--corpus", corpus, "--per-layer-ce")
+    assert code == 0, err
+    assert "full replacement (plt, layers 0-3" in out and "first k replaced layers substituted" in out
+    assert "rec(zero)" in out and " - " not in out.split("full replacement")[0].split("\n", 2)[2]
+    assert json.loads((run / "eval_text.json").read_text())["replacement"]["n_windows"] == 3
+
+
+def test_partial_set_only_on_request(all_layer_run, tiny_llama):
+    import shutil
+
+    from sparsetrace.evaluate.job import evaluate_run
+
+    run, _ = all_layer_run
+    part = run.parent / "part"
+    part.mkdir()
+    for name in ("L01_transcoder", "L02_transcoder"):
+        shutil.copytree(run / name, part / name)
+    shutil.copy(run / "heldout_tokens.safetensors", part)
+    res = evaluate_run(part, lm=tiny_llama, n_windows=3, progress=False, write=False)
+    assert "replacement" not in res and "ce_spliced" in res["dictionaries"][0]
+    res = evaluate_run(part, lm=tiny_llama, n_windows=3, progress=False, write=False, replacement=True)
+    assert res["replacement"]["layers"] == [1, 2] and len(res["replacement"]["by_depth"]) == 2
+    assert "ce_spliced" in res["dictionaries"][0]  # a partial set keeps its per-layer splices

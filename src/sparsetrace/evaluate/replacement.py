@@ -13,9 +13,9 @@ bootstrap intervals over windows (``<key>_ci``, :mod:`.bootstrap`):
   layer zero-ablated at once; ``ce_recovered_vs_mean`` the same against mean-ablating every replaced
   MLP (the mean MLP output over the *training* activations when the run saved it, else over the
   evaluation windows; ``mean_ablation_reference`` says which);
-- ``nmse_by_layer[ly]`` = Σ‖ŷ_l − y_l‖² / Σ‖y_l‖², ŷ_l the substituted pass's MLP output at ``ly`` and
-  y_l the *clean* model's MLP output there: the error that reaches layer ``ly``, compounded from below;
-  ``nmse_local_by_layer[ly]`` the same against the true MLP applied to the substituted pass's own MLP input
+- ``nmse_by_layer[l]`` = Σ‖ŷ_l − y_l‖² / Σ‖y_l‖², ŷ_l the substituted pass's MLP output at ``l`` and
+  y_l the *clean* model's MLP output there: the error that reaches layer ``l``, compounded from below;
+  ``nmse_local_by_layer[l]`` the same against the true MLP applied to the substituted pass's own MLP input
   (the dictionary's error on the replacement's inputs, not compounded);
 - ``by_depth``: CE, KL and top-1 agreement with only the first ``k`` replaced layers substituted,
   k = 1..n. Run ``k`` equals the substituted pass up to the ``k``-th replaced layer, so it starts from that
