@@ -238,3 +238,37 @@ def test_partial_set_only_on_request(all_layer_run, tiny_llama):
     res = evaluate_run(part, lm=tiny_llama, n_windows=3, progress=False, write=False, replacement=True)
     assert res["replacement"]["layers"] == [1, 2] and len(res["replacement"]["by_depth"]) == 2
     assert "ce_spliced" in res["dictionaries"][0]  # a partial set keeps its per-layer splices
+
+
+def test_report_draws_the_depth_plot(tmp_path, loud_llama):
+    import json
+    import re
+
+    from sparsetrace.report.html import build_report
+
+    lm = loud_llama
+    res = evaluate_replacement(lm, TrueMLP(lm, range(lm.n_layers), scale=0.6), _windows(lm), progress=False)
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "eval.json").write_text(json.dumps({"model": lm.model_id, "clean_ce": res["clean_ce"], "dictionaries": [],
+                                               "substitution": [], "replacement": res}))
+    out = tmp_path / "report"
+    build_report([run], out, upstream=False)
+    text = (out / "data" / "report-data.js").read_text()
+    data = json.loads(text[len("window.SPARSETRACE_DATA="):].rstrip().rstrip(";"))
+    r = data["runs"][0]["replacement"]
+    assert r["ce_recovered"] == pytest.approx(res["ce_recovered"]) and len(r["by_depth"]) == lm.n_layers
+    svg = r["svg"]
+    assert svg.startswith("<svg") and svg.count("<polyline") == 2  # CE and KL against k
+    kl_points = re.search(r'class="dp-line dp-kl"[^>]*points="([^"]+)"', svg).group(1).split()
+    assert len(kl_points) == lm.n_layers
+    ys = [float(p.split(",")[1]) for p in kl_points]
+    kls = [d["kl"] for d in res["by_depth"]]
+    # larger KL is drawn higher (smaller y), in the same order as the figures
+    assert sorted(range(len(ys)), key=lambda i: -ys[i]) == sorted(range(len(kls)), key=lambda i: kls[i])
+    assert "replacement" in (out / "assets" / "report.js").read_text()
+    # a run without a replacement section gets none
+    (run / "eval.json").write_text(json.dumps({"model": lm.model_id, "clean_ce": 1.0, "dictionaries": []}))
+    build_report([run], tmp_path / "report2", upstream=False)
+    text = (tmp_path / "report2" / "data" / "report-data.js").read_text()
+    assert json.loads(text[len("window.SPARSETRACE_DATA="):].rstrip().rstrip(";"))["runs"][0]["replacement"] is None
