@@ -60,13 +60,24 @@ def _mlp(lm: LanguageModel, layer: int, x: Tensor) -> Tensor:
     return type(mlp).forward(mlp, x)
 
 
-def _scores(clean_lp: Tensor, clean_top: Tensor, logits: Tensor, ids: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Per-window CE, KL(clean || logits) and top-1 agreement count [batch]."""
-    lp = logits.float().log_softmax(-1)
-    ce = -lp[:, :-1].gather(-1, ids[:, 1:, None]).squeeze(-1).mean(-1)
-    kl = (clean_lp.exp() * (clean_lp - lp)).sum(-1).mean(-1)
-    agree = (lp[:, :-1].argmax(-1) == clean_top).sum(-1).double()
-    return ce, kl, agree
+class _Clean:
+    """The clean model's next-token distribution on one batch, kept for the KL of every variant."""
+
+    def __init__(self, logits: Tensor, ids: Tensor):
+        lp = logits.float().log_softmax(-1)
+        self.ids = ids
+        self.ce = -lp[:, :-1].gather(-1, ids[:, 1:, None]).squeeze(-1).mean(-1)
+        self.top = lp[:, :-1].argmax(-1)
+        self.p = lp.exp()
+        self.p_log_p = (self.p * lp).sum(-1)  # [b, t]
+
+    def scores(self, logits: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Per-window CE, KL(clean || logits) and top-1 agreement count [batch]."""
+        lp = logits.float().log_softmax(-1)
+        ce = -lp[:, :-1].gather(-1, self.ids[:, 1:, None]).squeeze(-1).mean(-1)
+        kl = (self.p_log_p - (self.p * lp).sum(-1)).mean(-1)
+        agree = (lp[:, :-1].argmax(-1) == self.top).sum(-1).double()
+        return ce, kl, agree
 
 
 class _Series:
@@ -155,9 +166,8 @@ def evaluate_replacement(
     for b0 in range(0, len(windows), batch_windows):
         ids = windows[b0 : b0 + batch_windows].to(device)
         clean = lm.run(ids, read=[Hookpoint("mlp_out", ly) for ly in layers])
-        clean_lp = clean.logits.float().log_softmax(-1)
-        clean_top = clean_lp[:, :-1].argmax(-1)
-        s.add("ce_clean", -clean_lp[:, :-1].gather(-1, ids[:, 1:, None]).squeeze(-1).mean(-1))
+        ref = _Clean(clean.logits, ids)
+        s.add("ce_clean", ref.ce)
         s.add("n_pos", torch.full((ids.shape[0],), float(ids.shape[1] - 1)))
         for ly in need_eval_means:
             mean_sum[ly] = mean_sum[ly] + clean.acts[Hookpoint("mlp_out", ly)][:, skip:].double().sum((0, 1))
@@ -167,7 +177,7 @@ def evaluate_replacement(
         errs: dict[int, tuple[Tensor, Tensor]] = {}
         logits, acts = _forward(lm, ids, {Hookpoint("mlp_out", ly): _substitute(lm, rep, ly, skip, feats, errs)
                                           for ly in layers}, read)
-        for key, v in zip(("ce", "kl", "agree"), _scores(clean_lp, clean_top, logits, ids), strict=True):
+        for key, v in zip(("ce", "kl", "agree"), ref.scores(logits), strict=True):
             s.add(f"{key}:{len(layers)}", v)
         for ly in layers:
             y_hat, local = errs[ly]
@@ -179,17 +189,17 @@ def evaluate_replacement(
         del feats, errs, logits
         # every replaced MLP ablated at once
         logits, _ = _forward(lm, ids, {Hookpoint("mlp_out", ly): _ablate(lm, ly, skip, 0.0) for ly in layers})
-        s.add("ce_zero", _scores(clean_lp, clean_top, logits, ids)[0])
+        s.add("ce_zero", ref.scores(logits)[0])
         if not need_eval_means:
             logits, _ = _forward(lm, ids, {Hookpoint("mlp_out", ly): _ablate(lm, ly, skip, means[ly]) for ly in layers})
-            s.add("ce_mean", _scores(clean_lp, clean_top, logits, ids)[0])
+            s.add("ce_mean", ref.scores(logits)[0])
         # first k substituted: resume from the substituted pass's residual, the rest of the model clean
         for k, start in starts.items():
             with start_at(lm, start, acts[Hookpoint("resid_pre", start)]):
                 logits = lm.model(input_ids=ids, use_cache=False).logits
-            for key, v in zip(("ce", "kl", "agree"), _scores(clean_lp, clean_top, logits, ids), strict=True):
+            for key, v in zip(("ce", "kl", "agree"), ref.scores(logits), strict=True):
                 s.add(f"{key}:{k}", v)
-        del acts, logits, clean_lp
+        del acts, logits, ref
         bar.update(1)
     mean_source = "training" if not need_eval_means else "evaluation windows" if len(need_eval_means) == len(
         layers) else "training, evaluation windows for layers " + ",".join(map(str, need_eval_means))
