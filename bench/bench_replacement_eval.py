@@ -44,6 +44,7 @@ def main() -> None:
     ap.add_argument("--n-windows", type=int, default=64)
     ap.add_argument("--batch-windows", type=int, default=8)
     ap.add_argument("--corpus", default="default")
+    ap.add_argument("--heldout", help="take the windows from this run's heldout_tokens.safetensors")
     args = ap.parse_args()
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
     lm = LanguageModel.load(args.model)
@@ -55,7 +56,8 @@ def main() -> None:
                                                 n_features=args.random_plt * lm.d_model, layer=ly,
                                                 model_id=lm.model_id), seed=ly) for ly in range(lm.n_layers)]
         rep = PLTSet(ds)
-        windows = heldout_windows(Path("/nonexistent"), lm, args.corpus, args.n_windows)
+        windows = heldout_windows(Path(args.heldout or "/nonexistent"), lm, None if args.heldout else args.corpus,
+                                  args.n_windows)
     ids = windows[: args.batch_windows]
     with torch.no_grad():
         parts = {

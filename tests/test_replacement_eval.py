@@ -272,3 +272,18 @@ def test_report_draws_the_depth_plot(tmp_path, loud_llama):
     build_report([run], tmp_path / "report2", upstream=False)
     text = (tmp_path / "report2" / "data" / "report-data.js").read_text()
     assert json.loads(text[len("window.SPARSETRACE_DATA="):].rstrip().rstrip(";"))["runs"][0]["replacement"] is None
+
+
+def test_a_clt_run_is_evaluated_as_a_replacement(all_layer_run, tiny_llama, tmp_path):
+    from sparsetrace.dictionary.clt import save_clt
+    from sparsetrace.evaluate.job import evaluate_run
+
+    _, corpus = all_layer_run
+    run = tmp_path / "cltrun"
+    run.mkdir()
+    save_clt(_clt(tiny_llama).clt, run / "clt")
+    res = evaluate_run(run, lm=tiny_llama, corpus=str(corpus), n_windows=3, progress=False, write=False)
+    r = res["replacement"]
+    assert r["kind"] == "clt" and r["layers"] == [0, 1, 2, 3] and len(r["by_depth"]) == 4
+    assert r["mean_ablation_reference"] == "evaluation windows" and res["dictionaries"] == []
+    assert any("mean-ablation uses evaluation windows" in n for n in res["notes"])

@@ -61,7 +61,11 @@ def _mlp(lm: LanguageModel, layer: int, x: Tensor) -> Tensor:
 
 
 class _Clean:
-    """The clean model's next-token distribution on one batch, kept for the KL of every variant."""
+    """The clean model's next-token distribution on one batch, kept for the KL of every variant.
+
+    Every variant's figures come from its raw logits in three passes over the [tokens, vocab] block
+    (logsumexp, one batched dot product with the clean probabilities, argmax): with lse = logsumexp(z),
+    CE = lse - z[target] and KL(p || softmax z) = sum p log p - sum p z + lse."""
 
     def __init__(self, logits: Tensor, ids: Tensor):
         lp = logits.float().log_softmax(-1)
@@ -73,10 +77,13 @@ class _Clean:
 
     def scores(self, logits: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Per-window CE, KL(clean || logits) and top-1 agreement count [batch]."""
-        lp = logits.float().log_softmax(-1)
-        ce = -lp[:, :-1].gather(-1, self.ids[:, 1:, None]).squeeze(-1).mean(-1)
-        kl = (self.p_log_p - (self.p * lp).sum(-1)).mean(-1)
-        agree = (lp[:, :-1].argmax(-1) == self.top).sum(-1).double()
+        z = logits.float()
+        b, t, v = z.shape
+        lse = z.logsumexp(-1)  # [b, t]
+        ce = (lse[:, :-1] - z[:, :-1].gather(-1, self.ids[:, 1:, None]).squeeze(-1)).mean(-1)
+        p_z = torch.bmm(self.p.reshape(b * t, 1, v), z.reshape(b * t, v, 1)).reshape(b, t)
+        kl = (self.p_log_p - p_z + lse).mean(-1)
+        agree = (z[:, :-1].argmax(-1) == self.top).sum(-1).double()
         return ce, kl, agree
 
 
