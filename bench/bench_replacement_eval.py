@@ -61,7 +61,8 @@ def main() -> None:
     ids = windows[: args.batch_windows]
     with torch.no_grad():
         parts = {
-            "clean forward (all layers + head)": _timed(lambda: lm.model(input_ids=ids, use_cache=False)),
+            "clean forward (all layers + head)": min(_timed(lambda: lm.model(input_ids=ids, use_cache=False))
+                                                     for _ in range(2)),
             "LM head + final norm alone": _timed(lambda: lm.model.lm_head(torch.randn(*ids.shape, lm.d_model))),
         }
         out = lm.run(ids, read=[Hookpoint("resid_pre", 15)])
@@ -74,13 +75,18 @@ def main() -> None:
     load = os.getloadavg()[0]
     for k, v in parts.items():
         print(f"{k:45s} {v:7.3f} s  ({args.batch_windows} windows x {ids.shape[1]})")
-    t = time.perf_counter()
+    t, c = time.perf_counter(), time.process_time()
     res = evaluate_replacement(lm, rep, windows, batch_windows=args.batch_windows)
-    wall = time.perf_counter() - t
+    wall, cpu = time.perf_counter() - t, time.process_time() - c
+    n_batches = -(-len(windows) // args.batch_windows)
+    fwd = parts["clean forward (all layers + head)"]
     print(format_replacement(res))
     print(f"load average (1 min) at start {load:.1f}, at end {os.getloadavg()[0]:.1f}; threads "
           f"{torch.get_num_threads()}")
-    print(f"full replacement of {len(rep.layers)} layers on {len(windows)} windows: {wall:.1f} s wall")
+    print(f"cost in clean forward passes of the same windows: {wall / (fwd * n_batches):.1f} "
+          f"(clean forward {ids.numel() / fwd:.0f} tokens/s during this run)")
+    print(f"full replacement of {len(rep.layers)} layers on {len(windows)} windows: {wall:.1f} s wall, "
+          f"{cpu:.1f} s CPU")
 
 
 if __name__ == "__main__":

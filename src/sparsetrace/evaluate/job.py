@@ -185,8 +185,12 @@ def evaluate_run(
     if per_layer_ce is None:
         per_layer_ce = not (do_rep and full)
     windows = heldout_windows(run_dir, lm, corpus, n_windows)
+    import time
+
+    t0 = time.perf_counter()
     result = evaluate(lm, dictionaries, windows, progress=progress, references=refs,
                       substitution=not do_rep, per_layer_ce=per_layer_ce)
+    result["seconds_dictionaries"] = round(time.perf_counter() - t0, 2)
     if not per_layer_ce and dictionaries:
         result["notes"].append("per-layer CE splices skipped (the full replacement is evaluated instead); "
                                "pass --per-layer-ce for CE/KL with each dictionary spliced in alone")
