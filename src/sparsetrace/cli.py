@@ -197,6 +197,7 @@ from .cli_circuits import (  # noqa: E402
     _say,
     export_cmd,
     export_graph,
+    graph_scores_cmd,
     steer,
     trace,
     upstream,
@@ -209,6 +210,7 @@ app.command()(steer)
 app.command(name="export-graph")(export_graph)
 app.command(name="export")(export_cmd)
 app.command()(upstream)
+app.command(name="graph-scores")(graph_scores_cmd)
 
 # ---------------------------------------------------------------------------------------------- interpret
 @app.command()
