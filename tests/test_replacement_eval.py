@@ -287,3 +287,38 @@ def test_a_clt_run_is_evaluated_as_a_replacement(all_layer_run, tiny_llama, tmp_
     assert r["kind"] == "clt" and r["layers"] == [0, 1, 2, 3] and len(r["by_depth"]) == 4
     assert r["mean_ablation_reference"] == "evaluation windows" and res["dictionaries"] == []
     assert any("mean-ablation uses evaluation windows" in n for n in res["notes"])
+
+
+@pytest.mark.browser
+def test_report_section_renders_in_chromium(tmp_path, loud_llama):
+    import importlib.util
+    import json
+    import os
+
+    from sparsetrace.report.html import build_report
+
+    chromium = os.environ.get("SPARSETRACE_CHROMIUM", "/usr/bin/chromium")
+    if not os.path.exists(chromium) or importlib.util.find_spec("playwright") is None:
+        pytest.skip(f"{chromium} or playwright missing (bash scripts/install_browser.sh)")
+    from playwright.sync_api import sync_playwright
+
+    lm = loud_llama
+    res = evaluate_replacement(lm, TrueMLP(lm, range(lm.n_layers), scale=0.6), _windows(lm), progress=False)
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "eval.json").write_text(json.dumps({"model": lm.model_id, "clean_ce": res["clean_ce"], "dictionaries": [],
+                                               "substitution": [], "replacement": res}))
+    index = build_report([run], tmp_path / "report", upstream=False)
+    with sync_playwright() as pw:
+        b = pw.chromium.launch(executable_path=chromium, args=["--headless", "--no-sandbox", "--disable-gpu"],
+                               timeout=30_000)
+        page = b.new_page()
+        errors: list[str] = []
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        page.goto(index.as_uri() + "#/r/0")
+        page.wait_for_selector("#replacement svg.depth-plot", timeout=30_000)
+        assert page.locator("#replacement polyline").count() == 2
+        assert page.locator("#replacement circle.dp-dot").count() == 2 * lm.n_layers
+        assert "top-1 agreement" in page.locator("#replacement").inner_text()
+        b.close()
+    assert errors == []
