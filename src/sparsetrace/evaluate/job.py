@@ -128,7 +128,10 @@ def _run_replacement(run_dir: Path, dictionaries: list[SparseDictionary]):
         return load_replacement(run_dir)
     tcs = [d for d in dictionaries if d.cfg.kind in ("transcoder", "skip_transcoder")
            and (d.cfg.hookpoint_in, d.cfg.hookpoint_out) == ("mlp_in", "mlp_out")]
-    return PLTSet(tcs) if tcs else None
+    try:
+        return PLTSet(tcs) if tcs else None
+    except DictionaryFileError:  # e.g. two transcoders on one layer: no single replacement to evaluate
+        return None
 
 
 def _training_means(run_dir: Path, rep, dictionaries, refs) -> dict:
