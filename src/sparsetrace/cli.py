@@ -170,7 +170,7 @@ def evaluate(
 @app.command()
 def run(
     out: Path = typer.Option(Path("runs/default"), help="Run folder; the report goes to OUT/report."),
-    preset: str = typer.Option("default", help="default (≤20 min on 2 CPU cores) | quick (a taste of every stage "
+    preset: str = typer.Option("default", help="default (a transcoder on every layer; ≤20 min on 2 CPU cores) | two-layer | quick (a taste of every stage "
                               "in ≤2 min; see README for what it leaves out)"),
     model: str = typer.Option("smollm2-135m", help="Model."),
     corpus: str = typer.Option("default", help="Training text."),
