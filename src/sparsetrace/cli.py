@@ -52,7 +52,8 @@ def _corpus_spec(corpus: str | None, encoding: str | None) -> str | None:
 def train(
     model: str = typer.Option("smollm2-135m", help="Short name, local folder/GGUF, or hub name."),
     layers: str = typer.Option("3,6", help="Layers to train, e.g. 3,6 or 2-5."),
-    kind: str = typer.Option("transcoder", help="sae | transcoder | skip_transcoder"),
+    kind: str = typer.Option("transcoder", help="sae | transcoder | skip_transcoder | clt (cross-layer "
+                             "transcoder over every layer: --layers 0-(L-1); activation relu, jumprelu or topk)"),
     hookpoint: str = typer.Option(None, help="SAE hookpoint: resid_pre | resid_post | attn_out | mlp_out"),
     activation: str = typer.Option("relu", help="relu (L1, automatic λ) | jumprelu (automatic λ) | topk | batchtopk"),
     target_l0: float = typer.Option(32.0, "--target-l0", help="Target active features per token."),
@@ -72,6 +73,7 @@ def train(
     parallel: str = typer.Option("data", help="Under torchrun: data (DDP) | layer (ranks own layers)."),
     checkpoint_every: int = typer.Option(200, "--checkpoint-every", help="Steps between checkpoints (0: none)."),
     max_memory: float = typer.Option(None, "--max-memory", help="Resident-memory budget in GB (default unbounded)."),
+    preact_coef: float = typer.Option(0.0, "--preact-coef", help="CLT: pre-activation loss against dead features."),
     out: Path = typer.Option(Path("runs/tc"), help="Output run folder."),
     resume: bool = typer.Option(False, "--resume", help="Continue from the last checkpoint in --out."),
     calibrate: bool = typer.Option(True, "--calibrate/--no-calibrate",
@@ -106,6 +108,7 @@ def train(
         checkpoint_every=checkpoint_every,
         max_memory_gb=max_memory,
         calibrate=calibrate,
+        preact_coef=preact_coef,
     ).validate()
     if resume and overwrite:
         raise ConfigError("pass either --resume or --overwrite, not both")

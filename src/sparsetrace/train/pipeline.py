@@ -111,6 +111,10 @@ def run_training(
     texts = corpus.texts
     lm = lm or LanguageModel.load(tcfg.model, device=tcfg.device)
     check_layers(lm, tcfg.layers)
+    if tcfg.kind == "clt":
+        from .clt_job import check_clt_layers
+
+        check_clt_layers(tcfg.layers, lm.n_layers)
     n_features = tcfg.n_features or tcfg.expansion * lm.d_model
     k = tcfg.k if tcfg.k is not None else max(1, round(tcfg.target_l0))
     if tcfg.activation in ("topk", "batchtopk") and k > n_features:
@@ -132,7 +136,12 @@ def run_training(
     )
     t_harvest = time.time() - t0
     sparsity: dict = {}
-    dictionaries = train_dictionaries(
+    t_train = time.time()
+    # --- kind dispatch (issue 12 §2): a cross-layer transcoder trains all layers as one model (train/clt_job.py)
+    train_fn = train_dictionaries
+    if tcfg.kind == "clt":
+        from .clt_job import train_clt as train_fn
+    dictionaries = train_fn(
         tcfg,
         cache,
         out_dir,
@@ -153,6 +162,7 @@ def run_training(
         "n_tokens": cache.n_tokens,
         "corpus_sources": source_tokens(lm, tcfg, corpus),
         "seconds_harvest": round(t_harvest, 1),
+        "seconds_train": round(time.time() - t_train, 1),
         "seconds_total": round(time.time() - t0, 1),
         "peak_rss_mb": round(peak_resident_bytes() / 1e6),
     }
@@ -212,6 +222,11 @@ def plan_memory(
     params += d * d if tcfg.kind == "skip_transcoder" else 0
     params += n_features if tcfg.activation == "jumprelu" else 0
     dictionaries = 4 * params * f32 * len(layers)  # parameters, gradients, exp_avg, exp_avg_sq
+    if tcfg.kind == "clt":  # one cross-layer transcoder over every layer: decoders to all later layers
+        from .clt import clt_parameter_count
+
+        params = clt_parameter_count(len(tcfg.layers), n_features, d)
+        dictionaries = 4 * params * f32 + batch * len(tcfg.layers) * (4 * n_features + 12 * d) * f32
     uses_lambda = tcfg.activation in ("relu", "jumprelu")
     n_resample = min(4096, tcfg.n_tokens) if uses_lambda and tcfg.resample_every > 0 else 0
     n_calibrate = min(8192, tcfg.n_tokens) if uses_lambda else 0
