@@ -33,7 +33,7 @@ from torch import Tensor, nn
 from ..dictionary.activations import jumprelu
 from ..dictionary.clt import CLTConfig, CrossLayerTranscoder
 from ..errors import ConfigError, TrainingDiverged
-from .clt_ops import clt_decode
+from .clt_ops import DENSE_DENSITY, clt_decode
 from .config import TrainConfig
 from .controller import L0Controller, init_thresholds
 
@@ -257,7 +257,10 @@ class CLTTrainer:
         to thin out, since the biases move by about lr per step)."""
         m = self.module
         for layer in range(self.clt.n_layers):
-            rate = min(0.5, self.tcfg.init_l0_factor * self.targets[layer] / self.clt.n_features)
+            n, t = self.clt.n_features, self.targets[layer]
+            # at most 2x the target where init_l0_factor x target would make the code too dense to decode
+            # sparsely (clt_ops.DENSE_DENSITY): a dense CLT step at SmolLM2's size takes minutes
+            rate = min(0.5, self.tcfg.init_l0_factor * t, max(2 * t, DENSE_DENSITY / 2 * n)) / n
             pre = torch.addmm(m.b_enc[layer], xs[layer], m.W_enc[layer].t())
             thr = init_thresholds(pre, rate)
             if _data_parallel(self.tcfg):
