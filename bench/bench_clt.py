@@ -73,7 +73,7 @@ def main() -> None:
         res["step_s"].append(round(time.perf_counter() - t, 2))
         res["l0_mean"] = round(sum(st["l0"]) / L, 1)
     xs, ys = tr.scaled(batch())
-    codes = tr.module.codes(xs)
+    codes = tr.module.codes(xs)[0]
     vals = [c[1].detach().requires_grad_() for c in codes]
     t = time.perf_counter()
     out = clt_decode(vals, [c[2] for c in codes], [c[3] for c in codes], list(tr.module.dec), a.batch)

@@ -75,16 +75,23 @@ class _CLTStep(nn.Module):
         )
         self.tanh_c, self.preact_coef = tanh_c, preact_coef
 
+    @torch.no_grad()
     def decoder_norms(self) -> Tensor:
-        """``[L, F]`` norm of each feature's writes over every target layer (differentiable)."""
-        return torch.stack([w.pow(2).sum((0, 2)).clamp_min(1e-12).sqrt() for w in self.dec])
+        """``[L, F]`` norm of each feature's writes over every target layer (no autograd: see
+        :meth:`CLTTrainer.add_norm_grad`)."""
+        return torch.stack([torch.linalg.vector_norm(w, dim=(0, 2)).clamp_min(1e-6) for w in self.dec])
 
     def codes(self, xs: Tensor, with_grad_band: bool = True):
-        """Per layer: dense pre-activations, and the ragged code (values, rows, cols) that is decoded."""
+        """Per layer: dense pre-activations, and the ragged code (values, rows, cols) that is decoded.
+
+        All layers' encoders run as one batched matmul (one backward, no per-layer slices of W_enc's
+        gradient)."""
         cfg = self.cfg
+        pre_all = torch.baddbmm(self.b_enc.unsqueeze(1), xs, self.W_enc.transpose(1, 2))  # [L, N, F]
+        pres = pre_all.unbind(0)
+        thrs = self.log_threshold.exp().unbind(0) if self.log_threshold is not None else None
         out = []
-        for layer in range(cfg.n_layers):
-            pre = torch.addmm(self.b_enc[layer], xs[layer], self.W_enc[layer].t())
+        for layer, pre in enumerate(pres):
             if cfg.activation == "topk":
                 top, idx = pre.topk(int(cfg.k), dim=-1, sorted=False)
                 rows = torch.arange(pre.shape[0]).repeat_interleave(int(cfg.k))
@@ -92,8 +99,8 @@ class _CLTStep(nn.Module):
                 order = torch.argsort(rows * pre.shape[1] + cols)  # row-major, as the decoder expects
                 rows, cols, values = rows[order], cols[order], top.relu().reshape(-1)[order]
             else:
-                if cfg.activation == "jumprelu":
-                    thr = self.log_threshold[layer].exp()
+                if thrs is not None:
+                    thr = thrs[layer]
                     acts = jumprelu(pre, thr, cfg.jumprelu_bandwidth)
                     band = cfg.jumprelu_bandwidth / 2 if with_grad_band else 0.0
                     keep = pre.detach() > (thr.detach() - band)
@@ -103,14 +110,15 @@ class _CLTStep(nn.Module):
                 rows, cols = keep.nonzero(as_tuple=True)
                 values = acts[rows, cols]
             out.append((pre, values, rows, cols))
-        return out
+        return out, (None if thrs is None else torch.stack(thrs))
 
     def forward(self, xs: Tensor, ys: Tensor, lams: Tensor):
-        """xs, ys: ``[L, N, d]`` scaled activations; lams: ``[L]`` -> (loss, mse [L], l0 [L], counts [L, F], err)."""
+        """xs, ys: ``[L, N, d]`` scaled activations; lams: ``[L]`` -> (loss, mse [L], l0 [L], counts [L, F],
+        err, norms): ``norms`` is a leaf whose gradient is dL/d||W_dec(l, f)||."""
         cfg = self.cfg
         L, n, d = xs.shape
-        codes = self.codes(xs)
-        norms = self.decoder_norms()
+        codes, thr_all = self.codes(xs)
+        norms = self.decoder_norms().requires_grad_()
         y_hat = clt_decode([c[1] for c in codes], [c[2] for c in codes], [c[3] for c in codes], list(self.dec), n)
         err = y_hat + self.b_dec[:, None, :] - ys
         mse = err.pow(2).mean((1, 2))
@@ -124,9 +132,9 @@ class _CLTStep(nn.Module):
                 pen = torch.tanh(self.tanh_c * norms[layer][cols] * values).sum() / n
                 loss = loss + lams[layer] * pen / d
             if self.preact_coef > 0:
-                thr = self.log_threshold[layer].exp() if self.log_threshold is not None else 0.0
+                thr = thr_all[layer] if thr_all is not None else 0.0
                 loss = loss + self.preact_coef * ((thr - pre).relu() * norms[layer]).sum() / (n * d)
-        return loss, mse.detach(), torch.stack(l0), torch.stack(counts), err.detach()
+        return loss, mse.detach(), torch.stack(l0), torch.stack(counts), err.detach(), norms
 
 
 class CLTTrainer:
@@ -216,12 +224,13 @@ class CLTTrainer:
         for g in self.opt.param_groups:
             g["lr"] = self.lr_at(self.step) * g.get("lr_scale", 1.0)
         lams = torch.tensor([c.value for c in self.controllers])
-        loss, mse, l0, counts, err = self.step_module(xs, ys, lams)
+        loss, mse, l0, counts, err, norms = self.step_module(xs, ys, lams)
         if not torch.isfinite(loss):
             raise TrainingDiverged(f"CLT loss became {float(loss.detach())} at step {self.step}; "
                                    f"expected a finite loss (try a lower --lr)")
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
+        self.add_norm_grad(norms)
         if self.thresholds_frozen and m.log_threshold.grad is not None:
             m.log_threshold.grad.zero_()
         torch.nn.utils.clip_grad_norm_(m.parameters(), 1.0)
@@ -251,6 +260,23 @@ class CLTTrainer:
                 "dead_frac": float((self.since_fired > self.dead_window).float().mean())}
 
     @torch.no_grad()
+    def add_norm_grad(self, norms: Tensor) -> None:
+        """The penalty's gradient through the decoder norms, added in place: d||w||/dw = w / ||w||, so
+        ``grad += w * (dL/d||w|| / ||w||)`` per feature, one pass over the decoder (autograd through the
+        norm would allocate and add three decoder-sized temporaries). Under DDP the per-feature factor is
+        averaged across ranks first, as DDP averages the other gradients."""
+        if norms.grad is None:
+            return
+        coef = norms.grad / norms.detach()
+        if _data_parallel(self.tcfg):
+            dist.all_reduce(coef)
+            coef /= dist.get_world_size()
+        for src, w in enumerate(self.module.dec):
+            if w.grad is None:
+                w.grad = torch.zeros_like(w)
+            w.grad.addcmul_(w.detach(), coef[src][None, :, None])
+
+    @torch.no_grad()
     def _init_thresholds(self, xs: Tensor) -> None:
         """Every feature starts firing on init_l0_factor x target / n_features of the tokens: through its
         JumpReLU threshold, or (ReLU) its encoder bias (a dense start takes the controller thousands of steps
@@ -260,7 +286,7 @@ class CLTTrainer:
             n, t = self.clt.n_features, self.targets[layer]
             # at most 2x the target where init_l0_factor x target would make the code too dense to decode
             # sparsely (clt_ops.DENSE_DENSITY): a dense CLT step at SmolLM2's size takes minutes
-            rate = min(0.5, self.tcfg.init_l0_factor * t, max(2 * t, DENSE_DENSITY / 2 * n)) / n
+            rate = min(0.5, min(self.tcfg.init_l0_factor * t, max(2 * t, DENSE_DENSITY / 2 * n)) / n)
             pre = torch.addmm(m.b_enc[layer], xs[layer], m.W_enc[layer].t())
             thr = init_thresholds(pre, rate)
             if _data_parallel(self.tcfg):
@@ -276,7 +302,7 @@ class CLTTrainer:
     def measure(self, xs: Tensor, ys: Tensor) -> tuple[list[float], list[float]]:
         """Per-layer L0 and FVU on scaled activations (no gradient band: exactly the inference code)."""
         m = self.module
-        codes = m.codes(xs, with_grad_band=False)
+        codes = m.codes(xs, with_grad_band=False)[0]
         n = xs.shape[1]
         keep = [c[1] > 0 for c in codes]
         y_hat = clt_decode([c[1][k] for c, k in zip(codes, keep, strict=True)],

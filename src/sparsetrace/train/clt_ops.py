@@ -88,8 +88,8 @@ class _CLTDecode(torch.autograd.Function):
             n_feat = weights[src].shape[1]
             nnz = rows[src].numel()
             gv = values[src].new_zeros(values[src].shape) if need_v else None
-            gw = torch.zeros_like(weights[src]) if need_w else None
-            if nnz:
+            gw = (torch.empty_like if nnz else torch.zeros_like)(weights[src]) if need_w else None
+            if nnz:  # every block of gw is written below
                 dense = _dense_code(values[src], rows[src], cols[src], n_rows, n_feat) \
                     if nnz > DENSE_DENSITY * n_rows * n_feat else None
                 groups = _group_by_feature(cols[src], n_feat, rows[src]) if need_w and dense is None else None
