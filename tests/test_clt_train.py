@@ -11,9 +11,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from cli_runner import run_cli
 from safetensors.torch import load_file
 
-from cli_runner import run_cli
 from sparsetrace.dictionary.clt import CLTConfig, CrossLayerTranscoder, load_clt, save_clt
 from sparsetrace.dictionary.model import DictionaryConfig, SparseDictionary
 from sparsetrace.dictionary.replacement_set import CLTReplacement, PLTSet

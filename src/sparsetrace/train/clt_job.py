@@ -166,23 +166,37 @@ def finish_clt(tr: CLTTrainer, xs: torch.Tensor, ys: torch.Tensor) -> dict[int, 
 
 
 # ---------------------------------------------------------------------------------------------- job
-def scales_from_cache(cache: ActivationCache, hp: str, n_layers: int) -> list[float]:
-    d = next(iter(cache.meta.d.values()))
-    return [max((cache.mean_sq_norm(f"{hp}.{layer}") / d) ** 0.5, 1e-8) for layer in range(n_layers)]
+def layer_scales(source, hp: str, n_layers: int, d_model: int) -> list[float]:
+    """Per-layer scale sqrt(mean ||x||^2 / d) of a hookpoint (a cache, or a stream's first chunk)."""
+    return [max((source.mean_sq_norm(f"{hp}.{layer}") / d_model) ** 0.5, 1e-8) for layer in range(n_layers)]
+
+
+def source_batches(source, tcfg: TrainConfig, hps: list[str], start: int, end: int) -> Iterator[dict]:
+    """Batch dicts for steps start..end-1: a streaming source (data/stream.py's ActivationStream, which
+    slices ranks itself) yields them directly; a disk cache goes through a BatchSchedule."""
+    if hasattr(source, "batch_at"):
+        return source.batches(hps, start, end)
+    rank, world = _rank_world()
+    parallel = tcfg.parallel == "data"
+    schedule = BatchSchedule(source.n_tokens, tcfg.batch_size, tcfg.seed,
+                             rank=rank if parallel else 0, world_size=world if parallel else 1)
+    return schedule.batches(source, hps, start, end)
 
 
 def train_clt(tcfg: TrainConfig, cache: ActivationCache, out_dir: Path, *, d_model: int, model_id: str,
               resume: bool = False, progress: bool = True, stop_at_step: int | None = None,
               sparsity: dict | None = None) -> dict[str, CrossLayerTranscoder]:
-    """Train one CLT over ``tcfg.layers`` (every layer) on ``cache``; save it at ``out_dir/clt``."""
+    """Train one CLT over ``tcfg.layers`` (every layer) on ``cache`` (an ActivationCache, or anything with
+    its ``n_tokens`` / ``get`` / ``mean_sq_norm`` face and, for streaming, ``batches``/``batch_at``);
+    save it at ``out_dir/clt``."""
     sparsity = {} if sparsity is None else sparsity
     out_dir = Path(out_dir)
     n_layers = len(tcfg.layers)
-    rank, world = _rank_world()
+    rank = _rank_world()[0]
     hp_in, hp_out = tcfg.hookpoints
     tr = CLTTrainer(tcfg, n_layers=n_layers, d_model=d_model, model_id=model_id,
-                    in_scales=scales_from_cache(cache, hp_in, n_layers),
-                    out_scales=scales_from_cache(cache, hp_out, n_layers))
+                    in_scales=layer_scales(cache, hp_in, n_layers, d_model),
+                    out_scales=layer_scales(cache, hp_out, n_layers, d_model))
     if resume:
         load_clt_checkpoint(tr, out_dir)
         truncate_log(out_dir / LOG, tr.step)
@@ -190,11 +204,8 @@ def train_clt(tcfg: TrainConfig, cache: ActivationCache, out_dir: Path, *, d_mod
         (out_dir / LOG).unlink()
     total = tcfg.total_steps
     end = total if stop_at_step is None else min(total, stop_at_step)
-    parallel = tcfg.parallel == "data"
-    schedule = BatchSchedule(cache.n_tokens, tcfg.batch_size, tcfg.seed,
-                             rank=rank if parallel else 0, world_size=world if parallel else 1)
     hps = [f"{h}.{layer}" for layer in range(n_layers) for h in (hp_in, hp_out)]
-    run_clt_loop(tr, schedule.batches(cache, hps, tr.step, end), out_dir, end=end, progress=progress)
+    run_clt_loop(tr, source_batches(cache, tcfg, hps, tr.step, end), out_dir, end=end, progress=progress)
     if end < total:
         save_clt_checkpoint(tr, out_dir)
         return {}
