@@ -117,7 +117,9 @@ def train(
                          how="pass --resume to continue it, --overwrite to start over, or another --out")
     info = run_training(tcfg, out, resume=resume, progress=_progress())
     info.pop("dictionaries", None)
-    typer.echo(f"trained {len(tcfg.layers)} dictionaries in {info['seconds_total']:.0f} s -> {out}")
+    what = f"a cross-layer transcoder over {len(tcfg.layers)} layers" if tcfg.kind == "clt" else \
+        f"{len(tcfg.layers)} dictionaries"
+    typer.echo(f"trained {what} in {info['seconds_total']:.0f} s -> {out}")
 
 
 # ---------------------------------------------------------------------------------------------- evaluate
