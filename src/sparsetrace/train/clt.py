@@ -256,8 +256,11 @@ class CLTTrainer:
             for c, v in zip(self.controllers, l0_v, strict=True):
                 c.update(v)
         self.step += 1
+        # rows_hit: the fraction of decoder rows this step's gradient touched (all a lazy-row optimizer
+        # could skip is the rest)
         return {"loss": float(stats[-1]), "l0": l0_v, "fvu": fvu_v, "mse": mse_v, "lambda": lam_v,
-                "dead_frac": float((self.since_fired > self.dead_window).float().mean())}
+                "dead_frac": float((self.since_fired > self.dead_window).float().mean()),
+                "rows_hit": float(fired.float().mean())}
 
     @torch.no_grad()
     def add_norm_grad(self, norms: Tensor) -> None:
