@@ -47,6 +47,17 @@ def clt_parameter_count(n_layers: int, n_features: int, d_model: int) -> int:
     return n_layers * n_features * d_model + dec + 2 * n_layers * n_features + n_layers * d_model
 
 
+def clt_working_bytes(tcfg: TrainConfig, n_layers: int, n_features: int, d_model: int) -> int:
+    """Working memory of a CLT step beyond parameters, gradients and Adam: the batch (raw and scaled), the
+    [L, N, F] pre-activations with their gradient, the [L, N, d] reconstruction and its gradient, one
+    source's decoder-gradient block; plus a checkpoint's serialisation when checkpoints are on."""
+    f32, n = 4, tcfg.batch_size
+    step = n * n_layers * (4 * d_model + 3 * n_features + 3 * d_model) * f32 + n_features * n_layers * d_model * f32
+    finish = 2048 * n_layers * (4 * d_model + 3 * n_features) * f32
+    ckpt = 3 * clt_parameter_count(n_layers, n_features, d_model) * f32 if tcfg.checkpoint_every else 0
+    return max(step, finish) + ckpt
+
+
 def layer_targets(tcfg: TrainConfig, n_layers: int) -> list[float]:
     """The target L0 of every layer (one value for all, or one per layer)."""
     t = tcfg.target_l0

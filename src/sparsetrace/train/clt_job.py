@@ -35,7 +35,7 @@ from .stats import sparsity_warnings
 
 CKPT = Path(".checkpoints") / "clt"
 LOG = "clt_train_log.jsonl"
-SAMPLE_TOKENS = 4096  # training tokens for the final L0/FVU measurement and the calibration
+SAMPLE_TOKENS = 2048  # training tokens for the final L0/FVU measurement and the calibration
 
 
 def _rank_world() -> tuple[int, int]:
@@ -209,6 +209,8 @@ def train_clt(tcfg: TrainConfig, cache: ActivationCache, out_dir: Path, *, d_mod
     if end < total:
         save_clt_checkpoint(tr, out_dir)
         return {}
+    tr.opt.zero_grad(set_to_none=True)  # gradients and Adam's moments (3x the decoder) are not needed now
+    tr.opt.state.clear()
     g = torch.Generator().manual_seed(tcfg.seed * 31 + 17)
     idx = torch.randint(0, cache.n_tokens, (min(SAMPLE_TOKENS, cache.n_tokens),), generator=g)
     xs, ys = tr.scaled({hp: cache.get(hp, idx) for hp in hps})

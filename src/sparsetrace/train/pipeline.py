@@ -226,7 +226,7 @@ def plan_memory(
         from .clt import clt_parameter_count
 
         params = clt_parameter_count(len(tcfg.layers), n_features, d)
-        dictionaries = 4 * params * f32 + batch * len(tcfg.layers) * (4 * n_features + 12 * d) * f32
+        dictionaries = 4 * params * f32
     uses_lambda = tcfg.activation in ("relu", "jumprelu")
     n_resample = min(4096, tcfg.n_tokens) if uses_lambda and tcfg.resample_every > 0 else 0
     n_calibrate = min(8192, tcfg.n_tokens) if uses_lambda else 0
@@ -237,6 +237,10 @@ def plan_memory(
         3 * params * f32,  # serialising a checkpoint
         2 * min(20000, tcfg.n_tokens) * d * f32,  # the activation scales
     )
+    if tcfg.kind == "clt":
+        from .clt import clt_working_bytes
+
+        working = clt_working_bytes(tcfg, len(tcfg.layers), n_features, d)
     cfg = lm.model.config
     heads = int(getattr(cfg, "num_attention_heads", None) or getattr(cfg, "n_head", None) or 16)
     n_hp = hp_per_layer * len(tcfg.layers)
