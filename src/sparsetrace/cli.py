@@ -15,6 +15,7 @@ import typer
 
 from .cli_options import clear_or_refuse as _clear_or_refuse
 from .cli_options import parse_layers as _parse_layers
+from .cli_options import parse_target_l0 as _parse_target_l0
 from .cli_options import progress_enabled as _progress
 from .errors import ConfigError, SparsetraceError
 
@@ -51,12 +52,13 @@ def _corpus_spec(corpus: str | None, encoding: str | None) -> str | None:
 @app.command()
 def train(
     model: str = typer.Option("smollm2-135m", help="Short name, local folder/GGUF, or hub name."),
-    layers: str = typer.Option("3,6", help="Layers to train, e.g. 3,6 or 2-5."),
+    layers: str = typer.Option("3,6", help="Layers to train: all, or a list and/or ranges, e.g. 3,6 or 0-29 or 0-3,6,10-12."),
     kind: str = typer.Option("transcoder", help="sae | transcoder | skip_transcoder | clt (cross-layer "
-                             "transcoder over every layer: --layers 0-(L-1); activation relu, jumprelu or topk)"),
+                             "transcoder over every layer: --layers all; activation relu, jumprelu or topk)"),
     hookpoint: str = typer.Option(None, help="SAE hookpoint: resid_pre | resid_post | attn_out | mlp_out"),
     activation: str = typer.Option("relu", help="relu (L1, automatic λ) | jumprelu (automatic λ) | topk | batchtopk"),
-    target_l0: float = typer.Option(32.0, "--target-l0", help="Target active features per token."),
+    target_l0: str = typer.Option("32", "--target-l0", help="Target active features per token: one value, or one "
+                                  "per layer (comma list in the order of --layers)."),
     k: int = typer.Option(None, help="k for topk/batchtopk (default: target L0)."),
     expansion: int = typer.Option(8, help="n_features = expansion × d_model."),
     n_features: int = typer.Option(None, "--n-features", help="Overrides --expansion."),
@@ -73,6 +75,8 @@ def train(
     parallel: str = typer.Option("data", help="Under torchrun: data (DDP) | layer (ranks own layers)."),
     checkpoint_every: int = typer.Option(200, "--checkpoint-every", help="Steps between checkpoints (0: none)."),
     max_memory: float = typer.Option(None, "--max-memory", help="Resident-memory budget in GB (default unbounded)."),
+    store: str = typer.Option("auto", "--store", help="Activations: stream (from the model's forward passes, "
+                              "bounded memory, no disk) | disk (harvest to a cache once) | auto (disk when small)."),
     preact_coef: float = typer.Option(0.0, "--preact-coef", help="CLT: pre-activation loss against dead features."),
     out: Path = typer.Option(Path("runs/tc"), help="Output run folder."),
     resume: bool = typer.Option(False, "--resume", help="Continue from the last checkpoint in --out."),
@@ -91,7 +95,7 @@ def train(
         kind=kind,
         hookpoint=hookpoint,
         activation=activation,
-        target_l0=target_l0,
+        target_l0=_parse_target_l0(target_l0),
         k=k,
         expansion=expansion,
         n_features=n_features,
@@ -108,6 +112,7 @@ def train(
         checkpoint_every=checkpoint_every,
         max_memory_gb=max_memory,
         calibrate=calibrate,
+        store=store,
         preact_coef=preact_coef,
     ).validate()
     if resume and overwrite:
@@ -117,8 +122,8 @@ def train(
                          how="pass --resume to continue it, --overwrite to start over, or another --out")
     info = run_training(tcfg, out, resume=resume, progress=_progress())
     info.pop("dictionaries", None)
-    what = f"a cross-layer transcoder over {len(tcfg.layers)} layers" if tcfg.kind == "clt" else \
-        f"{len(tcfg.layers)} dictionaries"
+    what = f"a cross-layer transcoder over {len(info['layers'])} layers" if tcfg.kind == "clt" else \
+        f"{len(info['layers'])} dictionaries"
     typer.echo(f"trained {what} in {info['seconds_total']:.0f} s -> {out}")
 
 
@@ -134,15 +139,22 @@ def evaluate(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an earlier evaluation of the same text "
                                    "(refused otherwise). With --corpus the figures go to RUN/eval_<corpus>.json, "
                                    "beside the run's own eval.json, which they never replace."),
+    replacement: bool = typer.Option(None, "--replacement/--no-replacement", help="Evaluate the full replacement "
+                                     "(every replaced MLP substituted at once, by depth). Default: when the run's "
+                                     "transcoders cover every layer, or it has a CLT."),
+    per_layer_ce: bool = typer.Option(None, "--per-layer-ce/--no-per-layer-ce", help="CE/KL with each dictionary "
+                                      "spliced in alone. Default: on, except for a full replacement."),
 ) -> None:
-    """Evaluate dictionaries against the real model: FVU, L0, dead/dense, CE recovered, KL, substitution."""
+    """Evaluate dictionaries against the real model: FVU, L0, dead/dense, CE recovered, KL, substitution,
+    and the full replacement (every MLP replaced at once) for runs that replace every MLP."""
     from .evaluate.job import eval_path, evaluate_run
 
     spec = _corpus_spec(corpus, encoding)
     dest = eval_path(run_dir, spec)
     if run_dir.is_dir():
         _clear_or_refuse([dest], overwrite)
-    result = evaluate_run(run_dir, model=model, corpus=spec, n_windows=n_windows, progress=_progress())
+    result = evaluate_run(run_dir, model=model, corpus=spec, n_windows=n_windows, progress=_progress(),
+                          replacement=replacement, per_layer_ce=per_layer_ce)
     for w in result.get("warnings", []):
         typer.echo(f"warning: {w}", err=True)
     if as_json:
@@ -150,6 +162,8 @@ def evaluate(
             typer.echo(json.dumps(row))
         if result["substitution"]:
             typer.echo(json.dumps({"substitution": result["substitution"], "clean_ce": result["clean_ce"]}))
+        if result.get("replacement"):
+            typer.echo(json.dumps({"replacement": result["replacement"]}))
         return
     from .evaluate.job import format_table
 
@@ -161,7 +175,7 @@ def evaluate(
 @app.command()
 def run(
     out: Path = typer.Option(Path("runs/default"), help="Run folder; the report goes to OUT/report."),
-    preset: str = typer.Option("default", help="default (≤20 min on 2 CPU cores) | quick (a taste of every stage "
+    preset: str = typer.Option("default", help="default (a transcoder on every layer; ≤20 min on 2 CPU cores) | two-layer | quick (a taste of every stage "
                               "in ≤2 min; see README for what it leaves out)"),
     model: str = typer.Option("smollm2-135m", help="Model."),
     corpus: str = typer.Option("default", help="Training text."),
@@ -188,6 +202,7 @@ from .cli_circuits import (  # noqa: E402
     _say,
     export_cmd,
     export_graph,
+    graph_scores_cmd,
     steer,
     trace,
     upstream,
@@ -200,6 +215,7 @@ app.command()(steer)
 app.command(name="export-graph")(export_graph)
 app.command(name="export")(export_cmd)
 app.command()(upstream)
+app.command(name="graph-scores")(graph_scores_cmd)
 
 # ---------------------------------------------------------------------------------------------- interpret
 @app.command()
