@@ -172,6 +172,16 @@ def test_resume_equals_uninterrupted(tmp_path, corpus_file, tiny_llama, activati
     assert log_a == (tmp_path / "cut" / "clt_train_log.jsonl").read_text()
 
 
+def test_trains_on_a_stream_like_on_the_disk_cache(tmp_path, corpus_file, tiny_llama):
+    """--store stream feeds the CLT loop the same batch dicts (data/stream.py); a short run completes."""
+    cfg = _cfg(corpus_file, activation="topk", n_tokens=2000, epochs=1.0, store="stream", checkpoint_every=0)
+    info = run_training(cfg, tmp_path / "run", lm=tiny_llama, progress=False, cache_dir=tmp_path / "c")
+    assert info["store"] == "stream" and set(info["dictionaries"]) == {"clt"}
+    rows = [json.loads(x) for x in (tmp_path / "run" / "clt_train_log.jsonl").read_text().splitlines()]
+    assert rows[-1]["mse"][0] < rows[0]["mse"][0]
+    assert load_clt(tmp_path / "run").n_layers == 4
+
+
 # ---------------------------------------------------------------------------------------------- errors
 @pytest.mark.parametrize(
     ("args", "needle"),
