@@ -113,6 +113,10 @@ def run_training(
     lm = lm or LanguageModel.load(tcfg.model, device=tcfg.device)
     tcfg = tcfg.resolve_layers(lm.n_layers)
     check_layers(lm, tcfg.layers)
+    if tcfg.kind == "clt":
+        from .clt_job import check_clt_layers
+
+        check_clt_layers(tcfg.layers, lm.n_layers)
     n_features = tcfg.n_features or tcfg.expansion * lm.d_model
     k = tcfg.k if tcfg.k is not None else max(1, round(tcfg.max_target_l0))
     if tcfg.activation in ("topk", "batchtopk") and k > n_features:
@@ -139,7 +143,12 @@ def run_training(
         )
     t_harvest = time.time() - t0
     sparsity: dict = {}
-    dictionaries = train_dictionaries(
+    t_train = time.time()
+    # --- kind dispatch (issue 12 §2): a cross-layer transcoder trains all layers as one model (train/clt_job.py)
+    train_fn = train_dictionaries
+    if tcfg.kind == "clt":
+        from .clt_job import train_clt as train_fn
+    dictionaries = train_fn(
         tcfg,
         cache,
         out_dir,
@@ -161,6 +170,7 @@ def run_training(
         "store": tcfg.store,
         "corpus_sources": source_tokens(lm, tcfg, corpus),
         "seconds_harvest": round(t_harvest, 1),
+        "seconds_train": round(time.time() - t_train, 1),
         "seconds_total": round(time.time() - t0, 1),
         "peak_rss_mb": round(peak_resident_bytes() / 1e6),
     }
@@ -306,6 +316,11 @@ def plan_memory(
     params += d * d if tcfg.kind == "skip_transcoder" else 0
     params += n_features if tcfg.activation == "jumprelu" else 0
     dictionaries = 4 * params * f32 * len(layers)  # parameters, gradients, exp_avg, exp_avg_sq
+    if tcfg.kind == "clt":  # one cross-layer transcoder over every layer: decoders to all later layers
+        from .clt import clt_parameter_count
+
+        params = clt_parameter_count(len(tcfg.layers), n_features, d)
+        dictionaries = 4 * params * f32
     uses_lambda = tcfg.activation in ("relu", "jumprelu")
     n_resample = min(4096, tcfg.n_tokens) if uses_lambda and tcfg.resample_every > 0 else 0
     n_calibrate = min(8192, tcfg.n_tokens) if uses_lambda else 0
@@ -316,6 +331,10 @@ def plan_memory(
         3 * params * f32,  # serialising a checkpoint
         2 * min(20000, tcfg.n_tokens) * d * f32,  # the activation scales
     )
+    if tcfg.kind == "clt":
+        from .clt import clt_working_bytes
+
+        working = clt_working_bytes(tcfg, len(tcfg.layers), n_features, d)
     cfg = lm.model.config
     heads = int(getattr(cfg, "num_attention_heads", None) or getattr(cfg, "n_head", None) or 16)
     n_hp = hp_per_layer * len(tcfg.layers)
