@@ -232,12 +232,14 @@ def stream_buffer_tokens(tcfg: TrainConfig, plan: MemoryPlan | None, row_bytes: 
     """Rows the stream's buffer holds: what --max-memory leaves after the model, dictionaries and working
     buffers (:func:`plan_memory`), else STREAM_BUFFER_BYTES; at most STREAM_BUFFER_MAX_ROWS and the
     training windows' tokens; at least one window (a budget below that is a ConfigError)."""
-    budget = STREAM_BUFFER_BYTES if plan is None else plan.cache_bytes
+    budget = STREAM_BUFFER_BYTES
+    if plan is not None:  # beside the buffer: a whole forward pass, and a batch gathered (and joined) from it
+        budget = plan.cache_bytes - max(0, plan.forward_bytes - plan.working) - 2 * tcfg.batch_size * row_bytes
     corpus = n_windows * per_window if n_windows is not None else max(tcfg.n_tokens, per_window)
     rows = min(budget // row_bytes, STREAM_BUFFER_MAX_ROWS, corpus)
     if rows < per_window:
         assert plan is not None
-        more = (per_window * row_bytes - plan.cache_bytes) / GB
+        more = (per_window * row_bytes - budget) / GB
         raise ConfigError(
             f"--max-memory {tcfg.max_memory_gb:g} GB is too small to stream {len(tcfg.layers)} layers: one window "
             f"of activations needs {_size(per_window * row_bytes)} more than the model and dictionaries leave; "
@@ -285,6 +287,7 @@ class MemoryPlan:
     dictionaries: int  # this process's dictionaries: parameters, gradients and the two Adam moments
     working: int  # batches, encoder activations, resample/calibration samples, checkpoint buffers
     harvest_windows: int  # windows per harvest forward pass
+    forward_bytes: int = 0  # one forward pass of harvest_windows windows (the stream holds it beside its buffer)
 
     @property
     def need(self) -> int:
@@ -341,7 +344,8 @@ def plan_memory(
     per_window = tcfg.context * d * f32 * (n_hp + 24) + tcfg.context**2 * f32 * 2 * heads
     harvest_windows = int(max(1, min(16, (budget - process) // per_window)))  # 16 unless that does not fit
     plan = MemoryPlan(budget=budget, process=process, dictionaries=dictionaries,
-                      working=max(working, 2 * per_window), harvest_windows=harvest_windows)
+                      working=max(working, 2 * per_window), harvest_windows=harvest_windows,
+                      forward_bytes=harvest_windows * per_window)
     if plan.need > budget:
         raise ConfigError(
             f"--max-memory {tcfg.max_memory_gb:g} GB is too small: the model and dictionaries alone need "
