@@ -146,6 +146,7 @@ def serve_peer(a) -> None:
     The store's ``__next__`` is where the loop comes back for each batch: it reports the time since the
     previous fetch (one full step of ``train()``), then waits for the driver's next command."""
     import logging
+    import shutil
     import tempfile
 
     import torch
@@ -196,6 +197,7 @@ def serve_peer(a) -> None:
         times, cpus = state["times"][a.warmup:], state["cpus"][a.warmup:]
         emit(_result("decode-clt", a, times, cpus, l0, torch))
         sys.stdout.flush()
+        shutil.rmtree(log_dir, ignore_errors=True)
         os._exit(0)  # leave train() here: nothing after the timed steps is measured
 
     trainer_mod.create_activation_store = lambda **kw: Store()
@@ -250,12 +252,15 @@ def main() -> None:
     p.add_argument("--activation", choices=["jumprelu", "topk"], default="jumprelu")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps per side")
     p.add_argument("--steps", type=int, default=4, help="timed steps per side")
+    p.add_argument("--reps", type=int, default=1, help="fresh processes per side (order alternates)")
+    p.add_argument("--interleave", action="store_true",
+                   help="run both sides at once, alternating single steps (both sides' memory at once)")
     p.add_argument("--threads", type=int, default=0, help="torch threads per side (default: torch's)")
     p.add_argument("--ours-only", action="store_true", help="skip decode-clt")
     p.add_argument("--worker", choices=["ours", "decode-clt"], default=None, help=argparse.SUPPRESS)
     a = p.parse_args()
-    if a.layers < 1 or a.features < 1 or a.batch < 1 or a.l0 < 1 or a.steps < 1 or a.warmup < 0:
-        p.error("--layers, --features, --batch, --l0 and --steps must be >= 1, --warmup >= 0")
+    if min(a.layers, a.features, a.batch, a.l0, a.steps, a.reps) < 1 or a.warmup < 0:
+        p.error("--layers, --features, --batch, --l0, --steps and --reps must be >= 1, --warmup >= 0")
     if a.l0 > a.features:
         p.error(f"--l0 {a.l0} is larger than --features {a.features}")
 
@@ -282,23 +287,51 @@ def main() -> None:
     print(f"# bench_clt_peer: {a.layers} layers x d_model {a.d_model}, {a.features} features/layer, batch "
           f"{a.batch}, {a.activation}, L0 {a.l0}/layer, warmup {a.warmup}, steps {a.steps}; {machine_line()}",
           flush=True)
-    procs = {}
-    for who, py, env in sides:  # one at a time up to READY: setup allocations do not overlap
+    steps: dict[str, list[float]] = {who: [] for who, _, _ in sides}
+    reps: dict[str, list[dict]] = {who: [] for who, _, _ in sides}
+
+    def start(who, py, env):
         t = time.perf_counter()
         proc = Served(py, here, [*common, "--worker", who], env=env)
         ok = proc.wait_ready()
         print(f"  {who}: set up in {time.perf_counter() - t:.1f}s" + ("" if ok else f" FAILED {proc.error}"),
               flush=True)
-        procs[who] = proc
-    steps: dict[str, list[float | None]] = {who: [] for who in procs}
-    for i in range(a.warmup + a.steps):
-        for who, proc in procs.items():
-            dt = proc.step()
+        return proc
+
+    def one_step(i, who, proc):
+        dt = proc.step()
+        tag = "warm-up" if i < a.warmup else "timed"
+        print(f"  step {i} {tag:7s} {who:10s}: " + (f"{dt:.2f}s" if dt is not None else f"FAILED {proc.error}"),
+              flush=True)
+        if dt is not None and i >= a.warmup:
             steps[who].append(dt)
-            tag = "warm-up" if i < a.warmup else "timed"
-            print(f"  step {i} {tag:7s} {who:10s}: " + (f"{dt:.2f}s" if dt is not None else f"FAILED {proc.error}"),
-                  flush=True)
-    results = {who: proc.finish(timeout=600) for who, proc in procs.items()}
+
+    for rep in range(a.reps):
+        order = sides if rep % 2 == 0 else sides[::-1]
+        if a.interleave:  # both alive at once, single steps alternate (needs both sides' memory at once)
+            procs = {who: start(who, py, env) for who, py, env in order}
+            for i in range(a.warmup + a.steps):
+                for who, proc in procs.items():
+                    one_step(i, who, proc)
+            for who, proc in procs.items():
+                reps[who].append(proc.finish(timeout=600))
+        else:  # one side at a time, fresh process each, order alternating over reps
+            for who, py, env in order:
+                proc = start(who, py, env)
+                for i in range(a.warmup + a.steps):
+                    one_step(i, who, proc)
+                reps[who].append(proc.finish(timeout=600))
+    results = {}
+    for who, rs in reps.items():
+        ok = [r for r in rs if "error" not in r]
+        if not ok:
+            results[who] = rs[0]
+            continue
+        times = [t for r in ok for t in r["step_times"]]
+        cpus = [c for r in ok for c in r["cpu_times"]]
+        results[who] = dict(ok[-1], step_times=times, cpu_times=cpus, step_s=median(times), cpu_s=median(cpus),
+                            tokens_per_s=a.batch / median(times), peak_rss_mb=max(r["peak_rss_mb"] for r in ok),
+                            l0=median([r["l0"] for r in ok]))
 
     rows = []
     for who, r in results.items():
@@ -317,13 +350,12 @@ def main() -> None:
     if peer is None:
         print("ratio ours/decode-clt tokens/s: n/a (--ours-only)")
         return
-    pairs = [tp / to for to, tp in zip(steps["ours"][a.warmup:], steps["decode-clt"][a.warmup:], strict=True)
-             if to and tp]
-    if "error" in ours or "error" in peer or not pairs:
+    if "error" in ours or "error" in peer:
         print("ratio ours/decode-clt tokens/s: n/a (a side failed)")
         return
     mem = ours["peak_rss_mb"] / peer["peak_rss_mb"]
-    print(f"ratio ours/decode-clt tokens/s: {median(pairs):.2f}x (peak RSS ours/decode-clt {mem:.2f})")
+    ratio = ours["tokens_per_s"] / peer["tokens_per_s"]
+    print(f"ratio ours/decode-clt tokens/s: {ratio:.2f}x (peak RSS ours/decode-clt {mem:.2f})")
 
 
 if __name__ == "__main__":
