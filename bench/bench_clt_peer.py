@@ -68,6 +68,7 @@ from common import (  # noqa: E402
 DECLT_PYTHON = BENCH / ".venv-declt" / "bin" / "python"
 POOL = 2  # distinct batches cycled through
 LR = 2e-4
+PREACT = 3e-6  # decode-clt's default pre-activation loss weight; ours is given the same
 
 
 # ------------------------------------------------------------------------------------------ data
@@ -89,13 +90,30 @@ def worker_ours(a):
     import torch
 
     pool = _data(a)
-    try:  # the CLT trainer, once it is on this branch
-        from sparsetrace.train import clt_trainer  # type: ignore[attr-defined]  # noqa: F401
-    except ImportError:
-        clt_trainer = None
-    if clt_trainer is not None:  # pragma: no cover - wired when the trainer lands
-        raise SystemExit("sparsetrace.train.clt_trainer exists: wire it into worker_ours")
-    return _ours_placeholder(a, pool, torch)
+    try:
+        from sparsetrace.train.clt import CLTTrainer
+    except ImportError:  # before the CLT trainer is on this branch
+        return _ours_placeholder(a, pool, torch)
+    from sparsetrace.train.config import TrainConfig
+
+    act = a.activation
+    tcfg = TrainConfig(kind="clt", layers=list(range(a.layers)), activation=act, n_features=a.features,
+                       target_l0=float(a.l0), k=a.l0 if act == "topk" else None, batch_size=a.batch,
+                       n_tokens=1000 * a.batch, epochs=1.0, lr=LR, init_l0_factor=1.0, preact_coef=PREACT,
+                       seed=0).validate()
+    tr = CLTTrainer(tcfg, n_layers=a.layers, d_model=a.d_model, model_id="random-smollm2-shapes",
+                    in_scales=[1.0] * a.layers, out_scales=[1.0] * a.layers)
+    hp_in, hp_out = tcfg.hookpoints
+    batches = [{**{f"{hp_in}.{i}": x for i, x in enumerate(xs)}, **{f"{hp_out}.{i}": y for i, y in enumerate(ys)}}
+               for xs, ys in pool]
+
+    def step(i):
+        tr.train_step(batches[i % POOL])
+
+    def l0_after():
+        return sum(tr.last_l0) / a.layers if tr.last_l0 else float("nan")
+
+    return step, l0_after, "ours (sparsetrace.train.clt.CLTTrainer.train_step)"
 
 
 def _ours_placeholder(a, pool, torch):
@@ -163,7 +181,7 @@ def serve_peer(a) -> None:
     log_dir = tempfile.mkdtemp(prefix="declt_bench_")
     tcfg = TrainingConfig(learning_rate=LR, training_steps=1000, train_batch_size_tokens=a.batch,
                           activation_source="local_manifest", activation_path=log_dir,
-                          normalization_method="none", optimizer="adam", gradient_clip_val=1.0,
+                          normalization_method="none", optimizer="adam", gradient_clip_val=1.0, preactivation_coef=PREACT,
                           eval_interval=10**9, checkpoint_interval=10**9, enable_wandb=False,
                           activation_dtype="float32")
     state = {"t": None, "cpu": None, "times": [], "cpus": [], "trainer": None}
@@ -256,7 +274,9 @@ def main() -> None:
     p.add_argument("--interleave", action="store_true",
                    help="run both sides at once, alternating single steps (both sides' memory at once)")
     p.add_argument("--threads", type=int, default=0, help="torch threads per side (default: torch's)")
-    p.add_argument("--ours-only", action="store_true", help="skip decode-clt")
+    p.add_argument("--sides", default="ours,decode-clt", help="comma list of sides to run")
+    p.add_argument("--ours-src", default=None,
+                   help="src folder our side imports sparsetrace from (default: this checkout's src)")
     p.add_argument("--worker", choices=["ours", "decode-clt"], default=None, help=argparse.SUPPRESS)
     a = p.parse_args()
     if min(a.layers, a.features, a.batch, a.l0, a.steps, a.reps) < 1 or a.warmup < 0:
@@ -276,9 +296,16 @@ def main() -> None:
     common = ["--layers", str(a.layers), "--d-model", str(a.d_model), "--features", str(a.features),
               "--batch", str(a.batch), "--l0", str(a.l0), "--activation", a.activation,
               "--warmup", str(a.warmup), "--steps", str(a.steps), "--threads", str(a.threads)]
-    src = str(Path(__file__).resolve().parent.parent / "src")
-    sides = [("ours", sys.executable, {"PYTHONPATH": os.pathsep.join([src, os.environ.get("PYTHONPATH", "")])})]
-    if not a.ours_only:
+    want = [w.strip() for w in a.sides.split(",") if w.strip()]
+    if not want or set(want) - {"ours", "decode-clt"}:
+        p.error(f"--sides '{a.sides}' is invalid; expected a comma list of ours, decode-clt")
+    src = a.ours_src or str(Path(__file__).resolve().parent.parent / "src")
+    if not (Path(src) / "sparsetrace").is_dir():
+        p.error(f"--ours-src '{src}' holds no sparsetrace package; expected a src folder")
+    sides = []
+    if "ours" in want:
+        sides.append(("ours", sys.executable, {"PYTHONPATH": src}))
+    if "decode-clt" in want:
         if not DECLT_PYTHON.exists():
             raise SystemExit(f"error: decode-clt venv missing: {DECLT_PYTHON} "
                              "(create it with: bash bench/peers/setup_declt_venv.sh)")
@@ -346,9 +373,9 @@ def main() -> None:
         if "error" not in r:
             print(f"  {who}: step wall times " + ", ".join(f"{t:.2f}" for t in r["step_times"])
                   + f"; torch {r['torch']}, {r['threads']} threads")
-    ours, peer = results.get("ours", {}), results.get("decode-clt")
-    if peer is None:
-        print("ratio ours/decode-clt tokens/s: n/a (--ours-only)")
+    ours, peer = results.get("ours"), results.get("decode-clt")
+    if ours is None or peer is None:
+        print("ratio ours/decode-clt tokens/s: n/a (one side only)")
         return
     if "error" in ours or "error" in peer:
         print("ratio ours/decode-clt tokens/s: n/a (a side failed)")
