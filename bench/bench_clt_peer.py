@@ -79,6 +79,38 @@ def _data(a):
     return [([ins[i][p] for i in range(a.layers)], [outs[i][p] for i in range(a.layers)]) for p in range(POOL)]
 
 
+def _mem_available_gb() -> float:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) / 2**20
+    except OSError:
+        pass
+    return float("inf")
+
+
+def _need_gb(a) -> float:
+    """Rough resident need of one side: parameters, gradients and two Adam moments in fp32, the batches
+    and the dense [B, F] codes per layer, plus 1 GB of interpreter and library."""
+    n_dec = a.layers * (a.layers + 1) // 2
+    params = (a.layers + n_dec) * a.features * a.d_model
+    acts = POOL * 2 * a.layers * a.batch * a.d_model + 4 * a.layers * a.batch * a.features
+    return (4 * params + acts) * 4 / 2**30 + 1.0
+
+
+def _wait_for_memory(need: float, wait_s: float) -> None:
+    """The box is shared: start a side only when it fits in what is free (else the kernel's OOM killer
+    picks a victim, maybe someone else's process)."""
+    t0 = time.perf_counter()
+    while (free := _mem_available_gb()) < need:
+        if time.perf_counter() - t0 > wait_s:
+            raise SystemExit(f"error: {free:.1f} GB available after waiting {wait_s:.0f}s; a side needs about "
+                             f"{need:.1f} GB (lower --features/--batch or free memory)")
+        print(f"  waiting for memory: {free:.1f} GB available, about {need:.1f} GB needed", flush=True)
+        time.sleep(20)
+
+
 def _cpu_s() -> float:
     t = os.times()
     return t.user + t.system
@@ -273,6 +305,8 @@ def main() -> None:
     p.add_argument("--reps", type=int, default=1, help="fresh processes per side (order alternates)")
     p.add_argument("--interleave", action="store_true",
                    help="run both sides at once, alternating single steps (both sides' memory at once)")
+    p.add_argument("--wait-memory", type=float, default=1800,
+                   help="seconds to wait for enough free memory before starting a side")
     p.add_argument("--threads", type=int, default=0, help="torch threads per side (default: torch's)")
     p.add_argument("--sides", default="ours,decode-clt", help="comma list of sides to run")
     p.add_argument("--ours-src", default=None,
@@ -317,7 +351,10 @@ def main() -> None:
     steps: dict[str, list[float]] = {who: [] for who, _, _ in sides}
     reps: dict[str, list[dict]] = {who: [] for who, _, _ in sides}
 
+    need = _need_gb(a) * (2 if a.interleave else 1)
+
     def start(who, py, env):
+        _wait_for_memory(need, a.wait_memory)
         t = time.perf_counter()
         proc = Served(py, here, [*common, "--worker", who], env=env)
         ok = proc.wait_ready()
