@@ -15,6 +15,7 @@ import typer
 
 from .cli_options import clear_or_refuse as _clear_or_refuse
 from .cli_options import parse_layers as _parse_layers
+from .cli_options import parse_target_l0 as _parse_target_l0
 from .cli_options import progress_enabled as _progress
 from .errors import ConfigError, SparsetraceError
 
@@ -51,11 +52,12 @@ def _corpus_spec(corpus: str | None, encoding: str | None) -> str | None:
 @app.command()
 def train(
     model: str = typer.Option("smollm2-135m", help="Short name, local folder/GGUF, or hub name."),
-    layers: str = typer.Option("3,6", help="Layers to train, e.g. 3,6 or 2-5."),
+    layers: str = typer.Option("3,6", help="Layers to train: all, or a list and/or ranges, e.g. 3,6 or 0-29 or 0-3,6,10-12."),
     kind: str = typer.Option("transcoder", help="sae | transcoder | skip_transcoder"),
     hookpoint: str = typer.Option(None, help="SAE hookpoint: resid_pre | resid_post | attn_out | mlp_out"),
     activation: str = typer.Option("relu", help="relu (L1, automatic λ) | jumprelu (automatic λ) | topk | batchtopk"),
-    target_l0: float = typer.Option(32.0, "--target-l0", help="Target active features per token."),
+    target_l0: str = typer.Option("32", "--target-l0", help="Target active features per token: one value, or one "
+                                  "per layer (comma list in the order of --layers)."),
     k: int = typer.Option(None, help="k for topk/batchtopk (default: target L0)."),
     expansion: int = typer.Option(8, help="n_features = expansion × d_model."),
     n_features: int = typer.Option(None, "--n-features", help="Overrides --expansion."),
@@ -72,6 +74,8 @@ def train(
     parallel: str = typer.Option("data", help="Under torchrun: data (DDP) | layer (ranks own layers)."),
     checkpoint_every: int = typer.Option(200, "--checkpoint-every", help="Steps between checkpoints (0: none)."),
     max_memory: float = typer.Option(None, "--max-memory", help="Resident-memory budget in GB (default unbounded)."),
+    store: str = typer.Option("auto", "--store", help="Activations: stream (from the model's forward passes, "
+                              "bounded memory, no disk) | disk (harvest to a cache once) | auto (disk when small)."),
     out: Path = typer.Option(Path("runs/tc"), help="Output run folder."),
     resume: bool = typer.Option(False, "--resume", help="Continue from the last checkpoint in --out."),
     calibrate: bool = typer.Option(True, "--calibrate/--no-calibrate",
@@ -89,7 +93,7 @@ def train(
         kind=kind,
         hookpoint=hookpoint,
         activation=activation,
-        target_l0=target_l0,
+        target_l0=_parse_target_l0(target_l0),
         k=k,
         expansion=expansion,
         n_features=n_features,
@@ -106,6 +110,7 @@ def train(
         checkpoint_every=checkpoint_every,
         max_memory_gb=max_memory,
         calibrate=calibrate,
+        store=store,
     ).validate()
     if resume and overwrite:
         raise ConfigError("pass either --resume or --overwrite, not both")
@@ -114,7 +119,7 @@ def train(
                          how="pass --resume to continue it, --overwrite to start over, or another --out")
     info = run_training(tcfg, out, resume=resume, progress=_progress())
     info.pop("dictionaries", None)
-    typer.echo(f"trained {len(tcfg.layers)} dictionaries in {info['seconds_total']:.0f} s -> {out}")
+    typer.echo(f"trained {len(info['layers'])} dictionaries in {info['seconds_total']:.0f} s -> {out}")
 
 
 # ---------------------------------------------------------------------------------------------- evaluate

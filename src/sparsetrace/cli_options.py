@@ -20,7 +20,7 @@ from typing import Any
 
 from .errors import ConfigError
 
-__all__ = ["MAX_COUNT", "MAX_REAL", "RULES", "Rule", "check_value", "clear_or_refuse", "install", "parse_layers",
+__all__ = ["MAX_COUNT", "MAX_REAL", "RULES", "Rule", "check_value", "clear_or_refuse", "install", "parse_layers", "parse_target_l0",
            "refuse_existing", "rule_for"]
 
 MAX_COUNT = 10**9
@@ -168,22 +168,46 @@ def clear_or_refuse(results: list[Path], overwrite: bool, *, folder: Path | None
             Path(p).unlink()
 
 
-def parse_layers(text: str) -> list[int]:
+def parse_layers(text: str) -> list[int] | str:
+    """``all``, a list, ranges, or both: ``3,6``, ``0-29``, ``0-3,6,10-12``; "all" stays "all" (resolved
+    against the model's depth once it is loaded). A bad part is named in one error line."""
+    expected = "expected all, layer numbers and ranges like 3,6 or 0-29 or 0-3,6,10-12"
+    if text.strip().lower() == "all":
+        return "all"
     out: list[int] = []
     for part in text.split(","):
         part = part.strip()
         if not part:
             continue
         if "-" in part[1:]:
-            a, b = part.split("-", 1)
+            a, b = (x.strip() for x in part.split("-", 1))
             if not (a.isdigit() and b.isdigit()):
-                raise ConfigError(f"--layers '{text}' is invalid; expected integers like 3,6 or 2-5")
+                raise ConfigError(f"--layers '{text}' is invalid ('{part}'); {expected}")
+            if int(b) < int(a):
+                raise ConfigError(f"--layers '{text}' has a reversed range '{part}'; expected FIRST-LAST with "
+                                  f"FIRST <= LAST, e.g. {b}-{a}")
             out.extend(range(int(a), int(b) + 1))
         elif part.lstrip("-").isdigit():
             out.append(int(part))
         else:
-            raise ConfigError(f"--layers '{text}' is invalid; expected integers like 3,6 or 2-5")
+            raise ConfigError(f"--layers '{text}' is invalid ('{part}'); {expected}")
     return out
+
+
+def parse_target_l0(text: str) -> float | list[float]:
+    """``--target-l0``: one number, or a comma list with one number per layer (same order as --layers)."""
+    expected = f"expected a number > 0 (at most {MAX_REAL:g}), or a comma list with one per layer, e.g. 32 or 16,32"
+    parts = [p.strip() for p in str(text).split(",")]
+    values: list[float] = []
+    for part in parts:
+        try:
+            v = float(part)
+        except ValueError:
+            raise ConfigError(f"--target-l0 {text} is invalid ('{part}' is not a number); {expected}") from None
+        if not (math.isfinite(v) and 0 < v <= MAX_REAL):
+            raise ConfigError(f"--target-l0 {text} is invalid; {expected}")
+        values.append(v)
+    return values[0] if len(values) == 1 else values
 
 
 def progress_enabled() -> bool:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 
 from ..dictionary.model import DEFAULT_HOOKPOINTS, KINDS
 from ..errors import ConfigError
@@ -15,11 +15,11 @@ ACTIVATION_CHOICES = ("relu", "topk", "batchtopk", "jumprelu")
 @dataclass
 class TrainConfig:
     model: str = "smollm2-135m"
-    layers: list[int] = field(default_factory=lambda: [3, 6])
+    layers: list[int] | str = field(default_factory=lambda: [3, 6])  # or "all" (resolved once the model loads)
     kind: str = "transcoder"  # sae | transcoder | skip_transcoder
     hookpoint: str | None = None  # SAE input/output hookpoint (default resid_pre); ignored for transcoders
     activation: str = "relu"
-    target_l0: float = 32.0
+    target_l0: float | list[float] = 32.0  # one target, or one per layer (in the order of ``layers``)
     k: int | None = None  # TopK/BatchTopK; defaults to round(target_l0)
     expansion: int = 8  # n_features = expansion * d_model unless n_features is given
     n_features: int | None = None
@@ -50,6 +50,8 @@ class TrainConfig:
     dtype: str = "float32"  # activation cache dtype
     max_memory_gb: float | None = None  # resident-memory budget per process, GB (10^9 bytes); None = unbounded
     parallel: str = "data"  # data | layer   (under torchrun)
+    store: str = "auto"  # activations: stream (data/stream.py) | disk (data/store.py) | auto (resolved at start)
+    buffer_tokens: int | None = None  # stream: rows held per hookpoint (None: from --max-memory, resolved at start)
 
     @property
     def hookpoints(self) -> tuple[str, str]:
@@ -61,6 +63,23 @@ class TrainConfig:
     @property
     def total_steps(self) -> int:
         return max(1, int(self.n_tokens * self.epochs) // self.batch_size)
+
+    def target_for(self, layer: int) -> float:
+        """The target L0 of ``layer``: the single target, or its entry in the per-layer list."""
+        if isinstance(self.target_l0, (list, tuple)):
+            return float(self.target_l0[list(self.layers).index(layer)])
+        return float(self.target_l0)
+
+    @property
+    def max_target_l0(self) -> float:
+        t = self.target_l0
+        return float(max(t)) if isinstance(t, (list, tuple)) else float(t)
+
+    def resolve_layers(self, n_layers: int) -> TrainConfig:
+        """``layers="all"`` becomes 0..n_layers-1 (a copy; self when there is nothing to resolve)."""
+        if self.layers != "all":
+            return self
+        return replace(self, layers=list(range(n_layers))).validate()
 
     def validate(self) -> TrainConfig:
         """Raise :class:`ConfigError` naming the first bad value and what was expected; return self."""
@@ -108,8 +127,15 @@ def _check_names(c: TrainConfig) -> None:
 
 def _check_sparsity(c: TrainConfig) -> None:
     """Target L0, initial λ and k (TopK/BatchTopK)."""
-    if not _is_real(c.target_l0) or not 0 < c.target_l0 < math.inf:
-        raise ConfigError(f"--target-l0 {c.target_l0} is invalid; expected a number > 0")
+    targets = c.target_l0 if isinstance(c.target_l0, (list, tuple)) else [c.target_l0]
+    for t in targets:
+        if not _is_real(t) or not 0 < t < math.inf:
+            shown = ",".join(map(str, targets)) if isinstance(c.target_l0, (list, tuple)) else t
+            raise ConfigError(f"--target-l0 {shown} is invalid; expected a number > 0 (or one per layer)")
+    if isinstance(c.target_l0, (list, tuple)) and isinstance(c.layers, (list, tuple)) and len(targets) != len(c.layers):
+        raise ConfigError(
+            f"--target-l0 has {len(targets)} values for {len(c.layers)} layers; expected one value, or one per layer"
+        )
     if c.l1_init is not None and (not _is_real(c.l1_init) or not 0 < c.l1_init < math.inf):
         raise ConfigError(f"--l1 (initial λ) {c.l1_init} is invalid; expected a number > 0")
     if c.k is not None and not _is_int(c.k):
@@ -125,6 +151,8 @@ def _check_sparsity(c: TrainConfig) -> None:
 
 
 def _check_layers(c: TrainConfig) -> None:
+    if c.layers == "all":
+        return
     if not isinstance(c.layers, (list, tuple)) or not all(_is_int(x) for x in c.layers):
         raise ConfigError(f"--layers {c.layers!r} is invalid; expected a list of layer numbers, e.g. 3,6")
     if not c.layers:
@@ -188,3 +216,7 @@ def _check_choices(c: TrainConfig) -> None:
         raise ConfigError(f"dtype '{c.dtype}' is unknown; expected 'float32' or 'float16'")
     if c.parallel not in ("data", "layer"):
         raise ConfigError(f"--parallel '{c.parallel}' is unknown; expected 'data' or 'layer'")
+    if c.store not in ("auto", "stream", "disk"):
+        raise ConfigError(f"--store '{c.store}' is unknown; expected stream, disk or auto")
+    if c.buffer_tokens is not None and (not _is_int(c.buffer_tokens) or c.buffer_tokens <= 0):
+        raise ConfigError(f"buffer_tokens {c.buffer_tokens!r} is invalid; expected a positive integer")

@@ -21,7 +21,8 @@ import torch.distributed as dist
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from ..data.store import ActivationCache, harvest
+from ..data.store import ActivationCache, default_cache_root, harvest
+from ..data.stream import ActivationStream
 from ..data.tokens import split_windows, tokenize_windows
 from ..errors import ConfigError
 from ..model.adapter import LanguageModel
@@ -110,13 +111,17 @@ def run_training(
     corpus = load_corpus(tcfg.corpus)  # before the model, so a bad corpus fails fast
     texts = corpus.texts
     lm = lm or LanguageModel.load(tcfg.model, device=tcfg.device)
+    tcfg = tcfg.resolve_layers(lm.n_layers)
     check_layers(lm, tcfg.layers)
     n_features = tcfg.n_features or tcfg.expansion * lm.d_model
-    k = tcfg.k if tcfg.k is not None else max(1, round(tcfg.target_l0))
+    k = tcfg.k if tcfg.k is not None else max(1, round(tcfg.max_target_l0))
     if tcfg.activation in ("topk", "batchtopk") and k > n_features:
         raise ConfigError(f"--k {k} is larger than n_features={n_features}; expected k <= n_features")
     plan = plan_memory(tcfg, lm, n_features=n_features)  # a budget that is too small fails here
     train_windows, heldout = load_corpus_windows(lm, tcfg, texts)
+    hp_in, hp_out = tcfg.hookpoints
+    hookpoints = sorted({Hookpoint(h, layer) for layer in tcfg.layers for h in (hp_in, hp_out)}, key=str)
+    tcfg = resolve_store(tcfg, lm, plan, len(hookpoints), train_windows.shape[0], cache_dir)
     from ..dictionary.io import atomic_write_text, write_failed
 
     atomic_write_text(out_dir / "train_config.json", json.dumps(tcfg.to_dict(), indent=2))
@@ -124,12 +129,14 @@ def run_training(
         save_file({"tokens": heldout.contiguous()}, str(out_dir / HELDOUT))
     except (OSError, SafetensorError) as e:
         raise write_failed(out_dir / HELDOUT, e) from None
-    hp_in, hp_out = tcfg.hookpoints
-    hookpoints = sorted({Hookpoint(h, layer) for layer in tcfg.layers for h in (hp_in, hp_out)}, key=str)
-    mem_kw = {} if plan is None else {"max_resident_bytes": plan.cache_bytes, "batch_windows": plan.harvest_windows}
-    cache = _harvest_once(
-        lm, train_windows, hookpoints, cache_dir=cache_dir, progress=progress, dtype=tcfg.dtype, **mem_kw
-    )
+    if tcfg.store == "stream":
+        cache = open_stream(tcfg, lm, train_windows, plan, progress=progress)
+    else:
+        mem_kw = {} if plan is None else {"max_resident_bytes": plan.cache_bytes,
+                                          "batch_windows": plan.harvest_windows}
+        cache = _harvest_once(
+            lm, train_windows, hookpoints, cache_dir=cache_dir, progress=progress, dtype=tcfg.dtype, **mem_kw
+        )
     t_harvest = time.time() - t0
     sparsity: dict = {}
     dictionaries = train_dictionaries(
@@ -150,7 +157,8 @@ def run_training(
         "activation": tcfg.activation,
         "target_l0": tcfg.target_l0,
         "corpus": tcfg.corpus,
-        "n_tokens": cache.n_tokens,
+        "n_tokens": cache.total_tokens if isinstance(cache, ActivationStream) else cache.n_tokens,
+        "store": tcfg.store,
         "corpus_sources": source_tokens(lm, tcfg, corpus),
         "seconds_harvest": round(t_harvest, 1),
         "seconds_total": round(time.time() - t0, 1),
@@ -162,7 +170,12 @@ def run_training(
     info["warnings"] = [w for rec in info["sparsity"].values() for w in rec["warnings"]]
     if plan is not None:
         info["max_memory_gb"] = tcfg.max_memory_gb
-        info["cache_reads"] = "mapped" if cache.mapped else "pread"
+        info["cache_reads"] = "stream" if isinstance(cache, ActivationStream) else (
+            "mapped" if cache.mapped else "pread")
+    if isinstance(cache, ActivationStream):
+        info["buffer_tokens"] = cache.buffer_rows
+        info["tokens_forwarded"] = cache.forwarded  # this process: epochs x its share, + the first chunk on resume
+        info["seconds_stream_forward"] = round(cache.seconds_forward, 1)
     if stop_at_step is None:
         write_run_json(out_dir, info)
     info["dictionaries"] = dictionaries
@@ -170,6 +183,85 @@ def run_training(
 
 
 GB = 1e9
+AUTO_DISK_MAX_BYTES = 4 * 10**9  # --store auto: a disk cache up to this size (and with room on disk), else stream
+STREAM_BUFFER_BYTES = 2 * 10**9  # the stream's buffer without --max-memory
+STREAM_BUFFER_MAX_ROWS = 65536
+
+
+def _row_bytes(tcfg: TrainConfig, d_model: int, n_hookpoints: int) -> int:
+    return n_hookpoints * d_model * (2 if tcfg.dtype == "float16" else 4)
+
+
+def resolve_store(tcfg: TrainConfig, lm: LanguageModel, plan: MemoryPlan | None, n_hookpoints: int,
+                  n_windows: int, cache_dir: Path | None = None) -> TrainConfig:
+    """``store="auto"`` becomes ``disk`` when the activation cache would be at most AUTO_DISK_MAX_BYTES and
+    fits on its disk (multi-epoch runs then pay one forward pass), else ``stream``; a stream's
+    ``buffer_tokens`` is fixed here (it shapes the batch order, so a resumed run keeps the saved one)."""
+    per_window = tcfg.context - (1 if getattr(lm.tokenizer, "bos_token_id", None) is not None else 0)
+    row = _row_bytes(tcfg, lm.d_model, n_hookpoints)
+    store = tcfg.store
+    if store == "auto":
+        need = n_windows * per_window * row
+        root = Path(cache_dir) if cache_dir is not None else default_cache_root() / "activations"
+        store = "disk" if need <= AUTO_DISK_MAX_BYTES and need * 1.1 + 2e8 <= _free_bytes(root) else "stream"
+    buffer = tcfg.buffer_tokens
+    if store == "stream":
+        fit = stream_buffer_tokens(tcfg, plan, row, per_window)
+        if buffer is None:
+            buffer = fit
+        elif plan is not None and buffer > fit:
+            raise ConfigError(
+                f"--max-memory {tcfg.max_memory_gb:g} GB is too small for this run's stream buffer of {buffer} "
+                f"tokens (it fits {fit}); expected the budget the run started with, or more"
+            )
+    return replace(tcfg, store=store, buffer_tokens=buffer)
+
+
+def stream_buffer_tokens(tcfg: TrainConfig, plan: MemoryPlan | None, row_bytes: int, per_window: int) -> int:
+    """Rows the stream's buffer holds: what --max-memory leaves after the model, dictionaries and working
+    buffers (:func:`plan_memory`), else STREAM_BUFFER_BYTES; at most STREAM_BUFFER_MAX_ROWS and the
+    training tokens; at least one window (a budget below that is a ConfigError)."""
+    budget = STREAM_BUFFER_BYTES if plan is None else plan.cache_bytes
+    rows = min(budget // row_bytes, STREAM_BUFFER_MAX_ROWS, max(tcfg.n_tokens, per_window))
+    if rows < per_window:
+        assert plan is not None
+        more = (per_window * row_bytes - plan.cache_bytes) / GB
+        raise ConfigError(
+            f"--max-memory {tcfg.max_memory_gb:g} GB is too small to stream {len(tcfg.layers)} layers: one window "
+            f"of activations needs {_size(per_window * row_bytes)} more than the model and dictionaries leave; "
+            f"expected --max-memory >= {_gb(int((tcfg.max_memory_gb + more) * GB) + 1)}"
+        )
+    return int(rows)
+
+
+def open_stream(tcfg: TrainConfig, lm: LanguageModel, windows: torch.Tensor, plan: MemoryPlan | None,
+                *, progress: bool = True) -> ActivationStream:
+    """The stream a run trains from: DDP data-parallel ranks take disjoint windows; under layer
+    parallelism each rank streams its own layers' hookpoints over every window."""
+    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    rank = dist.get_rank() if world > 1 else 0
+    layers = tcfg.layers
+    if world > 1 and tcfg.parallel == "layer":
+        layers, rank, world = tcfg.layers[rank::world], 0, 1
+    hps = [Hookpoint(h, layer) for layer in layers for h in sorted(set(tcfg.hookpoints))]
+    assert tcfg.buffer_tokens is not None
+    return ActivationStream(
+        lm, windows, hps, batch_size=tcfg.batch_size, seed=tcfg.seed, buffer_tokens=tcfg.buffer_tokens,
+        rank=rank, world_size=world, batch_windows=16 if plan is None else plan.harvest_windows, dtype=tcfg.dtype,
+        progress=progress and rank == 0,
+    )
+
+
+def _free_bytes(folder: Path) -> int:
+    import shutil
+
+    p = Path(folder)
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    try:
+        return shutil.disk_usage(p).free
+    except OSError:
+        return 0
 
 
 @dataclass

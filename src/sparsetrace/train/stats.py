@@ -112,7 +112,7 @@ def finish_layer(tr: LayerTrainer, cache: ActivationCache, n_tokens: int = 8192)
     thr_before = d.threshold.detach().clone() if d.log_threshold is not None else None
     shift = None
     if tr.uses_lambda and tcfg.calibrate:
-        shift = calibration_shift(d.pre_activations(x), d.threshold, tcfg.target_l0)
+        shift = calibration_shift(d.pre_activations(x), d.threshold, tr.target_l0)
         if d.log_threshold is not None:
             # JumpReLU: move the thresholds, not the bias, so the values of the features that fire stay
             # as trained (pre + shift > θ  <=>  pre > θ - shift)
@@ -123,7 +123,7 @@ def finish_layer(tr: LayerTrainer, cache: ActivationCache, n_tokens: int = 8192)
     controller_l0 = tr.controller.ema_l0 if tr.uses_lambda else tr.last_l0
     rec = {
         "layer": tr.layer,
-        "target_l0": tcfg.target_l0,
+        "target_l0": tr.target_l0,
         "controller_l0": controller_l0,
         "lambda": tr.controller.value if tr.uses_lambda else None,
         "l0_before_calibration": l0_before,

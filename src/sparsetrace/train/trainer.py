@@ -29,6 +29,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from ..data.store import ActivationCache, BatchSchedule
+from ..data.stream import ActivationStream
 from ..dictionary.io import atomic_write_text, save_dictionary
 from ..dictionary.model import DictionaryConfig, SparseDictionary
 from ..errors import ConfigError, TrainingDiverged
@@ -64,7 +65,8 @@ class LayerTrainer:
         self.tcfg, self.layer = tcfg, layer
         hp_in, hp_out = tcfg.hookpoints
         n_features = tcfg.n_features or tcfg.expansion * d_model
-        k = tcfg.k if tcfg.k is not None else max(1, round(tcfg.target_l0))
+        self.target_l0 = tcfg.target_for(layer)
+        k = tcfg.k if tcfg.k is not None else max(1, round(self.target_l0))
         if tcfg.activation in ("topk", "batchtopk") and k > n_features:
             raise ConfigError(f"k={k} is larger than n_features={n_features}; expected k <= n_features")
         cfg = DictionaryConfig(
@@ -103,7 +105,7 @@ class LayerTrainer:
         # so its controller looks further ahead
         horizon = tcfg.lambda_horizon if tcfg.lambda_horizon is not None else (
             50.0 if tcfg.activation == "jumprelu" else 20.0)
-        self.controller = L0Controller(tcfg.target_l0, math.log(init), tcfg.lambda_gain, horizon=horizon)
+        self.controller = L0Controller(self.target_l0, math.log(init), tcfg.lambda_gain, horizon=horizon)
         self.since_fired = torch.zeros(n_features, dtype=torch.long)
         self.step = 0
         self.last_l0: float | None = None
@@ -211,7 +213,7 @@ class LayerTrainer:
     def _init_thresholds(self, x: Tensor) -> None:
         """Start JumpReLU with every feature firing on ``init_l0_factor`` x target / n_features of the tokens."""
         d = self.dictionary
-        rate = min(0.5, self.tcfg.init_l0_factor * self.tcfg.target_l0 / d.n_features)
+        rate = min(0.5, self.tcfg.init_l0_factor * self.target_l0 / d.n_features)
         thr = init_thresholds(d.pre_activations(x), rate)
         if dist.is_available() and dist.is_initialized() and self.tcfg.parallel == "data":
             dist.all_reduce(thr)
@@ -275,7 +277,7 @@ def _rank_world() -> tuple[int, int]:
     return 0, 1
 
 
-def scales_for(cache: ActivationCache, hp_in: str, hp_out: str) -> tuple[float, float]:
+def scales_for(cache: ActivationCache | ActivationStream, hp_in: str, hp_out: str) -> tuple[float, float]:
     d = next(iter(cache.meta.d.values()))
     in_scale = math.sqrt(cache.mean_sq_norm(hp_in) / d)
     out_scale = math.sqrt(cache.mean_sq_norm(hp_out) / d)
@@ -284,7 +286,7 @@ def scales_for(cache: ActivationCache, hp_in: str, hp_out: str) -> tuple[float, 
 
 def train_dictionaries(
     tcfg: TrainConfig,
-    cache: ActivationCache,
+    cache: ActivationCache | ActivationStream,
     out_dir: Path,
     *,
     d_model: int,
@@ -295,6 +297,10 @@ def train_dictionaries(
     sparsity: dict | None = None,
 ) -> dict[int, SparseDictionary]:
     """Train one dictionary per layer in ``tcfg.layers`` on ``cache``; save them into ``out_dir``.
+
+    ``cache`` is an on-disk :class:`ActivationCache` (batches by :class:`BatchSchedule`) or an
+    :class:`ActivationStream` (batches from the model's forward passes, already split by DDP rank);
+    both serve every layer the same batches, in an order that is a pure function of (seed, step).
 
     ``sparsity`` (optional) receives, per layer, the record of :func:`~.stats.finish_layer`."""
     tcfg.validate()
@@ -325,15 +331,12 @@ def train_dictionaries(
             if log.exists() and rank == 0:
                 log.unlink()
     total = tcfg.total_steps
-    sched_world = world if tcfg.parallel == "data" else 1
-    sched_rank = rank if tcfg.parallel == "data" else 0
-    schedule = BatchSchedule(cache.n_tokens, tcfg.batch_size, tcfg.seed, rank=sched_rank, world_size=sched_world)
     hps = sorted({h for tr in trainers for h in (tr.hp_in, tr.hp_out)})
     start = min((tr.step for tr in trainers), default=0)
     bar = tqdm(total=total, initial=start, desc="train", unit="step", disable=not progress or rank != 0)
     last_ckpt = {tr.layer: tr.step for tr in trainers}
     end = total if stop_at_step is None else min(total, stop_at_step)
-    for step, batch in zip(range(start, end), schedule.batches(cache, hps, start, end), strict=True):
+    for step, batch in zip(range(start, end), _batches(tcfg, cache, hps, start, end), strict=True):
         postfix = {}
         for tr in trainers:
             if tr.step > step:  # resumed from a later checkpoint than another layer
@@ -399,6 +402,18 @@ def train_dictionaries(
         for tr in trainers:
             shutil.rmtree(ckpt_root / dictionary_dirname(tr.layer, tcfg.kind), ignore_errors=True)
     return result
+
+
+def _batches(tcfg: TrainConfig, cache: ActivationCache | ActivationStream, hps: list[str], start: int, end: int):
+    """Batches of steps start..end-1: from the stream (already split by rank), or the disk cache's schedule
+    (DDP data-parallel ranks take their slices of each global batch)."""
+    if isinstance(cache, ActivationStream):
+        return cache.batches(hps, start, end)
+    rank, world = _rank_world()
+    if tcfg.parallel != "data":
+        rank, world = 0, 1
+    schedule = BatchSchedule(cache.n_tokens, tcfg.batch_size, tcfg.seed, rank=rank, world_size=world)
+    return schedule.batches(cache, hps, start, end)
 
 
 def write_run_json(out_dir: Path, info: dict) -> None:
