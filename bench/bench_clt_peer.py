@@ -9,8 +9,12 @@ Both sides train a cross-layer transcoder of SmolLM2-135M's shapes (``--layers``
 same seeded random MLP inputs and outputs (bench/common.py ``random_activations``, one stream per layer,
 identical in both processes since both run torch 2.13.0). Nothing is downloaded: no model, no data set.
 Each side runs in its own process (ours with this python, decode-clt with ``bench/.venv-declt/bin/python``)
-so peak RSS (``ru_maxrss``) is each side's own; the two processes alternate single steps (bench/common.py
-``Served``) so that load from other processes on a shared box hits both alike.
+so peak RSS (``ru_maxrss``) is each side's own. By default one side runs at a time (a fresh process each,
+the order alternating over ``--reps``): at SmolLM2's size each side holds 6-9 GB, too much for both at
+once on a shared 24 GB box; ``--interleave`` keeps both alive and alternates single steps instead. A side
+starts only when /proc/meminfo shows room for it (``--wait-memory``), and every worker sets its own
+``oom_score_adj`` to 1000 so that, if memory still runs out, the kernel ends the benchmark and not
+someone else's job.
 
 What one step is on each side:
 
@@ -21,23 +25,27 @@ What one step is on each side:
   step: feature activations, ``LossManager.compute_total_loss`` (its forward, MSE per target layer,
   tanh sparsity penalty with decoder norms, pre-activation loss), dead-feature counters, backward,
   gradient clipping, the optimizer and LR-scheduler steps, its progress bar and metric logging.
-  Evaluation and checkpoints fall on step 0 (untimed warm-up) only.
+  Its evaluation falls on step 0 (untimed warm-up) only; no checkpoint falls in the measured steps.
 - ours: see ``worker_ours`` (the CLT trainer step when ``sparsetrace.train`` has one, otherwise a
   clearly labelled placeholder: a dense autograd step on ``sparsetrace.dictionary.clt``).
 
 Activations are matched as its API allows (``--l0`` per layer, default 32):
-- ``jumprelu``: both sides start with per-layer thresholds set so that the first batch has ``--l0`` active
-  features per layer and token (decode-clt's config takes one scalar threshold, so its ``log_threshold``
-  parameter is written per layer after construction, as ours is).
+- ``jumprelu``: both sides start with thresholds that give ``--l0`` active features per layer and token on
+  the first batch. Ours: its trainer's own per-feature initialisation with ``init_l0_factor=1`` (each
+  feature fires on L0/F of the tokens). decode-clt: its config takes one scalar threshold, so its
+  ``log_threshold`` parameter is written after construction, one value per layer (``common.l0_shift``).
+  Ours holds its thresholds and λ for the first 10% of its steps; decode-clt ramps λ linearly from 0.
 - ``topk``: ours keeps ``k = --l0`` per layer and token; decode-clt's TopK (and BatchTopK) select over the
   concatenation of all layers (``topk_mode="global"``; its ``"per_layer"`` mode routes through ``encode``,
   which handles only ReLU/JumpReLU and returns zeros), so it gets ``k = --l0 * --layers`` per token:
   the same total L0, not the same per-layer L0.
 
-Both use fp32, Adam at the same learning rate, gradient clipping at norm 1. The table gives tokens/s (batch
+Both use fp32, Adam at the same learning rate, gradient clipping at norm 1, a pre-activation loss of
+weight 3e-6 (decode-clt's default), a 1000-step schedule. The table gives tokens/s (batch
 over the median step wall time), CPU seconds per step (user + system of that process), peak RSS and the
-mean L0 per layer measured after the timed steps. The last line is ours tokens/s over decode-clt's, the
-median of the per-step ratios of adjacent steps.
+mean L0 per layer (ours: the trainer's own L0 of its last timed step; decode-clt: on the first pool batch
+after the timed steps). The last line is ours tokens/s over decode-clt's (each the batch over its median
+step wall time).
 """
 
 from __future__ import annotations
