@@ -383,3 +383,15 @@ def test_main_job_quick_has_every_stage(tmp_path, tiny_llama, monkeypatch):
     for node_id in circuit:
         node = parse_node_id(node_id)
         assert (tmp_path / "run" / "features" / f"L{node.layer:02d}" / f"f{node.feature}.json").exists(), node_id
+
+
+def test_explain_layers_follow_the_circuit():
+    """With a transcoder on every layer, dashboards go to the layers holding most circuit features."""
+    from sparsetrace.job import _explain_layers
+
+    trained = list(range(30))
+    circuit = {4: [1, 2], 17: [3], 9: [5, 6, 7], 22: [8, 9]}
+    assert _explain_layers(trained, circuit, 3) == [4, 9, 22]
+    assert _explain_layers(trained, {}, 3) == [15]
+    assert _explain_layers([1, 2], circuit, 3) == [1, 2]  # few layers: all of them
+    assert _explain_layers(trained, {40: [1]}, 3) == [15]  # circuit layers that were not trained are ignored

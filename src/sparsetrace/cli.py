@@ -161,7 +161,7 @@ def evaluate(
 @app.command()
 def run(
     out: Path = typer.Option(Path("runs/default"), help="Run folder; the report goes to OUT/report."),
-    preset: str = typer.Option("default", help="default (≤20 min on 2 CPU cores) | quick (a taste of every stage "
+    preset: str = typer.Option("default", help="default (a transcoder on every layer; ≤20 min on 2 CPU cores) | two-layer | quick (a taste of every stage "
                               "in ≤2 min; see README for what it leaves out)"),
     model: str = typer.Option("smollm2-135m", help="Model."),
     corpus: str = typer.Option("default", help="Training text."),
@@ -188,6 +188,7 @@ from .cli_circuits import (  # noqa: E402
     _say,
     export_cmd,
     export_graph,
+    graph_scores_cmd,
     steer,
     trace,
     upstream,
@@ -200,6 +201,7 @@ app.command()(steer)
 app.command(name="export-graph")(export_graph)
 app.command(name="export")(export_cmd)
 app.command()(upstream)
+app.command(name="graph-scores")(graph_scores_cmd)
 
 # ---------------------------------------------------------------------------------------------- interpret
 @app.command()

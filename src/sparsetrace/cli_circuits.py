@@ -213,3 +213,42 @@ def upstream(
     up.write_upstream(dest, doc)
     typer.echo(json.dumps(doc, indent=1, ensure_ascii=False) if as_json else up.format_upstream(doc))
     _say(f"written: {dest}")
+
+
+def graph_scores_cmd(
+    run_dir: Path = typer.Argument(..., metavar="RUN", help="Run folder with transcoders on every layer or a CLT."),
+    prompts: Path = typer.Option(None, "--prompts", help="Text file, one prompt per line (default: the 20 "
+                                 "packaged prompts, sparsetrace/attribute/data/score_prompts.txt)."),
+    kind: str = typer.Option("auto", "--kind", help="auto (the run's CLT if it has one, else its transcoders) | "
+                             "clt | plt."),
+    max_feature_nodes: int = typer.Option(3000, "--max-feature-nodes", help="Feature rows per graph (by "
+                                          "estimated influence); the rest are left out."),
+    batch_size: int = typer.Option(None, "--batch-size", help="Targets per backward (default from the prompt length)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the results as one JSON object."),
+    model: str = typer.Option(None, help="Model (default: the one the dictionaries were trained on)."),
+    device: str = typer.Option("cpu"),
+) -> None:
+    """Replacement score and graph completeness of unpruned attribution graphs, per prompt and averaged."""
+    from .attribute.scores import (
+        format_scores,
+        graph_scores_over_prompts,
+        load_mlp_replacement,
+        score_prompts,
+    )
+    from .model.adapter import LanguageModel
+
+    texts = score_prompts(prompts)
+    if max_feature_nodes < 1:
+        raise ConfigError(f"--max-feature-nodes {max_feature_nodes} is invalid; expected an integer >= 1")
+    if batch_size is not None and batch_size < 1:
+        raise ConfigError(f"--batch-size {batch_size} is invalid; expected an integer >= 1")
+    rep = load_mlp_replacement(run_dir, kind, device=device)
+    name = model or rep.model_id
+    if not name:
+        raise ConfigError(f"the dictionaries in '{run_dir}' record no model; pass --model")
+    _say(f"loading model {name}; {rep.kind} on {len(rep.layers)} layers; {len(texts)} prompts")
+    lm = LanguageModel.load(name, device=device)
+    res = graph_scores_over_prompts(lm, rep, texts, max_feature_nodes=max_feature_nodes, batch_size=batch_size,
+                                    progress=_progress())
+    res["run"] = str(run_dir)
+    typer.echo(json.dumps(res, allow_nan=True) if as_json else format_scores(res))

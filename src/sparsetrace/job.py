@@ -27,7 +27,7 @@ from .util.hashing import sha256_bytes, sha256_file
 
 @dataclass
 class Preset:
-    layers: list[int]
+    layers: list[int] | str  # "all": a transcoder on every layer (the full replacement)
     n_tokens: int
     epochs: float
     eval_windows: int
@@ -44,13 +44,19 @@ class Preset:
     edge_checks: int = 100  # finite-difference checks of the strongest graph edges
     promoted: str = "steered"  # labels' promoted outputs: steered (measured) | direct (decoder row, cheaper)
     upstream_seconds: float = 60.0  # the report's upstream panel: time budget per run (0: none)
+    explain_layers: int = 3  # dashboards for the circuit's layers (the ones holding most circuit features), at most this many
 
 
 PRESETS = {
-    # <= 20 minutes on 2 CPU cores (measured 6 min 46 s on the default mix, harvest + training 3.2 min of it);
-    # the same token budget as `sparsetrace train`'s default
-    "default": Preset(layers=[3, 6], n_tokens=300_000, epochs=3.0, eval_windows=64, dashboard_features=30,
-                      dashboard_tokens=40_000, circuit_prompts=24, graph_prompts=2, spearman_features=20),
+    # the full replacement: a transcoder on every MLP of the model, trained from one streamed pass, evaluated
+    # all at once, and the IOI circuit traced through it; <= 20 minutes on 2 CPU cores (README gives the measured time)
+    "default": Preset(layers="all", n_tokens=200_000, epochs=1.0, eval_windows=64, dashboard_features=20,
+                      dashboard_tokens=30_000, circuit_prompts=24, graph_prompts=2, spearman_features=20,
+                      expansion=2, batch_size=512),
+    # the earlier default: transcoders on two layers, three epochs over 300k tokens (the other MLPs stay as
+    # error nodes in every graph)
+    "two-layer": Preset(layers=[3, 6], n_tokens=300_000, epochs=3.0, eval_windows=64, dashboard_features=30,
+                        dashboard_tokens=40_000, circuit_prompts=24, graph_prompts=2, spearman_features=20),
     # a taste of every stage in <= 2 minutes: one layer, half the dictionary width, 1/15 of the tokens seen
     # once, a small circuit verified on few prompts, a few dashboards whose labels are neither steered nor
     # causally checked
@@ -176,7 +182,10 @@ def run_main_job(
 
     _say(f"loading model {model}")
     lm = LanguageModel.load(model, device=device)
-    layers = [layer for layer in p.layers if layer < lm.n_layers] or [lm.n_layers // 2]
+    if p.layers == "all":
+        layers = list(range(lm.n_layers))
+    else:
+        layers = [layer for layer in p.layers if layer < lm.n_layers] or [lm.n_layers // 2]
     ctx = _Ctx(out, lm, p, progress, timings, ran)
 
     train = ctx.stage("train", _key(settings, layers), lambda: _train_stage(ctx, layers, model, corpus, device,
@@ -243,7 +252,8 @@ def _train_stage(ctx: _Ctx, layers: list[int], model: str, corpus: str, device: 
     )
     resume = (out / "train_config.json").is_file()
     how = "resuming from its last checkpoint" if resume else "automatic λ"
-    _say(f"stage 1/5: training transcoders on layers {layers} ({p.n_tokens:,} tokens, target L0 32, {how})")
+    where = f"every layer (0-{layers[-1]})" if p.layers == "all" else f"layers {layers}"
+    _say(f"stage 1/5: training transcoders on {where} ({p.n_tokens:,} tokens, target L0 32, {how})")
     if os.environ.get(_KILL_ENV) == "train":  # test hook: stop after half the steps, as a kill would
         run_training(tcfg, out, lm=ctx.lm, progress=ctx.progress, resume=resume,
                      stop_at_step=max(1, tcfg.total_steps // 2))
@@ -310,7 +320,7 @@ def _explain_stage(ctx: _Ctx) -> tuple:
     checks = "labels + causal label checks" if p.verify_labels else "labels (not causally checked)"
     _say(f"stage 4/5: feature dashboards + {checks} ({p.dashboard_features} random live features per layer and "
          f"the circuit's, {p.dashboard_tokens:,} tokens)")
-    layers = _trained_layers(out)
+    layers = _explain_layers(_trained_layers(out), circuit, p.explain_layers)
     shutil.rmtree(out / "features", ignore_errors=True)  # a half-written earlier attempt
     for i, layer in enumerate(layers):
         explain_layer(ctx.lm, out, layer, f"random:{p.dashboard_features}", n_tokens=p.dashboard_tokens,
@@ -366,6 +376,16 @@ def _circuit_features(path: Path) -> dict[int, list[int]]:
             continue
         out.setdefault(node.layer, []).append(node.feature)
     return out
+
+
+def _explain_layers(trained: list[int], circuit: dict[int, list[int]], most: int) -> list[int]:
+    """Every trained layer when there are few; else the layers holding most circuit features (then the middle)."""
+    if len(trained) <= most:
+        return trained
+    ranked = sorted((layer for layer in circuit if layer in trained), key=lambda x: (-len(circuit[x]), x))[:most]
+    if not ranked:
+        ranked = [trained[len(trained) // 2]]
+    return sorted(ranked)
 
 
 def _trained_layers(out: Path) -> list[int]:

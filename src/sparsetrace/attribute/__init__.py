@@ -6,6 +6,8 @@
   replacement / graph_completeness scores;
 - :func:`find_paths`, :func:`select_circuit`: greedy path search and top-influence features;
 - :func:`check_edges`: finite-difference checks of edges (frozen and live attention);
+- the MLP replacement may be per-layer transcoders or one cross-layer transcoder (:mod:`.clt_sites`);
+  ``scores``: graph scores over the 20 packaged prompts (``sparsetrace graph-scores``);
 - ``weights``: prompt-independent (weight-only) virtual weights, de-embeddings and logit effects;
   :func:`upstream_features` (``upstream``): a feature's top upstream features and input tokens from them;
 - :func:`qk_terms`, :func:`check_qk` (``qk``): exact bilinear (query node, key node) terms of an attention

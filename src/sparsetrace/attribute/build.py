@@ -157,36 +157,45 @@ class _Attributor:
         self.col_act = np.zeros(self.n_feat, dtype=np.float64)
         self.site_rank = {s.key: i for i, s in enumerate(self.sites)}
         self.col_rank = np.zeros(self.n_feat, dtype=np.int64)
-        # per site, the "decoder" vectors of its sources in position-major order: at each position the
-        # active features' decoder rows times their activations, then the error vector; a site's edges for
-        # a batch of targets are then one small matmul per position with the site's gradient there
-        self.dec: dict[str, tuple[Tensor, list[tuple[int, int]], Tensor]] = {}
-        for s in self.sites:
+        # per site (leaf), the "decoder" vectors of its sources in position-major order: at each position the
+        # active features' decoder rows into this site times their activations (a CLT feature writes into
+        # every later MLP site, so it has rows in several), then the error vector; a site's edges for a
+        # batch of targets are then one small matmul per position with the site's gradient there
+        runs: dict[str, list[tuple[int, int]]] = {}  # feature site -> per position (first, count)
+        for s in self.feat_sites:
             n = s.n_active
-            if s.dictionary is not None and n:
-                o = self.feat_offset[s.key]
-                j = self.feat_sites.index(s)
-                self.col_site[o:o + n] = j
-                self.col_pos[o:o + n] = s.pos.cpu().numpy()
-                self.col_feat[o:o + n] = s.feat.cpu().numpy()
-                self.col_act[o:o + n] = s.act.double().cpu().numpy()
-                self.col_rank[o:o + n] = self.site_rank[s.key]
-                counts = torch.bincount(s.pos.cpu(), minlength=P)
-            else:
-                counts = torch.zeros(P, dtype=torch.long)
-            # s.pos is sorted (row-major nonzero), so features of position p are a contiguous run
-            fstart = (counts.cumsum(0) - counts).tolist()
+            o = self.feat_offset[s.key]
+            j = self.feat_sites.index(s)
+            self.col_site[o:o + n] = j
+            self.col_pos[o:o + n] = s.pos.cpu().numpy()
+            self.col_feat[o:o + n] = s.feat.cpu().numpy()
+            self.col_act[o:o + n] = s.act.double().cpu().numpy()
+            self.col_rank[o:o + n] = self.site_rank[s.key]
+            counts = torch.bincount(s.pos.cpu(), minlength=P)  # s.pos is sorted: one run per position
+            runs[s.key] = list(zip((counts.cumsum(0) - counts).tolist(), counts.tolist(), strict=True))
+        self.multi = any(len(s.target_keys) > 1 for s in self.feat_sites)
+        self.dec: dict[str, tuple[Tensor, list[tuple[int, int]], Tensor]] = {}
+        self.dec_feat_rows: dict[str, Tensor] = {}  # multi: which rows of dec are feature rows
+        for t in self.sites:
+            srcs = [(s, s.target_keys.index(t.key)) for s in self.feat_sites if t.key in s.target_keys]
             vecs, cols, spans, r = [], [], [], 0
-            for p, c in enumerate(counts.tolist()):
-                if c:
-                    f0 = fstart[p]
-                    vecs.append(s.W_dec[s.feat[f0:f0 + c]] * s.act[f0:f0 + c, None])
+            for p in range(P):
+                r_start = r
+                for s, ti in srcs:
+                    f0, c = runs[s.key][p]
+                    if not c:
+                        continue
+                    W = s.W_dec[s.feat[f0:f0 + c]] if s.W_dec.dim() == 2 else s.W_dec[s.feat[f0:f0 + c], ti]
+                    vecs.append(W * s.act[f0:f0 + c, None])
                     cols.append(self.feat_offset[s.key] + torch.arange(f0, f0 + c))
-                vecs.append(s.error[p:p + 1])
-                cols.append(torch.tensor([self.err_offset[s.key] + p]))
-                spans.append((r, r + c + 1))
-                r += c + 1
-            self.dec[s.key] = (torch.cat(vecs).contiguous(), spans, torch.cat(cols))
+                    r += c
+                vecs.append(t.error[p:p + 1])
+                cols.append(torch.tensor([self.err_offset[t.key] + p]))
+                r += 1
+                spans.append((r_start, r))
+            self.dec[t.key] = (torch.cat(vecs).contiguous(), spans, torch.cat(cols))
+            if self.multi:
+                self.dec_feat_rows[t.key] = self.dec[t.key][2] < self.n_feat
         self.dec["emb"] = (rm.emb.contiguous(), [(p, p + 1) for p in range(P)], self.emb_offset + torch.arange(P))
         self.deepest = max((s.layer for s in self.feat_sites), default=0)
         self.fwd = None
@@ -224,6 +233,7 @@ class _Attributor:
                                     retain_graph=not last, allow_unused=True)
         self.backward_s += time.perf_counter() - t0
         parts = []
+        feat_vals = None  # multi (CLT): a feature's rows in several sites are summed here
         # many small matmuls: one thread avoids an OpenMP hand-off per call, which on a busy machine
         # costs a scheduler time slice each
         with torch.no_grad(), one_thread():
@@ -236,7 +246,16 @@ class _Attributor:
                 vals = torch.empty(dec.shape[0], nb, dtype=dec.dtype, device=G.device)
                 for p, (r0, r1) in enumerate(spans):
                     torch.mm(dec[r0:r1], Gp[p], out=vals[r0:r1])
-                parts.append((vals.cpu(), cols))
+                vals = vals.cpu()
+                if self.multi and key in self.dec_feat_rows:
+                    fr = self.dec_feat_rows[key]
+                    if feat_vals is None:
+                        feat_vals = torch.zeros(self.n_feat, nb, dtype=vals.dtype)
+                    feat_vals.index_add_(0, cols[fr], vals[fr])
+                    vals, cols = vals[~fr], cols[~fr]
+                parts.append((vals, cols))
+        if feat_vals is not None:
+            parts.append((feat_vals, torch.arange(self.n_feat)))
         self.rows.add_batch(parts, nb, row_nodes, blocks=self.need_blocks)
 
     def feature_item(self, col: int) -> tuple[str, int, Tensor]:
@@ -295,12 +314,18 @@ def _build_graph(rm: ReplacementModel, targets: list[tuple[int, float]], *, max_
 
     nodes, col_node = _nodes(at, targets, visited)
     r, c, v = at.rows.arrays()
-    row_node = np.asarray(at.rows.row_node, dtype=np.int64)
+    row_node = col_node[np.asarray(at.rows.row_node, dtype=np.int64)].astype(np.int32)
     at.rows = None  # free the building copies
-    dst = col_node[row_node[r]]
-    src = col_node[c]
+    # int32 throughout (a 30-layer graph with every feature row holds ~10^8 edges)
+    dst = row_node[r]
+    src = col_node.astype(np.int32)[c]
+    del r, c
     keep = src >= 0
-    edges = Edges.from_numpy(src[keep].astype(np.int32), dst[keep].astype(np.int32), v[keep])
+    if not keep.all():
+        src, dst, v = src[keep], dst[keep], v[keep]
+    del keep
+    edges = Edges.from_numpy(src, dst, v)
+    del src, dst, v
 
     meta = _metadata(at, targets, prompt, batch_size, n_visited)
     meta["timings"] = {"forward_s": round(at.forward_s, 3), "rows_s": round(t_rows, 3),
@@ -408,6 +433,7 @@ def _metadata(at: _Attributor, targets: list[tuple[int, float]], prompt: str | N
             for s in at.feat_sites
         ],
         "transcoder_list": [f"L{s.layer}" for s in at.feat_sites if s.kind == "mlp"],
+        "mlp_replacement": rm.mlp_replacement,
         "exactness": rm.exactness,
         "n_active_features": at.n_feat,
         "batch_size": batch_size,

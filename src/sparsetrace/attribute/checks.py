@@ -16,7 +16,7 @@ from .graph_types import Graph, Node
 from .replacement import ReplacementModel
 from .threads import auto_threads, threads
 
-__all__ = ["check_edges"]
+__all__ = ["check_edges", "source_deltas"]
 
 
 def _node_site(node: Node) -> str:
@@ -50,12 +50,11 @@ def check_edges(graph: Graph, model: ReplacementModel | LanguageModel | None = N
 
 
 class _Spec(NamedTuple):
-    """One edge to check: perturb ``source_site`` at ``position`` by ``delta``; read the target at
+    """One edge to check: perturb each site in ``deltas`` at ``position``; read the target at
     ``target_site`` (a dictionary's input or ``"final"``), ``target_position``, along ``read``."""
 
-    source_site: str
+    deltas: list[tuple[str, Tensor]]  # (site, change of its constant at ``position``)
     position: int
-    delta: Tensor
     target_site: str
     target_position: int
     read: Tensor
@@ -80,16 +79,17 @@ def _replacement_model(graph: Graph, model, dictionaries) -> ReplacementModel:
     return rm
 
 
-def _source_delta(rm: ReplacementModel, node: Node, eps: float) -> Tensor:
-    """The change of the source's constant when it is scaled by ``1 + eps``."""
+def source_deltas(rm: ReplacementModel, node: Node, eps: float) -> list[tuple[str, Tensor]]:
+    """The changes of the constants (site key, vector at the node's position) when the source is scaled
+    by ``1 + eps``: one site, or for a cross-layer transcoder's feature every MLP site it writes to."""
     key, p = _node_site(node), node.position
     if node.kind == "feature":
         site = rm.sites[key]
-        return eps * site.activation(p, int(node.feature)) * site.W_dec[int(node.feature)]
+        return site.writes(int(node.feature), eps * site.activation(p, int(node.feature)))
     if node.kind == "error":
-        return eps * rm.sites[key].error[p]
+        return [(key, eps * rm.sites[key].error[p])]
     if node.kind == "embedding":
-        return eps * rm.emb[p]
+        return [(key, eps * rm.emb[p])]
     raise DataError(f"edge source {node.node_id} is a {node.kind} node")
 
 
@@ -110,10 +110,10 @@ def _edge_specs(graph: Graph, rm: ReplacementModel, k: int, eps: float) -> list[
     specs = []
     for e in order:
         s_node, t_node = graph.nodes[src[e]], graph.nodes[dst[e]]
-        delta = _source_delta(rm, s_node, eps)
+        deltas = [(k, d.reshape(rm.lm.d_model)) for k, d in source_deltas(rm, s_node, eps)]
         tkey, tvec = _target_read(rm, t_node)
-        specs.append(_Spec(_node_site(s_node), s_node.position, delta.reshape(rm.lm.d_model), tkey, t_node.position,
-                           tvec, float(w[e]), s_node.node_id, t_node.node_id))
+        specs.append(_Spec(deltas, s_node.position, tkey, t_node.position, tvec, float(w[e]), s_node.node_id,
+                           t_node.node_id))
     return specs
 
 
@@ -128,11 +128,14 @@ def _measure(rm: ReplacementModel, specs: list[_Spec], mode: str | None, eps: fl
         idx = by_depth[i:i + batch_size]
         chunk = [specs[j] for j in idx]
         B = len(chunk) + 1
-        leaves = rm.make_leaves(B)
-        for b, sp_ in enumerate(chunk, start=1):
-            leaves[sp_.source_site][b, sp_.position] += sp_.delta
         deepest = max(depth[j] for j in idx)
-        res = rm.run(B, mode=mode, leaves=leaves, stop_after=None if deepest >= n_layers else deepest)
+        stop = None if deepest >= n_layers else deepest
+        leaves = rm.make_leaves(B, up_to=stop)
+        for b, sp_ in enumerate(chunk, start=1):
+            for key, delta in sp_.deltas:
+                if key in leaves:  # a CLT write beyond the deepest target cannot reach it
+                    leaves[key][b, sp_.position] += delta
+        res = rm.run(B, mode=mode, leaves=leaves, stop_after=stop)
         for j, (b, sp_) in zip(idx, enumerate(chunk, start=1), strict=True):
             t = res.final if sp_.target_site == "final" else res.reads[sp_.target_site]
             diff = (t[b, sp_.target_position].double() - t[0, sp_.target_position].double()) @ sp_.read.double()

@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from ..errors import DataError, ModelError
-from .checks import _node_site, _source_delta, _target_read
+from .checks import _target_read, source_deltas
 from .graph_types import Graph, Node
 from .qk import AttentionCapture, QKTerms, check_qk, qk_terms
 from .replacement import ReplacementModel
@@ -59,7 +59,9 @@ def head_loadings(rm: ReplacementModel, edges: list[tuple[Node, Node]]) -> tuple
     leaves = rm.make_leaves(n + 1, requires_grad=True, up_to=stop)
     with torch.no_grad():
         for b, (s, _) in enumerate(edges, start=1):
-            leaves[_node_site(s)][b, s.position] -= _source_delta(rm, s, 1.0).reshape(-1)
+            for key, delta in source_deltas(rm, s, 1.0):
+                if key in leaves:
+                    leaves[key][b, s.position] -= delta.reshape(-1)
     layers = list(range(lm.n_layers if stop is None else stop + 1))
     cap = AttentionCapture(lm, layers)
     with cap:

@@ -199,6 +199,9 @@ class NodeRef:
 
 def node_refs(rm: ReplacementModel, max_pos: int, max_layer: int | None = None) -> list[NodeRef]:
     """The nodes at positions ``<= max_pos`` (of sites at layers ``<= max_layer``), named as in the graph."""
+    if getattr(rm, "clt", None) is not None:
+        raise ConfigError("QK terms are not supported for a cross-layer transcoder's features yet (each writes to "
+                          "several MLP sites); use per-layer transcoders for --qk")
     refs = [NodeRef(f"E@{p}", "embedding", "emb", p, rm.emb[p]) for p in range(max_pos + 1)]
     for key, s in rm.sites.items():
         if max_layer is not None and s.layer > max_layer:

@@ -42,6 +42,7 @@ from ..dictionary.model import SparseDictionary
 from ..errors import ConfigError, DataError, DictionaryFileError, ModelError
 from ..model.adapter import LanguageModel
 from ..model.hookpoints import Hookpoint
+from .clt_sites import check_clt, clt_sites, split_replacements
 from .freeze import FreezeMode
 
 __all__ = ["FreezeMode", "ReplacementModel", "Site", "ForwardResult"]
@@ -75,10 +76,23 @@ class Site:
     W_enc: Tensor | None = None  # [n_features, d] in the model's dtype
     W_dec: Tensor | None = None
     W_skip: Tensor | None = None
+    targets: tuple[str, ...] = ()  # a CLT layer: the MLP sites its features write to (W_dec [F, len, d])
 
     @property
     def n_active(self) -> int:
         return int(self.pos.numel())
+
+    @property
+    def target_keys(self) -> tuple[str, ...]:
+        """The sites this site's features write to: itself, or for a CLT layer every later MLP."""
+        return self.targets or (self.key,)
+
+    def writes(self, feature: int, scale: float | Tensor = 1.0) -> list[tuple[str, Tensor]]:
+        """(site key, ``scale * decoder row``) for every site that feature ``feature`` writes to."""
+        assert self.W_dec is not None
+        if self.W_dec.dim() == 2:
+            return [(self.key, scale * self.W_dec[feature])]
+        return [(k, scale * self.W_dec[feature, i]) for i, k in enumerate(self.target_keys)]
 
     def activation(self, position: int, feature: int) -> float:
         hit = ((self.pos == position) & (self.feat == feature)).nonzero()
@@ -100,11 +114,13 @@ class ReplacementModel:
     """The local replacement model of ``lm`` on one prompt (``input_ids`` of shape [1, seq] or [seq]).
 
     ``dictionaries``: transcoders / skip transcoders (``mlp_in`` -> ``mlp_out``) and residual SAEs
-    (``resid_pre``/``resid_post``), at most one per site. After construction, ``exactness`` holds
+    (``resid_pre``/``resid_post``), at most one per site; or, instead of transcoders, one cross-layer
+    transcoder (a :class:`~sparsetrace.dictionary.clt.CrossLayerTranscoder` or ``CLTReplacement``; see
+    :mod:`.clt_sites`); a ``PLTSet`` counts as its transcoders. After construction, ``exactness`` holds
     ``max |logits_replacement - logits_real|`` over all positions and the vocabulary.
     """
 
-    def __init__(self, lm: LanguageModel, input_ids: Tensor, dictionaries: Sequence[SparseDictionary]):
+    def __init__(self, lm: LanguageModel, input_ids: Tensor, dictionaries: Sequence):
         ids = torch.as_tensor(input_ids, device=lm.device).long()
         if ids.dim() == 1:
             ids = ids[None]
@@ -117,7 +133,15 @@ class ReplacementModel:
         self.input_ids = ids
         self.n_pos = ids.shape[1]
         self.dtype = lm.dtype
-        dicts = self._check_dictionaries(list(dictionaries))
+        dict_list, clt = split_replacements(dictionaries)
+        dicts = self._check_dictionaries(dict_list)
+        if clt is not None:
+            check_clt(clt, lm.model_id, lm.d_model, lm.n_layers)
+            both = [hp.layer for hp in dicts if hp.name == "mlp_out"]
+            if both:
+                raise ConfigError(f"a cross-layer transcoder replaces every MLP; transcoders for layers {both} "
+                                  "were given too (pass one or the other)")
+        self.clt = clt
 
         reads = {Hookpoint("resid_pre", 0)}
         for L in range(lm.n_layers):
@@ -133,7 +157,11 @@ class ReplacementModel:
         self.emb = acts[Hookpoint("resid_pre", 0)]
 
         self.sites: dict[str, Site] = {}
-        for L in range(lm.n_layers):
+        if clt is not None:
+            ins = [acts[Hookpoint("mlp_in", L)] for L in range(lm.n_layers)]
+            outs = [acts[Hookpoint("mlp_out", L)] for L in range(lm.n_layers)]
+            self.sites.update({s.key: s for s in clt_sites(clt, ins, outs, self.dtype, Site)})
+        for L in range(lm.n_layers if clt is None else 0):
             hp = Hookpoint("mlp_out", L)
             self.sites[str(hp)] = self._make_site(hp, dicts.get(hp), acts[Hookpoint("mlp_in", L)], acts[hp])
         for hp, d in dicts.items():
@@ -211,6 +239,13 @@ class ReplacementModel:
         pos, feat = nz[:, 0], nz[:, 1]
         return Site(str(hp), kind, hp.layer, hp, order, d, x_in, out, leaf, error,
                     pos=pos, feat=feat, act=acts[pos, feat], W_enc=W_enc, W_dec=W_dec, W_skip=W_skip)
+
+    @property
+    def mlp_replacement(self) -> str:
+        """``"clt"``, ``"plt"`` (a transcoder on every MLP) or ``"partial"`` (some MLPs are whole error nodes)."""
+        if self.clt is not None:
+            return "clt"
+        return "plt" if all(s.dictionary is not None for s in self.sites.values() if s.kind == "mlp") else "partial"
 
     @property
     def dictionary_sites(self) -> list[Site]:
