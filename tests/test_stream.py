@@ -118,6 +118,19 @@ def test_stream_buffer_is_bounded(tiny_llama, windows):
     assert x.shape == (5, tiny_llama.d_model) and x.dtype == torch.float32
 
 
+def test_stream_whole_corpus_buffer_runs_the_model_once(tiny_llama, windows):
+    """A buffer that holds every window: computed once; epochs re-permute it; resume is still exact."""
+    a = ActivationStream(tiny_llama, windows, HPS, batch_size=32, seed=4, buffer_tokens=10**6, progress=False)
+    got = list(a.batches(None, 0, 60))  # three epochs
+    assert a.whole and a.forwarded == 40 * 16 and a.n_tokens == 40 * 16
+    b = ActivationStream(tiny_llama, windows, HPS, batch_size=32, seed=4, buffer_tokens=10**6, progress=False)
+    rest = list(b.batches(None, 47, 60))
+    assert all(torch.equal(x[h], y[h]) for x, y in zip(got[47:], rest, strict=True) for h in HPS)
+    assert not torch.equal(got[0]["mlp_in.1"], got[20]["mlp_in.1"])  # a new order each epoch
+    epoch1 = torch.cat([x["mlp_in.3"] for x in got[20:40]])
+    assert torch.unique(epoch1, dim=0).shape[0] == 40 * 16
+
+
 def test_stream_ranks_take_disjoint_windows(tiny_llama, windows):
     one = ActivationStream(tiny_llama, windows, HPS, batch_size=32, seed=0, buffer_tokens=100, progress=False)
     ranks = [ActivationStream(tiny_llama, windows, HPS, batch_size=32, seed=0, buffer_tokens=100, rank=r,
@@ -179,7 +192,7 @@ def test_store_auto_and_memory_budget(tmp_path, corpus_file, tiny_llama, monkeyp
     assert pipeline.resolve_store(small, tiny_llama, None, 4, 100, tmp_path).store == "disk"
     monkeypatch.setattr(pipeline, "AUTO_DISK_MAX_BYTES", 1000)
     auto = pipeline.resolve_store(small, tiny_llama, None, 4, 100, tmp_path)
-    assert auto.store == "stream" and auto.buffer_tokens == small.n_tokens  # no budget: capped by the tokens
+    assert auto.store == "stream" and auto.buffer_tokens == 100 * 31  # no budget: capped by the windows' tokens
     monkeypatch.setattr(pipeline, "resident_bytes", lambda: 400 * 10**6)
     budget = _cfg(corpus_file, layers=[1, 2], buffer_tokens=None, max_memory_gb=100.0)
     plan = pipeline.plan_memory(budget, tiny_llama, n_features=256)

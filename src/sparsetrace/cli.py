@@ -134,15 +134,22 @@ def evaluate(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an earlier evaluation of the same text "
                                    "(refused otherwise). With --corpus the figures go to RUN/eval_<corpus>.json, "
                                    "beside the run's own eval.json, which they never replace."),
+    replacement: bool = typer.Option(None, "--replacement/--no-replacement", help="Evaluate the full replacement "
+                                     "(every replaced MLP substituted at once, by depth). Default: when the run's "
+                                     "transcoders cover every layer, or it has a CLT."),
+    per_layer_ce: bool = typer.Option(None, "--per-layer-ce/--no-per-layer-ce", help="CE/KL with each dictionary "
+                                      "spliced in alone. Default: on, except for a full replacement."),
 ) -> None:
-    """Evaluate dictionaries against the real model: FVU, L0, dead/dense, CE recovered, KL, substitution."""
+    """Evaluate dictionaries against the real model: FVU, L0, dead/dense, CE recovered, KL, substitution,
+    and the full replacement (every MLP replaced at once) for runs that replace every MLP."""
     from .evaluate.job import eval_path, evaluate_run
 
     spec = _corpus_spec(corpus, encoding)
     dest = eval_path(run_dir, spec)
     if run_dir.is_dir():
         _clear_or_refuse([dest], overwrite)
-    result = evaluate_run(run_dir, model=model, corpus=spec, n_windows=n_windows, progress=_progress())
+    result = evaluate_run(run_dir, model=model, corpus=spec, n_windows=n_windows, progress=_progress(),
+                          replacement=replacement, per_layer_ce=per_layer_ce)
     for w in result.get("warnings", []):
         typer.echo(f"warning: {w}", err=True)
     if as_json:
@@ -150,6 +157,8 @@ def evaluate(
             typer.echo(json.dumps(row))
         if result["substitution"]:
             typer.echo(json.dumps({"substitution": result["substitution"], "clean_ce": result["clean_ce"]}))
+        if result.get("replacement"):
+            typer.echo(json.dumps({"replacement": result["replacement"]}))
         return
     from .evaluate.job import format_table
 

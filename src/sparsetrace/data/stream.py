@@ -19,7 +19,8 @@ Order, a pure function of ``(seed, step)`` (and of the windows, batch size, buff
 So a run resumed at step ``s`` recomputes only the chunk holding batch ``s`` (the run is not replayed),
 and DDP ranks read disjoint windows, each rank running the model on its own share only. Each epoch
 runs the model over the corpus again: ``epochs`` x the forward cost of a single harvest (a disk cache
-pays it once and then reads the disk). The resident cost is the buffer (rows x hookpoints x d x dtype)
+pays it once and then reads the disk), except when one process's buffer holds every window: then the
+buffer is computed once, in window order, and each epoch only re-permutes its rows (same order rule). The resident cost is the buffer (rows x hookpoints x d x dtype)
 plus one forward pass of ``batch_windows`` windows.
 """
 
@@ -107,6 +108,10 @@ class ActivationStream:
             )
         self.steps_per_epoch = self.rows_per_epoch // self.batch
         self.chunk_windows = max(1, math.ceil(buffer_tokens / self.per_window))
+        # one process whose buffer holds every window: the model runs once, later epochs re-permute
+        self.whole = world_size == 1 and self.chunk_windows >= self.windows_per_rank
+        if self.whole:
+            self.chunk_windows = self.windows_per_rank
         self.chunk_rows = self.chunk_windows * self.per_window
         self.total_tokens = self.rows_per_epoch * world_size
         self.batch_windows = max(1, int(batch_windows))
@@ -199,9 +204,25 @@ class ActivationStream:
     def _load(self, epoch: int, j: int) -> None:
         if self._key == (epoch, j):
             return
-        self._buf, self._perm, self._key = {}, None, None  # free the old chunk before the next is computed
         t0 = time.perf_counter()
-        idx = self.chunk_windows_of(epoch, j)
+        if self.whole:  # the buffer holds every window: computed once, each epoch re-permutes it
+            if not self._buf:
+                self._buf = self._forward(torch.arange(self.windows_per_rank))
+            order = self.chunk_windows_of(epoch, 0)
+            rows = (order[:, None] * self.per_window + torch.arange(self.per_window)).reshape(-1)
+            self._perm = rows[torch.randperm(rows.numel(), generator=_generator(self.seed, 2, epoch, 0, self.rank))]
+        else:
+            self._buf, self._perm, self._key = {}, None, None  # free the old chunk before the next is computed
+            self._buf = self._forward(self.chunk_windows_of(epoch, j))
+            n = next(iter(self._buf.values())).shape[0]
+            self._perm = torch.randperm(n, generator=_generator(self.seed, 2, epoch, j, self.rank))
+        self._key = (epoch, j)
+        self.seconds_forward += time.perf_counter() - t0
+        if (epoch, j) == (0, 0) and self._norms is None:
+            self._norms = self._first_norms()
+
+    def _forward(self, idx: Tensor) -> dict[str, Tensor]:
+        """Every hookpoint's activations over windows ``idx`` (BOS dropped), rows in window order."""
         n = idx.numel() * self.per_window
         buf = {str(h): torch.empty(n, self.lm.d_model, dtype=self.store_dtype) for h in self.hookpoints}
         stop = max(h.layer for h in self.hookpoints)
@@ -224,12 +245,7 @@ class ActivationStream:
             self.forwarded += m
             if self._bar is not None:
                 self._bar.update(m)
-        self._buf = buf
-        self._perm = torch.randperm(n, generator=_generator(self.seed, 2, epoch, j, self.rank))
-        self._key = (epoch, j)
-        self.seconds_forward += time.perf_counter() - t0
-        if (epoch, j) == (0, 0) and self._norms is None:
-            self._norms = self._first_norms()
+        return buf
 
     def _first_norms(self) -> dict[str, float]:
         names = list(self.meta.d)

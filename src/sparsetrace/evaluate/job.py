@@ -98,6 +98,8 @@ def evaluation_warnings(result: dict, refs: list[dict | None]) -> list[str]:
         if before is not None and before > 0 and (row["fvu"] - before) / before > CALIBRATION_FVU_TOLERANCE:
             out.append(f"layer {layer}: the L0 calibration raised held-out FVU from {before:.3f} to {row['fvu']:.3f} "
                        f"({(row['fvu'] - before) / before:+.0%})")
+        if "ce_spliced" not in row:  # per-layer CE skipped
+            continue
         row["worse_than_mean_ablation"] = bool(row["ce_spliced"] > row["ce_mean_ablation"])
         if row["worse_than_mean_ablation"]:
             out.append(f"layer {layer}: splicing the dictionary in is WORSE than mean-ablating {row['hookpoint_out']} "
@@ -117,6 +119,34 @@ def eval_path(run_dir: str | Path, corpus: str | None) -> Path:
     return Path(run_dir) / f"eval_{slug}.json"
 
 
+def _run_replacement(run_dir: Path, dictionaries: list[SparseDictionary]):
+    """The run's CLT, else a PLTSet of its transcoders, else None."""
+    from ..dictionary.clt import find_clt
+    from ..dictionary.replacement_set import PLTSet, load_replacement
+
+    if find_clt(run_dir) is not None:
+        return load_replacement(run_dir)
+    tcs = [d for d in dictionaries if d.cfg.kind in ("transcoder", "skip_transcoder")
+           and (d.cfg.hookpoint_in, d.cfg.hookpoint_out) == ("mlp_in", "mlp_out")]
+    try:
+        return PLTSet(tcs) if tcs else None
+    except DictionaryFileError:  # e.g. two transcoders on one layer: no single replacement to evaluate
+        return None
+
+
+def _training_means(run_dir: Path, rep, dictionaries, refs) -> dict:
+    """Mean MLP output per replaced layer over the training activations, where the run saved it."""
+    from ..dictionary.clt import find_clt
+
+    if rep.kind == "clt":
+        ref = training_references(find_clt(run_dir)) or {}
+        m = ref.get("target_mean")
+        return {ly: m[ly] for ly in rep.layers} if m is not None and m.dim() == 2 else {}
+    return {d.cfg.layer: r["target_mean"] for d, r in zip(dictionaries, refs, strict=True)
+            if r and r.get("target_mean") is not None and d.cfg.layer in rep.layers
+            and d.cfg.kind in ("transcoder", "skip_transcoder")}
+
+
 def evaluate_run(
     run_dir: str | Path,
     *,
@@ -126,13 +156,56 @@ def evaluate_run(
     lm: LanguageModel | None = None,
     progress: bool = True,
     write: bool = True,
+    replacement: bool | None = None,
+    per_layer_ce: bool | None = None,
 ) -> dict:
+    """Evaluate a run's dictionaries and, when they replace every MLP (a transcoder on every layer, or a
+    CLT) or ``replacement=True``, the full replacement (:mod:`.replacement`) under ``result["replacement"]``.
+
+    ``per_layer_ce`` (default: on unless the full replacement of every layer is evaluated): the per-dictionary
+    splices (CE spliced / zero / mean, KL); FVU, L0, dead and dense need only the clean pass.
+    """
+    from ..dictionary.clt import find_clt
+
     run_dir = Path(run_dir)
-    dictionaries = load_run_dictionaries(run_dir)
-    refs = [training_references(p) for p in find_dictionaries(run_dir)]
-    lm = lm or LanguageModel.load(model_for(dictionaries, model))
+    has_clt = find_clt(run_dir) is not None
+    try:
+        paths = find_dictionaries(run_dir)
+    except DictionaryFileError:
+        if not has_clt:
+            raise
+        paths = []
+    dictionaries = [load_dictionary(p) for p in paths]
+    refs = [training_references(p) for p in paths]
+    rep = _run_replacement(run_dir, dictionaries)
+    if replacement and rep is None:
+        raise DictionaryFileError(f"'{run_dir}' has no transcoders (mlp_in -> mlp_out) and no CLT; "
+                                  f"--replacement needs one of them")
+    lm = lm or LanguageModel.load(model or (rep.model_id if has_clt and rep.model_id else None)
+                                  or model_for(dictionaries, model))
+    full = rep is not None and (rep.kind == "clt" or rep.layers == list(range(lm.n_layers)))
+    do_rep = bool(rep is not None and (replacement if replacement is not None else full))
+    if per_layer_ce is None:
+        per_layer_ce = not (do_rep and full)
     windows = heldout_windows(run_dir, lm, corpus, n_windows)
-    result = evaluate(lm, dictionaries, windows, progress=progress, references=refs)
+    import time
+
+    t0 = time.perf_counter()
+    result = evaluate(lm, dictionaries, windows, progress=progress, references=refs,
+                      substitution=not do_rep, per_layer_ce=per_layer_ce)
+    result["seconds_dictionaries"] = round(time.perf_counter() - t0, 2)
+    if not per_layer_ce and dictionaries:
+        result["notes"].append("per-layer CE splices skipped (the full replacement is evaluated instead); "
+                               "pass --per-layer-ce for CE/KL with each dictionary spliced in alone")
+    if do_rep:
+        from .replacement import as_substitution, evaluate_replacement
+
+        means = _training_means(run_dir, rep, dictionaries, refs)
+        result["replacement"] = evaluate_replacement(lm, rep, windows, means=means, progress=progress)
+        result["substitution"] = as_substitution(result["replacement"])
+        if result["replacement"]["mean_ablation_reference"] != "training":
+            result["notes"].append("replacement: no training means saved for every replaced layer; mean-ablation "
+                                   f"uses {result['replacement']['mean_ablation_reference']}")
     if len(windows) < n_windows:
         result["notes"].append(f"only {len(windows)} held-out windows were available (asked for {n_windows}); "
                                f"pass --corpus FILE for more")
@@ -190,7 +263,11 @@ def format_table(result: dict) -> str:
     out = [f"model {result['model']}   clean CE {result['clean_ce']:.3f} [{lo:.3f}, {hi:.3f}] nats/token   "
            f"({result['n_windows']} held-out windows; [..] = {result.get('interval_definition', '95% interval')})"]
     out += lines
-    if result["substitution"]:
+    if result.get("replacement"):
+        from .replacement import format_replacement
+
+        out += ["", format_replacement(result["replacement"])]
+    elif result["substitution"]:
         out.append("")
         out.append("all trained layers substituted at once (first k layers):")
         for s in result["substitution"]:

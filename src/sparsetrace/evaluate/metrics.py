@@ -8,6 +8,13 @@ training activations, saved beside the dictionary), and KL(clean ‖ spliced). F
 given before the final L0 calibration when training saved the encoder bias it left. Every figure has
 a seeded 95% bootstrap interval over windows (``<key>_ci``, see :mod:`.bootstrap`).
 
+Speed: each splice and ablation starts from the clean residual entering the dictionary's layer
+(:func:`sparsetrace.model.suffix.start_at`, exact: the layers below are not touched by the splice), so
+a splice at layer l costs L - l layers and the LM head, not a whole forward pass. ``per_layer_ce=False``
+skips them altogether (FVU, L0, dead, dense and MSE still come from the one clean pass per batch):
+``sparsetrace evaluate`` does that for runs whose transcoders replace every MLP, where the full
+replacement is evaluated instead (:mod:`.replacement`) and 3 x 30 splices would dominate the time.
+
 Substitution: the CE loss with the first k trained layers substituted at once, k = 1..n, which
 measures how reconstruction error accumulates across layers (the seed's central limitation).
 
@@ -28,6 +35,7 @@ from ..dictionary.io import check_matches_model
 from ..dictionary.model import SparseDictionary
 from ..model.adapter import LanguageModel
 from ..model.hookpoints import Hookpoint
+from ..model.suffix import start_at
 from .bootstrap import LEVEL, interval, resample_counts
 
 DENSE_THRESHOLD = 0.1
@@ -148,6 +156,7 @@ def evaluate(
     progress: bool = True,
     references: list[dict | None] | None = None,
     seed: int = 0,
+    per_layer_ce: bool = True,
 ) -> dict:
     """Evaluate ``dictionaries`` on held-out ``windows`` [n, ctx]. Returns the eval.json dict.
 
@@ -167,17 +176,19 @@ def evaluate(
     for d in dictionaries:
         d.to(device).eval()
     read = sorted({h for d in dictionaries for h in _in_out(d)}, key=lambda h: (h.layer, h.name))
+    starts = sorted({Hookpoint("resid_pre", d.cfg.layer) for d in dictionaries}, key=lambda h: h.layer)
+    read_clean = sorted(set(read) | (set(starts) if per_layer_ce else set()), key=lambda h: (h.layer, h.name))
     notes: list[str] = []
 
     # mean-ablation references: the training mean saved with the dictionary, else the evaluation mean
-    missing = [d for d, r in zip(dictionaries, refs, strict=True) if r.get("target_mean") is None]
+    missing = [d for d, r in zip(dictionaries, refs, strict=True) if r.get("target_mean") is None and per_layer_ce]
     fallback = _eval_means(lm, windows, sorted({_in_out(d)[1] for d in missing}, key=str), batch_windows, skip) \
         if missing else {}
     means, mean_source = [], []
     for d, r in zip(dictionaries, refs, strict=True):
-        if r.get("target_mean") is not None:
-            means.append(r["target_mean"].to(device).float())
-            mean_source.append("training")
+        if r.get("target_mean") is not None or not per_layer_ce:
+            means.append(r["target_mean"].to(device).float() if r.get("target_mean") is not None else None)
+            mean_source.append("training" if r.get("target_mean") is not None else "none (per-layer CE skipped)")
         else:
             means.append(fallback[_in_out(d)[1]])
             mean_source.append("evaluation windows")
@@ -195,7 +206,7 @@ def evaluate(
     bar = tqdm(total=n_batches, desc="evaluate", disable=not progress, leave=False)
     for s in range(0, len(windows), batch_windows):
         ids = windows[s : s + batch_windows].to(device)
-        clean = lm.run(ids, read=read)
+        clean = lm.run(ids, read=read_clean)
         ce["clean"].append(_ce(clean.logits, ids))
         for i, d in enumerate(dictionaries):
             hp_in, hp_out = _in_out(d)
@@ -209,14 +220,19 @@ def evaluate(
                 f0 = pre_dicts[i].features(x)
                 pre = (pre_dicts[i].decode(f0, x).reshape(b, t, -1), f0.reshape(b, t, -1))
             acc[i].add(y_hat, y, f.reshape(b, t, -1), pre)
-            # spliced / ablated forwards; the input hookpoint comes from the same (spliced) forward
+            if not per_layer_ce:
+                continue
+            # spliced / ablated forwards from the clean residual entering the layer; the input hookpoint
+            # comes from the same (spliced) forward
             store: dict[Hookpoint, Tensor] = {}
+            resid = clean.acts[Hookpoint("resid_pre", d.cfg.layer)]
             for key, fn in (
                 ("spliced", _splice(d, store, skip)),
                 ("zero", _const(0.0, skip)),
                 ("mean", _const(means[i], skip)),
             ):
-                with lm.hooks(read=[hp_in] if hp_in != hp_out else [], edit={hp_out: fn}, store=store):
+                with start_at(lm, d.cfg.layer, resid), \
+                        lm.hooks(read=[hp_in] if hp_in != hp_out else [], edit={hp_out: fn}, store=store):
                     logits = lm.model(input_ids=ids, use_cache=False).logits
                 ce[f"{i}:{key}"].append(_ce(logits, ids))
                 if key == "spliced":
@@ -247,8 +263,10 @@ def evaluate(
     results = []
     for i, d in enumerate(dictionaries):
         a = acc[i].stacked()
-        per_window = {"clean": ce_clean_w, "spliced": cat(ce[f"{i}:spliced"]), "zero": cat(ce[f"{i}:zero"]),
-                      "mean": cat(ce[f"{i}:mean"]), "kl": cat(kl[i]), **a}
+        per_window = {"clean": ce_clean_w, **a}
+        if per_layer_ce:
+            per_window.update({"spliced": cat(ce[f"{i}:spliced"]), "zero": cat(ce[f"{i}:zero"]),
+                               "mean": cat(ce[f"{i}:mean"]), "kl": cat(kl[i])})
         point = _figures(torch.ones(1, n_w, dtype=torch.float64), per_window)
         boot = _figures(counts, per_window)
         fire = acc[i].fire_count.float()
@@ -324,18 +342,17 @@ def _figures(w: Tensor, pw: dict[str, Tensor]) -> dict[str, Tensor]:
         var = w @ pw["sum_y2"] - (sum_y**2).sum(-1) / n
         return sq / var.clamp_min(1e-12)
 
-    clean, spliced, zero, mean_abl = mean("clean"), mean("spliced"), mean("zero"), mean("mean")
-    out = {
-        "l0": w @ pw["l0"] / n,
-        "fvu": fvu(w @ pw["sq_err"]),
-        "ce_clean": clean,
-        "ce_spliced": spliced,
-        "ce_zero_ablation": zero,
-        "ce_mean_ablation": mean_abl,
-        "ce_recovered_vs_zero": _recovered_t(clean, spliced, zero),
-        "ce_recovered_vs_mean": _recovered_t(clean, spliced, mean_abl),
-        "kl": mean("kl"),
-    }
+    out = {"l0": w @ pw["l0"] / n, "fvu": fvu(w @ pw["sq_err"]), "ce_clean": mean("clean")}
+    if "spliced" in pw:  # per-layer CE was measured
+        clean, spliced, zero, mean_abl = mean("clean"), mean("spliced"), mean("zero"), mean("mean")
+        out.update({
+            "ce_spliced": spliced,
+            "ce_zero_ablation": zero,
+            "ce_mean_ablation": mean_abl,
+            "ce_recovered_vs_zero": _recovered_t(clean, spliced, zero),
+            "ce_recovered_vs_mean": _recovered_t(clean, spliced, mean_abl),
+            "kl": mean("kl"),
+        })
     if "sq_err_pre" in pw:
         out["fvu_before_calibration"] = fvu(w @ pw["sq_err_pre"])
         out["l0_before_calibration"] = w @ pw["l0_pre"] / n

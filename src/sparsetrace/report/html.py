@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from sparsetrace.errors import SparsetraceError
+from sparsetrace.report.depth_plot import replacement_summary
 from sparsetrace.report.inputs import dashboard_status, dictionary_hashes, input_hashes, verify_status
 
 __all__ = ["build_report", "collect_run"]
@@ -356,6 +357,7 @@ def collect_run(
         "has_eval": eval_data is not None,
         "metrics": _metrics_table(eval_data, dictionaries),
         "substitution": substitution,
+        "replacement": replacement_summary(eval_data),
         "dictionaries": dictionaries,
         "circuits": _circuits(reader, run_dir, run_index, files),
         "features": _features(reader, run_dir, run_index, files, dict_hashes),

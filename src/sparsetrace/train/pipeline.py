@@ -206,7 +206,7 @@ def resolve_store(tcfg: TrainConfig, lm: LanguageModel, plan: MemoryPlan | None,
         store = "disk" if need <= AUTO_DISK_MAX_BYTES and need * 1.1 + 2e8 <= _free_bytes(root) else "stream"
     buffer = tcfg.buffer_tokens
     if store == "stream":
-        fit = stream_buffer_tokens(tcfg, plan, row, per_window)
+        fit = stream_buffer_tokens(tcfg, plan, row, per_window, n_windows)
         if buffer is None:
             buffer = fit
         elif plan is not None and buffer > fit:
@@ -217,12 +217,14 @@ def resolve_store(tcfg: TrainConfig, lm: LanguageModel, plan: MemoryPlan | None,
     return replace(tcfg, store=store, buffer_tokens=buffer)
 
 
-def stream_buffer_tokens(tcfg: TrainConfig, plan: MemoryPlan | None, row_bytes: int, per_window: int) -> int:
+def stream_buffer_tokens(tcfg: TrainConfig, plan: MemoryPlan | None, row_bytes: int, per_window: int,
+                         n_windows: int | None = None) -> int:
     """Rows the stream's buffer holds: what --max-memory leaves after the model, dictionaries and working
     buffers (:func:`plan_memory`), else STREAM_BUFFER_BYTES; at most STREAM_BUFFER_MAX_ROWS and the
-    training tokens; at least one window (a budget below that is a ConfigError)."""
+    training windows' tokens; at least one window (a budget below that is a ConfigError)."""
     budget = STREAM_BUFFER_BYTES if plan is None else plan.cache_bytes
-    rows = min(budget // row_bytes, STREAM_BUFFER_MAX_ROWS, max(tcfg.n_tokens, per_window))
+    corpus = n_windows * per_window if n_windows is not None else max(tcfg.n_tokens, per_window)
+    rows = min(budget // row_bytes, STREAM_BUFFER_MAX_ROWS, corpus)
     if rows < per_window:
         assert plan is not None
         more = (per_window * row_bytes - plan.cache_bytes) / GB

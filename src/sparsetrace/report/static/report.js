@@ -188,6 +188,28 @@
         })
       );
     }
+    if (run.replacement) {
+      // the full replacement: every replaced MLP substituted at once (eval.json "replacement")
+      const r = run.replacement;
+      const box = h("div", { class: "replacement", id: "replacement" });
+      box.appendChild(h("h3", { text: "Full replacement (" + (r.kind || "?") + ", " + (r.layers || []).length + " layers substituted at once)" }));
+      box.appendChild(
+        kvTable([
+          ["CE (clean)", fmt(r.ce, 3) + " (" + fmt(r.clean_ce, 3) + ")"],
+          ["CE recovered vs zero-ablating every replaced MLP", fmtPct(r.ce_recovered)],
+          ["CE recovered vs mean-ablating every replaced MLP", fmtPct(r.ce_recovered_vs_mean) + " (means: " + (r.mean_ablation_reference || "?") + ")"],
+          ["KL to the clean model", fmt(r.kl, 4)],
+          ["top-1 agreement with the clean model", fmtPct(r.top1_agreement)],
+          ["held-out windows", r.n_windows],
+        ])
+      );
+      if (r.svg) {
+        const fig = h("div", { class: "depth-plot-wrap", title: "error growth with depth" });
+        fig.innerHTML = r.svg; // drawn by report/depth_plot.py from numbers only
+        box.appendChild(fig);
+      }
+      ev.appendChild(box);
+    }
     page.appendChild(ev);
     // circuits
     const cs = section("Circuits");
