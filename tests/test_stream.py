@@ -196,7 +196,8 @@ def test_store_auto_and_memory_budget(tmp_path, corpus_file, tiny_llama, monkeyp
     monkeypatch.setattr(pipeline, "resident_bytes", lambda: 400 * 10**6)
     budget = _cfg(corpus_file, layers=[1, 2], buffer_tokens=None, max_memory_gb=100.0)
     plan = pipeline.plan_memory(budget, tiny_llama, n_features=256)
-    tight = _cfg(corpus_file, layers=[1, 2], buffer_tokens=None, max_memory_gb=(plan.need + 40 * 64 * 4 * 4) / 1e9)
+    tight = _cfg(corpus_file, layers=[1, 2], buffer_tokens=None, max_memory_gb=(
+        plan.need + plan.forward_bytes + 2 * 128 * 1024 + 40 * 1024) / 1e9)
     plan = pipeline.plan_memory(tight, tiny_llama, n_features=256)
     rows = pipeline.resolve_store(tight, tiny_llama, plan, 4, 100, tmp_path).buffer_tokens
     assert 31 <= rows <= plan.cache_bytes // (4 * 64 * 4)  # what the budget leaves, at least one window

@@ -53,7 +53,8 @@ def _corpus_spec(corpus: str | None, encoding: str | None) -> str | None:
 def train(
     model: str = typer.Option("smollm2-135m", help="Short name, local folder/GGUF, or hub name."),
     layers: str = typer.Option("3,6", help="Layers to train: all, or a list and/or ranges, e.g. 3,6 or 0-29 or 0-3,6,10-12."),
-    kind: str = typer.Option("transcoder", help="sae | transcoder | skip_transcoder"),
+    kind: str = typer.Option("transcoder", help="sae | transcoder | skip_transcoder | clt (cross-layer "
+                             "transcoder over every layer: --layers all; activation relu, jumprelu or topk)"),
     hookpoint: str = typer.Option(None, help="SAE hookpoint: resid_pre | resid_post | attn_out | mlp_out"),
     activation: str = typer.Option("relu", help="relu (L1, automatic λ) | jumprelu (automatic λ) | topk | batchtopk"),
     target_l0: str = typer.Option("32", "--target-l0", help="Target active features per token: one value, or one "
@@ -76,6 +77,7 @@ def train(
     max_memory: float = typer.Option(None, "--max-memory", help="Resident-memory budget in GB (default unbounded)."),
     store: str = typer.Option("auto", "--store", help="Activations: stream (from the model's forward passes, "
                               "bounded memory, no disk) | disk (harvest to a cache once) | auto (disk when small)."),
+    preact_coef: float = typer.Option(0.0, "--preact-coef", help="CLT: pre-activation loss against dead features."),
     out: Path = typer.Option(Path("runs/tc"), help="Output run folder."),
     resume: bool = typer.Option(False, "--resume", help="Continue from the last checkpoint in --out."),
     calibrate: bool = typer.Option(True, "--calibrate/--no-calibrate",
@@ -111,6 +113,7 @@ def train(
         max_memory_gb=max_memory,
         calibrate=calibrate,
         store=store,
+        preact_coef=preact_coef,
     ).validate()
     if resume and overwrite:
         raise ConfigError("pass either --resume or --overwrite, not both")
@@ -119,7 +122,9 @@ def train(
                          how="pass --resume to continue it, --overwrite to start over, or another --out")
     info = run_training(tcfg, out, resume=resume, progress=_progress())
     info.pop("dictionaries", None)
-    typer.echo(f"trained {len(info['layers'])} dictionaries in {info['seconds_total']:.0f} s -> {out}")
+    what = f"a cross-layer transcoder over {len(info['layers'])} layers" if tcfg.kind == "clt" else \
+        f"{len(info['layers'])} dictionaries"
+    typer.echo(f"trained {what} in {info['seconds_total']:.0f} s -> {out}")
 
 
 # ---------------------------------------------------------------------------------------------- evaluate

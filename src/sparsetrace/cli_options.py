@@ -78,6 +78,7 @@ RULES: dict[str, Rule] = {
     "scale": Rule(-1000.0, 1000.0, what="a finite number in [-1000, 1000] (0: no steering)"),
     "max_memory": Rule(0.0, 100_000.0, lo_open=True, what="a finite number of GB in (0, 100000]"),
     "upstream_seconds": Rule(0.0, MAX_REAL, what="a finite number of seconds >= 0 (0: off)"),
+    "preact_coef": Rule(0.0, MAX_REAL, what="a finite number >= 0 (0: off)"),
     "target": Rule(blank=True),
     "contrast": Rule(blank=True),
 }

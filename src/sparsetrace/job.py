@@ -52,7 +52,7 @@ PRESETS = {
     # all at once, and the IOI circuit traced through it; <= 20 minutes on 2 CPU cores (README gives the measured time)
     "default": Preset(layers="all", n_tokens=200_000, epochs=1.0, eval_windows=64, dashboard_features=20,
                       dashboard_tokens=30_000, circuit_prompts=24, graph_prompts=2, spearman_features=20,
-                      expansion=2, batch_size=512),
+                      expansion=2, batch_size=256),
     # the earlier default: transcoders on two layers, three epochs over 300k tokens (the other MLPs stay as
     # error nodes in every graph)
     "two-layer": Preset(layers=[3, 6], n_tokens=300_000, epochs=3.0, eval_windows=64, dashboard_features=30,

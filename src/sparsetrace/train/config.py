@@ -10,13 +10,14 @@ from ..errors import ConfigError
 from ..model.hookpoints import HOOKPOINTS
 
 ACTIVATION_CHOICES = ("relu", "topk", "batchtopk", "jumprelu")
+TRAIN_KINDS = (*KINDS, "clt")  # clt: one cross-layer transcoder over every layer (train/clt.py)
 
 
 @dataclass
 class TrainConfig:
     model: str = "smollm2-135m"
     layers: list[int] | str = field(default_factory=lambda: [3, 6])  # or "all" (resolved once the model loads)
-    kind: str = "transcoder"  # sae | transcoder | skip_transcoder
+    kind: str = "transcoder"  # sae | transcoder | skip_transcoder | clt
     hookpoint: str | None = None  # SAE input/output hookpoint (default resid_pre); ignored for transcoders
     activation: str = "relu"
     target_l0: float | list[float] = 32.0  # one target, or one per layer (in the order of ``layers``)
@@ -52,12 +53,16 @@ class TrainConfig:
     parallel: str = "data"  # data | layer   (under torchrun)
     store: str = "auto"  # activations: stream (data/stream.py) | disk (data/store.py) | auto (resolved at start)
     buffer_tokens: int | None = None  # stream: rows held per hookpoint (None: from --max-memory, resolved at start)
+    clt_tanh_c: float = 4.0  # CLT: c in the sparsity penalty tanh(c * |W_dec| * a)
+    preact_coef: float = 0.0  # CLT: weight of the pre-activation loss against dead features (0: off)
 
     @property
     def hookpoints(self) -> tuple[str, str]:
         if self.kind == "sae":
             hp = self.hookpoint or "resid_pre"
             return hp, hp
+        if self.kind == "clt":
+            return "mlp_in", "mlp_out"
         return DEFAULT_HOOKPOINTS[self.kind]
 
     @property
@@ -117,8 +122,10 @@ def _check_names(c: TrainConfig) -> None:
         v = getattr(c, name)
         if not isinstance(v, str) or not v.strip():
             raise ConfigError(f"--{name.replace('_', '-')} {v!r} is invalid; expected a non-empty string")
-    if c.kind not in KINDS:
-        raise ConfigError(f"--kind '{c.kind}' is unknown; expected one of {', '.join(KINDS)}")
+    if c.kind not in TRAIN_KINDS:
+        raise ConfigError(f"--kind '{c.kind}' is unknown; expected one of {', '.join(TRAIN_KINDS)}")
+    if c.kind == "clt" and c.activation == "batchtopk":
+        raise ConfigError("--activation batchtopk is not available for --kind clt; expected relu, jumprelu or topk")
     if c.hookpoint is not None and (not isinstance(c.hookpoint, str) or c.hookpoint not in HOOKPOINTS):
         raise ConfigError(f"--hookpoint {c.hookpoint!r} is unknown; expected one of {', '.join(HOOKPOINTS)}")
     if c.activation not in ACTIVATION_CHOICES:
@@ -201,7 +208,9 @@ def _check_rates(c: TrainConfig) -> None:
             continue
         if not _is_real(v) or not 0 <= v < math.inf:
             raise ConfigError(f"{name} {v!r} is invalid; expected a finite number >= 0")
-    for name in ("init_l0_factor", "threshold_lr_scale"):
+    if not _is_real(c.preact_coef) or not 0 <= c.preact_coef < math.inf:
+        raise ConfigError(f"--preact-coef {c.preact_coef!r} is invalid; expected a finite number >= 0")
+    for name in ("init_l0_factor", "threshold_lr_scale", "clt_tanh_c"):
         v = getattr(c, name)
         if not _is_real(v) or not 0 < v < math.inf:
             raise ConfigError(f"{name} {v!r} is invalid; expected a finite number > 0")

@@ -113,6 +113,10 @@ def run_training(
     lm = lm or LanguageModel.load(tcfg.model, device=tcfg.device)
     tcfg = tcfg.resolve_layers(lm.n_layers)
     check_layers(lm, tcfg.layers)
+    if tcfg.kind == "clt":
+        from .clt_job import check_clt_layers
+
+        check_clt_layers(tcfg.layers, lm.n_layers)
     n_features = tcfg.n_features or tcfg.expansion * lm.d_model
     k = tcfg.k if tcfg.k is not None else max(1, round(tcfg.max_target_l0))
     if tcfg.activation in ("topk", "batchtopk") and k > n_features:
@@ -139,7 +143,12 @@ def run_training(
         )
     t_harvest = time.time() - t0
     sparsity: dict = {}
-    dictionaries = train_dictionaries(
+    t_train = time.time()
+    # --- kind dispatch (issue 12 §2): a cross-layer transcoder trains all layers as one model (train/clt_job.py)
+    train_fn = train_dictionaries
+    if tcfg.kind == "clt":
+        from .clt_job import train_clt as train_fn
+    dictionaries = train_fn(
         tcfg,
         cache,
         out_dir,
@@ -161,6 +170,7 @@ def run_training(
         "store": tcfg.store,
         "corpus_sources": source_tokens(lm, tcfg, corpus),
         "seconds_harvest": round(t_harvest, 1),
+        "seconds_train": round(time.time() - t_train, 1),
         "seconds_total": round(time.time() - t0, 1),
         "peak_rss_mb": round(peak_resident_bytes() / 1e6),
     }
@@ -222,12 +232,14 @@ def stream_buffer_tokens(tcfg: TrainConfig, plan: MemoryPlan | None, row_bytes: 
     """Rows the stream's buffer holds: what --max-memory leaves after the model, dictionaries and working
     buffers (:func:`plan_memory`), else STREAM_BUFFER_BYTES; at most STREAM_BUFFER_MAX_ROWS and the
     training windows' tokens; at least one window (a budget below that is a ConfigError)."""
-    budget = STREAM_BUFFER_BYTES if plan is None else plan.cache_bytes
+    budget = STREAM_BUFFER_BYTES
+    if plan is not None:  # beside the buffer: a whole forward pass, and a batch gathered (and joined) from it
+        budget = plan.cache_bytes - max(0, plan.forward_bytes - plan.working) - 2 * tcfg.batch_size * row_bytes
     corpus = n_windows * per_window if n_windows is not None else max(tcfg.n_tokens, per_window)
     rows = min(budget // row_bytes, STREAM_BUFFER_MAX_ROWS, corpus)
     if rows < per_window:
         assert plan is not None
-        more = (per_window * row_bytes - plan.cache_bytes) / GB
+        more = (per_window * row_bytes - budget) / GB
         raise ConfigError(
             f"--max-memory {tcfg.max_memory_gb:g} GB is too small to stream {len(tcfg.layers)} layers: one window "
             f"of activations needs {_size(per_window * row_bytes)} more than the model and dictionaries leave; "
@@ -275,6 +287,7 @@ class MemoryPlan:
     dictionaries: int  # this process's dictionaries: parameters, gradients and the two Adam moments
     working: int  # batches, encoder activations, resample/calibration samples, checkpoint buffers
     harvest_windows: int  # windows per harvest forward pass
+    forward_bytes: int = 0  # one forward pass of harvest_windows windows (the stream holds it beside its buffer)
 
     @property
     def need(self) -> int:
@@ -306,6 +319,11 @@ def plan_memory(
     params += d * d if tcfg.kind == "skip_transcoder" else 0
     params += n_features if tcfg.activation == "jumprelu" else 0
     dictionaries = 4 * params * f32 * len(layers)  # parameters, gradients, exp_avg, exp_avg_sq
+    if tcfg.kind == "clt":  # one cross-layer transcoder over every layer: decoders to all later layers
+        from .clt import clt_parameter_count
+
+        params = clt_parameter_count(len(tcfg.layers), n_features, d)
+        dictionaries = 4 * params * f32
     uses_lambda = tcfg.activation in ("relu", "jumprelu")
     n_resample = min(4096, tcfg.n_tokens) if uses_lambda and tcfg.resample_every > 0 else 0
     n_calibrate = min(8192, tcfg.n_tokens) if uses_lambda else 0
@@ -316,13 +334,18 @@ def plan_memory(
         3 * params * f32,  # serialising a checkpoint
         2 * min(20000, tcfg.n_tokens) * d * f32,  # the activation scales
     )
+    if tcfg.kind == "clt":
+        from .clt import clt_working_bytes
+
+        working = clt_working_bytes(tcfg, len(tcfg.layers), n_features, d)
     cfg = lm.model.config
     heads = int(getattr(cfg, "num_attention_heads", None) or getattr(cfg, "n_head", None) or 16)
     n_hp = hp_per_layer * len(tcfg.layers)
     per_window = tcfg.context * d * f32 * (n_hp + 24) + tcfg.context**2 * f32 * 2 * heads
     harvest_windows = int(max(1, min(16, (budget - process) // per_window)))  # 16 unless that does not fit
     plan = MemoryPlan(budget=budget, process=process, dictionaries=dictionaries,
-                      working=max(working, 2 * per_window), harvest_windows=harvest_windows)
+                      working=max(working, 2 * per_window), harvest_windows=harvest_windows,
+                      forward_bytes=harvest_windows * per_window)
     if plan.need > budget:
         raise ConfigError(
             f"--max-memory {tcfg.max_memory_gb:g} GB is too small: the model and dictionaries alone need "
