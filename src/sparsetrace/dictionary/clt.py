@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import ConfigError, DictionaryFileError
-from .activations import jumprelu, step_l0
+from .activations import jumprelu
 
 CLT_FORMAT = "sparsetrace-clt/1"
 CLT_WEIGHTS = "clt.safetensors"
@@ -178,12 +178,6 @@ class CrossLayerTranscoder(nn.Module):
     def decoder_norms(self) -> Tensor:
         """``[L, F]``: each feature's decoder norm over all the layers it writes to."""
         return torch.stack([w.flatten(1).norm(dim=-1) for w in self.W_dec])
-
-    def l0_surrogate(self, layer: int, pre: Tensor) -> Tensor:
-        """Differentiable L0 of one layer's JumpReLU features (straight-through step), summed over features."""
-        if self.log_threshold is None:
-            raise ValueError("l0_surrogate is for JumpReLU CLTs")
-        return step_l0(pre, self.threshold(layer), self.cfg.jumprelu_bandwidth).sum(-1)
 
     # ------------------------------------------------------------------ maintenance
     @torch.no_grad()

@@ -1,12 +1,11 @@
 """What replaces a model's MLPs: a set of per-layer transcoders (PLT) or one cross-layer transcoder (CLT).
 
-Both answer the same three questions, so evaluation and attribution need not know which they hold:
+Both answer the same two questions, so evaluation and attribution need not know which they hold:
 
 - ``encode(layer, mlp_in)``: dense features ``[N, F]`` of ``layer`` from that layer's MLP input;
 - ``decode(layer, features, mlp_in)``: the MLP output at ``layer`` from the features of every source
   layer that writes there (a PLT: only ``layer`` itself, plus a skip term on ``mlp_in``; a CLT: every
-  source ``<= layer``);
-- ``targets(layer)``: the layers a feature of ``layer`` writes to.
+  source ``<= layer``).
 
 ``load_replacement(run_dir)`` picks the CLT of a run if it has one, else its transcoders.
 """
@@ -35,9 +34,6 @@ class MLPReplacement:
         raise NotImplementedError
 
     def decode(self, layer: int, features: dict[int, Tensor], mlp_in: Tensor | None = None) -> Tensor:
-        raise NotImplementedError
-
-    def targets(self, layer: int) -> list[int]:
         raise NotImplementedError
 
 
@@ -72,9 +68,6 @@ class PLTSet(MLPReplacement):
     def decode(self, layer: int, features: dict[int, Tensor], mlp_in: Tensor | None = None) -> Tensor:
         return self.by_layer[layer].decode(features[layer], mlp_in)
 
-    def targets(self, layer: int) -> list[int]:
-        return [layer]
-
 
 class CLTReplacement(MLPReplacement):
     kind = "clt"
@@ -93,9 +86,6 @@ class CLTReplacement(MLPReplacement):
 
     def decode(self, layer: int, features: dict[int, Tensor], mlp_in: Tensor | None = None) -> Tensor:
         return self.clt.decode(layer, features)
-
-    def targets(self, layer: int) -> list[int]:
-        return list(range(layer, self.clt.n_layers))
 
 
 def load_replacement(run_dir: str | Path, *, device: str = "cpu") -> MLPReplacement:
