@@ -31,7 +31,6 @@ import time
 from collections.abc import Sequence
 
 import numpy as np
-import scipy.sparse as sp
 import torch
 from torch import Tensor
 
@@ -41,6 +40,7 @@ from ..model.adapter import LanguageModel
 from .graph_types import Edges, Graph, Node
 from .prune import compute_influence, graph_scores, normalised_adjacency, prune_graph
 from .replacement import ReplacementModel, Site
+from .rows import Rows
 from .threads import auto_threads, one_thread, threads
 
 __all__ = ["attribute", "auto_batch_size", "build_graph", "select_targets"]
@@ -68,71 +68,6 @@ def select_targets(lm: LanguageModel, logits: Tensor, target: str | int | None =
 
 
 # ============================================================================================ building
-class _Rows:
-    """Accumulates sparse rows (target row -> source column) produced batch by batch, plus one CSR
-    block of row-normalised absolute weights per batch (for the running influence estimate)."""
-
-    def __init__(self, n_cols: int):
-        self.n_cols = n_cols
-        self.rows: list[Tensor] = []
-        self.cols: list[Tensor] = []
-        self.vals: list[Tensor] = []
-        self.blocks: list[tuple[int, sp.csr_matrix]] = []  # (first row, normalised |w| block)
-        self.row_node: list[int] = []  # row -> column index (features) or n_cols + logit index
-        self.n_rows = 0
-
-    def add_batch(self, parts: list[tuple[Tensor, Tensor]], nb: int, row_nodes: list[int], *,
-                  blocks: bool = True) -> None:
-        """``parts``: (values [n, nb], column ids [n]) for this batch's rows (one column of values per row)."""
-        r0 = self.n_rows
-        vals = torch.cat([p[0] for p in parts])
-        cols = torch.cat([p[1] for p in parts])
-        ci, r = (vals != 0).nonzero(as_tuple=True)
-        if r.numel():
-            v = vals[ci, r].to(torch.float32)
-            c = cols[ci].to(torch.int32)
-            r = r.to(torch.int32)
-            self.rows.append(r + r0)
-            self.cols.append(c)
-            self.vals.append(v)
-            if blocks:
-                a = v.abs().double().numpy()
-                rn, cn = r.numpy(), c.numpy()
-                sums = np.bincount(rn, weights=a, minlength=nb)
-                a = a / np.maximum(sums[rn], 1e-30)
-                self.blocks.append((r0, sp.csr_matrix((a, (cn, rn)), shape=(self.n_cols, nb))))
-        self.row_node.extend(row_nodes)
-        self.n_rows += nb
-
-    def arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        if not self.rows:
-            return np.zeros(0, np.int32), np.zeros(0, np.int32), np.zeros(0, np.float32)
-        return (torch.cat(self.rows).numpy(), torch.cat(self.cols).numpy(), torch.cat(self.vals).numpy())
-
-    @property
-    def n_edges(self) -> int:
-        return sum(int(r.numel()) for r in self.rows)
-
-    def influence(self, logit_w: np.ndarray) -> np.ndarray:
-        """Influence of every column on the logits through the rows computed so far."""
-        row_node = np.asarray(self.row_node, dtype=np.int64)
-        prod = np.zeros(self.n_cols + len(logit_w))
-        prod[self.n_cols:] = logit_w
-        infl = np.zeros(self.n_cols)
-        for _ in range(self.n_rows + 2):
-            v = prod[row_node]
-            x = np.zeros(self.n_cols)
-            for r0, block in self.blocks:
-                x += block @ v[r0:r0 + block.shape[1]]
-            if not x.any():
-                break
-            infl += x
-            prod[: self.n_cols] = x
-            prod[self.n_cols:] = 0
-        return infl
-
-
-
 class _Attributor:
     def __init__(self, rm: ReplacementModel, batch_size: int):
         self.rm = rm
@@ -161,48 +96,60 @@ class _Attributor:
         # active features' decoder rows into this site times their activations (a CLT feature writes into
         # every later MLP site, so it has rows in several), then the error vector; a site's edges for a
         # batch of targets are then one small matmul per position with the site's gradient there
-        runs: dict[str, list[tuple[int, int]]] = {}  # feature site -> per position (first, count)
-        for s in self.feat_sites:
+        for j, s in enumerate(self.feat_sites):
             n = s.n_active
             o = self.feat_offset[s.key]
-            j = self.feat_sites.index(s)
             self.col_site[o:o + n] = j
             self.col_pos[o:o + n] = s.pos.cpu().numpy()
             self.col_feat[o:o + n] = s.feat.cpu().numpy()
             self.col_act[o:o + n] = s.act.double().cpu().numpy()
             self.col_rank[o:o + n] = self.site_rank[s.key]
-            counts = torch.bincount(s.pos.cpu(), minlength=P)  # s.pos is sorted: one run per position
-            runs[s.key] = list(zip((counts.cumsum(0) - counts).tolist(), counts.tolist(), strict=True))
         self.multi = any(len(s.target_keys) > 1 for s in self.feat_sites)
         self.dec: dict[str, tuple[Tensor, list[tuple[int, int]], Tensor]] = {}
         self.dec_feat_rows: dict[str, Tensor] = {}  # multi: which rows of dec are feature rows
         for t in self.sites:
-            srcs = [(s, s.target_keys.index(t.key)) for s in self.feat_sites if t.key in s.target_keys]
-            vecs, cols, spans, r = [], [], [], 0
-            for p in range(P):
-                r_start = r
-                for s, ti in srcs:
-                    f0, c = runs[s.key][p]
-                    if not c:
-                        continue
-                    W = s.W_dec[s.feat[f0:f0 + c]] if s.W_dec.dim() == 2 else s.W_dec[s.feat[f0:f0 + c], ti]
-                    vecs.append(W * s.act[f0:f0 + c, None])
-                    cols.append(self.feat_offset[s.key] + torch.arange(f0, f0 + c))
-                    r += c
-                vecs.append(t.error[p:p + 1])
-                cols.append(torch.tensor([self.err_offset[t.key] + p]))
-                r += 1
-                spans.append((r_start, r))
-            self.dec[t.key] = (torch.cat(vecs).contiguous(), spans, torch.cat(cols))
+            self.dec[t.key] = self._site_sources(t)
             if self.multi:
                 self.dec_feat_rows[t.key] = self.dec[t.key][2] < self.n_feat
         self.dec["emb"] = (rm.emb.contiguous(), [(p, p + 1) for p in range(P)], self.emb_offset + torch.arange(P))
         self.deepest = max((s.layer for s in self.feat_sites), default=0)
         self.fwd = None
-        self.rows = _Rows(self.n_cols)
+        self.rows = Rows(self.n_cols)
         self.need_blocks = True  # per-batch normalised blocks, only needed for influence ordering
         self.backward_s = 0.0
         self.forward_s = 0.0
+
+    def _site_sources(self, t: Site) -> tuple[Tensor, list[tuple[int, int]], Tensor]:
+        """Site ``t``'s source vectors in position-major order (at each position: the features of each
+        source site in ``feat_sites`` order, then ``t``'s error vector), per position its (first, end)
+        rows, and each row's column. Built with a few whole-site ops (no loop over positions)."""
+        P = self.P
+        srcs = [(s, s.target_keys.index(t.key)) for s in self.feat_sites if t.key in s.target_keys]
+        vecs, cols, pos, rank = [], [], [], []
+        for j, (s, ti) in enumerate(srcs):
+            W = s.W_dec[s.feat] if s.W_dec.dim() == 2 else s.W_dec[s.feat, ti]
+            vecs.append(W * s.act[:, None])
+            cols.append(self.feat_offset[s.key] + torch.arange(s.n_active))
+            p = s.pos.cpu()
+            pos.append(p)
+            rank.append(p * len(srcs) + j)  # sort key: position, then source site (stable within a site)
+        n_f = sum(int(p.numel()) for p in pos)
+        err = t.error
+        dec = torch.empty(n_f + P, err.shape[-1], dtype=err.dtype, device=err.device)
+        col = torch.empty(n_f + P, dtype=torch.long)
+        counts = torch.zeros(P, dtype=torch.long)
+        if n_f:
+            order = torch.argsort(torch.cat(rank), stable=True)
+            f_pos = torch.cat(pos)[order]
+            counts = torch.bincount(f_pos, minlength=P)
+            f_row = torch.arange(n_f) + f_pos  # features before it, plus one error row per earlier position
+            dec[f_row.to(dec.device)] = torch.cat(vecs)[order.to(dec.device)]
+            col[f_row] = torch.cat(cols)[order]
+        ends = counts.cumsum(0) + torch.arange(1, P + 1)  # one past each position's error row
+        dec[(ends - 1).to(dec.device)] = err
+        col[ends - 1] = self.err_offset[t.key] + torch.arange(P)
+        starts = ends - counts - 1
+        return dec.contiguous(), list(zip(starts.tolist(), ends.tolist(), strict=True)), col
 
     def forward(self, batch: int, *, logits: bool) -> None:
         """Build the retained forward: full depth for logit rows, up to the deepest dictionary otherwise."""
