@@ -385,7 +385,8 @@ def main(argv=None) -> int:
     results: dict[str, dict[int, dict]] = {t: {} for t in tools}
     with tempfile.TemporaryDirectory(prefix="attr_scaling_") as work:
         common[1] = work
-        prep = launch(py_ours, ["--worker", "prep", *common], cap_bytes=cap, time_limit=a.time_limit_s, nice=a.nice)
+        prep = launch(py_ours, ["--worker", "prep", *common], cap_bytes=cap, time_limit=max(a.time_limit_s, 900),
+                      nice=a.nice)
         if "n_tokens" not in prep:
             return fail(f"preparing prompts and weights failed: {prep.get('error') or prep.get('limit')}")
         print(f"  prompt: {prep['n_tokens']} tokens from '{a.corpus}' ({prep['text_head']!r}...); "
