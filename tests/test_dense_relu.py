@@ -91,7 +91,7 @@ def test_trainer_bfloat16_option_trains():
         g = torch.Generator().manual_seed(3)
         basis = torch.randn(64, 32, generator=g)
         first = last = None
-        for i in range(60):
+        for _ in range(60):
             coef = torch.rand(256, 64, generator=g) * (torch.rand(256, 64, generator=g) < 0.06)
             s = tr.train_step(coef @ basis, coef @ basis)
             first = first if first is not None else s.fvu
@@ -106,3 +106,16 @@ def test_compute_dtype_is_checked():
 
     with pytest.raises(ConfigError, match="float16"):
         TrainConfig(compute_dtype="float16").validate()
+
+
+def test_enclosing_autocast_means_bfloat16_with_exact_counts():
+    torch.manual_seed(3)
+    sd = _dictionary("sae").float()
+    x = torch.randn(600, sd.cfg.d_in)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y_hat, l1, counts, code = dense_relu_forward(x, sd.W_enc, sd.b_enc, sd.W_dec, sd.b_dec)
+    assert code.dtype == torch.bfloat16 and y_hat.dtype == torch.float32
+    assert torch.equal(counts, (code > 0).sum(0))
+    loss = y_hat.pow(2).mean() + l1
+    loss.backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in (sd.W_enc, sd.b_enc, sd.W_dec, sd.b_dec))

@@ -19,7 +19,6 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-
 _EXACT_ROWS = 256  # bfloat16 holds every integer up to 256: sums of at most this many 0/1 rows are exact
 
 
@@ -93,8 +92,13 @@ def dense_relu_forward(x: Tensor, W_enc: Tensor, b_enc: Tensor, W_dec: Tensor, b
                        compute_dtype: torch.dtype = torch.float32) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Returns (y_hat, mean L1 over rows, per-feature firing counts [n] long, code [batch, n]).
 
-    ``compute_dtype`` float32 means "the parameters' own dtype" (float64 parameters stay float64)."""
-    if compute_dtype == torch.float32:
+    ``compute_dtype`` float32 means "the parameters' own dtype" (float64 parameters stay float64). Under an
+    enclosing ``torch.autocast``, its dtype is the compute dtype (the step casts for itself)."""
+    dev = x.device.type
+    if torch.is_autocast_enabled(dev):
+        compute_dtype = torch.get_autocast_dtype(dev)
+    elif compute_dtype == torch.float32:
         compute_dtype = W_enc.dtype
-    y_hat, l1_sum, counts, f = _DenseReluCode.apply(x, W_enc, b_enc, W_dec, b_dec, compute_dtype)
+    with torch.autocast(dev, enabled=False):
+        y_hat, l1_sum, counts, f = _DenseReluCode.apply(x, W_enc, b_enc, W_dec, b_dec, compute_dtype)
     return y_hat, l1_sum / x.shape[0], counts, f
