@@ -49,7 +49,9 @@ def _corpus_spec(corpus: str | None, encoding: str | None) -> str | None:
 
 
 # ---------------------------------------------------------------------------------------------- train
-def _parse_minutes(text: str) -> list[float]:
+def _parse_minutes(text: str | None) -> list[float]:
+    if text is None:
+        return []
     try:
         return [float(x) for x in text.split(",") if x.strip()]
     except ValueError:
@@ -94,7 +96,7 @@ def train(
     time_budget: float = typer.Option(None, "--time-budget", help="Minutes of wall time for the whole run (load, "
                                       "harvest, train): stops then and saves; LR schedule follows elapsed time; "
                                       "--n-tokens becomes an upper bound. Cannot be resumed."),
-    snapshot_at: str = typer.Option("", "--snapshot-at", help="Wall minutes at which to save uncalibrated copies "
+    snapshot_at: str = typer.Option(None, "--snapshot-at", help="Wall minutes at which to save uncalibrated copies "
                                     "of the dictionaries to OUT/snapshots/<m>min/, e.g. 2,5."),
 ) -> None:
     """Harvest activations and train one dictionary per layer, with λ tuned automatically to --target-l0."""

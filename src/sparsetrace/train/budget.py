@@ -6,7 +6,7 @@ loaded, so loading, tokenising and harvesting count), training stops at the firs
 the budget is spent, and the dictionaries are then finished and saved as usual (the L0 calibration and
 the save run after the budget). The learning-rate warm-up and decay, the JumpReLU threshold warm-up and
 the end of dead-feature resampling follow the fraction of the *training* time elapsed (from the first
-step to the end of the budget) instead of the fraction of steps; ``n_tokens * epochs`` is then only an
+batch's arrival to the end of the budget) instead of the fraction of steps; ``n_tokens * epochs`` is then only an
 upper bound on the steps.
 
 ``snapshot_at`` (minutes on the same clock) saves a copy of every dictionary, normalisation folded in but

@@ -352,9 +352,10 @@ def train_dictionaries(
     bar = tqdm(total=total, initial=start, desc="train", unit="step", disable=not progress or rank != 0)
     last_ckpt = {tr.layer: tr.step for tr in trainers}
     end = total if stop_at_step is None else min(total, stop_at_step)
-    clock.begin_training()
     for step, batch in zip(range(start, end), _batches(tcfg, cache, hps, start, end), strict=True):
         postfix = {}
+        if clock.train_start is None:  # the schedule's time starts with the first batch (a stream's first chunk)
+            clock.begin_training()
         progress_now = clock.progress()
         for tr in trainers:
             if tr.step > step:  # resumed from a later checkpoint than another layer
