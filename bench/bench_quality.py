@@ -1,6 +1,6 @@
 """Quality per wall-minute: ours vs sparsify vs sae-lens on SmolLM2-135M's layer-6 MLP, same text, same clock.
 
-    python bench/bench_quality.py                               # budgets 2,5,10 min: ~45 min in all
+    python bench/bench_quality.py                               # budgets 2,5,10 min: ~50 min in all
     python bench/bench_quality.py --budgets 0.5,1 --eval-tokens 2048      # smoke test (~8 min)
     python bench/bench_quality.py --contenders ours-topk,sparsify        # a subset
 
@@ -169,6 +169,7 @@ def worker_ours(a) -> dict:
                   "stopped_by": clock.stop_reason})
     return {"snapshots": snaps, "batch_tokens": tcfg.batch_size, "steps": clock.steps,
             "tokens": clock.steps * tcfg.batch_size, "tokens_forwarded": stream.forwarded,
+            "seconds_stream_forward": round(stream.seconds_forward, 1),
             "final_save_s": round(t_end - 60 * budgets[-1], 1)}
 
 
@@ -331,28 +332,34 @@ def prepare(a, work: Path):
 
 
 def evaluate_all(a, lm, heldout, results: dict) -> list[dict]:
-    """Every snapshot, the same code: our evaluate() on the held-out windows, one dictionary at a time."""
+    """Every snapshot with the same code, in one call of our evaluate() on the held-out windows (one clean
+    pass per batch shared by all; per dictionary a spliced, a zero- and a mean-ablated pass from layer 6)."""
     from sparsetrace.dictionary.load import load_dictionary
     from sparsetrace.evaluate.metrics import evaluate
 
-    rows = []
+    items, dicts = [], []
     for who, res in results.items():
         for s in res.get("snapshots", []):
             d = load_dictionary(s["path"])
             d.cfg.model_id = lm.model_id  # the peers' files name the model by path, or not at all
             if who == "sae-lens":  # HookedProxyLM's hook name model.layers.6.mlp is the MLP's output
                 d.cfg.layer, d.cfg.hookpoint_in, d.cfg.hookpoint_out = a.layer, "mlp_out", "mlp_out"
-            t = time.perf_counter()
-            ev = evaluate(lm, [d], heldout, substitution=False, progress=False)
-            r = ev["dictionaries"][0]
-            rows.append({"contender": who, "budget_min": s["minutes"], "elapsed_s": s["elapsed_s"],
-                         "steps": s["steps"], "tokens": s["tokens"], "kind": r["kind"],
-                         "hookpoints": f"{r['hookpoint_in']}->{r['hookpoint_out']}",
-                         **{k: r.get(k) for k in ("fvu", "l0", "ce_recovered_vs_zero", "ce_recovered_vs_mean", "kl",
-                                                  "ce_spliced", "fvu_ci", "ce_recovered_vs_zero_ci")},
-                         "clean_ce": ev["clean_ce"], "eval_s": round(time.perf_counter() - t, 1)})
-            print(f"  eval {who:9s} {s['minutes']:g} min: fvu {r['fvu']:.4f} l0 {r['l0']:.1f} "
-                  f"ce_rec {r.get('ce_recovered_vs_zero', float('nan')):.4f}", flush=True)
+            items.append((who, s))
+            dicts.append(d)
+    if not dicts:
+        return []
+    t = time.perf_counter()
+    ev = evaluate(lm, dicts, heldout, substitution=False, progress=True)  # rows in input order (one layer)
+    print(f"  evaluated {len(dicts)} dictionaries on {heldout.shape[0]} held-out windows in "
+          f"{time.perf_counter() - t:.0f} s", flush=True)
+    rows = []
+    for (who, s), r in zip(items, ev["dictionaries"], strict=True):
+        rows.append({"contender": who, "budget_min": s["minutes"], "elapsed_s": s["elapsed_s"],
+                     "steps": s["steps"], "tokens": s["tokens"], "kind": r["kind"],
+                     "hookpoints": f"{r['hookpoint_in']}->{r['hookpoint_out']}",
+                     **{k: r.get(k) for k in ("fvu", "l0", "ce_recovered_vs_zero", "ce_recovered_vs_mean", "kl",
+                                              "ce_spliced", "fvu_ci", "ce_recovered_vs_zero_ci", "kl_ci")},
+                     "clean_ce": ev["clean_ce"]})
     return rows
 
 
@@ -412,7 +419,8 @@ def main() -> None:
     p.add_argument("--layer", type=int, default=6)
     p.add_argument("--context", type=int, default=128)
     p.add_argument("--train-tokens", type=int, default=1_500_000, help="tokens of training windows (cycled)")
-    p.add_argument("--eval-tokens", type=int, default=16384, help="held-out tokens for the evaluation")
+    p.add_argument("--eval-tokens", type=int, default=8192,
+                   help="held-out tokens for the evaluation (64 windows; its cost grows with this x dictionaries)")
     p.add_argument("--threads", type=int, default=2, help="torch threads of every process")
     p.add_argument("--sparsify-batch", type=int, default=32, help="sparsify: windows per step (its default)")
     p.add_argument("--saelens-batch", type=int, default=4096, help="sae-lens: tokens per step (its default)")
@@ -420,6 +428,9 @@ def main() -> None:
     p.add_argument("--ours-buffer-tokens", type=int, default=0, help="ours: stream buffer rows (0: our default, "
                    "65536; the first chunk is harvested before the first step)")
     p.add_argument("--work", default=None, help="folder for ids and dictionaries (default bench/out/quality-<time>)")
+    p.add_argument("--eval-only", default=None, metavar="RESULT.json",
+                   help="evaluate again the dictionaries of an earlier result file (its work folder must still "
+                        "exist); nothing is trained")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     p.add_argument("--ids", default=None, help=argparse.SUPPRESS)
     p.add_argument("--out", default=None, help=argparse.SUPPRESS)
@@ -441,9 +452,27 @@ def main() -> None:
 
     torch.set_num_threads(a.threads)
     stamp = time.strftime("%Y%m%d-%H%M%S")
+    if a.eval_only:
+        earlier = json.loads(Path(a.eval_only).read_text(encoding="utf-8"))
+        a.work, results = earlier["work"], earlier["workers"]
+        a.budgets = sorted({s["minutes"] for r in results.values() for s in r.get("snapshots", [])})
     work = Path(a.work) if a.work else BENCH / "out" / f"quality-{stamp}"
-    if work.exists() and any(work.iterdir()):
+    if a.eval_only:
+        from safetensors.torch import load_file
+
+        from sparsetrace.model.adapter import LanguageModel
+
+        lm = LanguageModel.load(MODEL)
+        heldout = load_file(str(work / "heldout_ids.safetensors"))["input_ids"]
+        heldout = heldout[: -(-a.eval_tokens // (heldout.shape[1] - 1))]
+    elif work.exists() and any(work.iterdir()):
         raise SystemExit(f"error: --work '{work}' is not empty; expected a new folder (earlier results are kept)")
+    if not a.eval_only:
+        lm, heldout, results = train_all(a, work, contenders)
+    _report(a, lm, heldout, results, work, stamp)
+
+
+def train_all(a, work: Path, contenders: list[str]):
     work.mkdir(parents=True, exist_ok=True)
     print(f"# bench_quality: budgets {a.budgets} min, n_features {a.n_features}, k/L0 {a.k}, layer {a.layer}, "
           f"threads {a.threads}, work {work} ({machine_line()})", flush=True)
@@ -471,6 +500,11 @@ def main() -> None:
                                        f", activations vs ours: max rel err {res['acts_max_rel_err']:.1e}"
                                        if "acts_max_rel_err" in res else ""))
         print(f"  {who:9s}: {msg} ({time.perf_counter() - t:.0f} s)", flush=True)
+        (work / "workers.json").write_text(json.dumps(results, indent=2), encoding="utf-8")
+    return lm, heldout, results
+
+
+def _report(a, lm, heldout, results: dict, work: Path, stamp: str) -> None:
     rows = evaluate_all(a, lm, heldout, results)
     (BENCH / "out").mkdir(parents=True, exist_ok=True)
     out_json = _free_path(BENCH / "out" / f"quality-{stamp}.json")
