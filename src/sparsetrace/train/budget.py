@@ -49,6 +49,7 @@ class WallClock:
         self.train_start: float | None = None
         self.steps = 0
         self.stop_reason = "steps"  # or "time budget"
+        self.stopped_s: float | None = None  # elapsed seconds when the last step ended (before the final save)
         self.snapshots: list[dict] = []
 
     @property

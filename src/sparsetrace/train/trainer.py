@@ -410,6 +410,7 @@ def train_dictionaries(
             save_checkpoints(due, ckpt_root, tcfg.kind, rank, tcfg.parallel)
             last_ckpt.update({tr.layer: tr.step for tr in due})
     bar.close()
+    clock.stopped_s = clock.elapsed()
     if stop_at_step is not None and end < total:
         save_checkpoints([tr for tr in trainers if tr.step <= end], ckpt_root, tcfg.kind, rank, tcfg.parallel)
         return {tr.layer: tr.dictionary for tr in trainers}
