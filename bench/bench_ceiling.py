@@ -41,6 +41,8 @@ def main() -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--no-autocast", dest="autocast", action="store_false",
                    help="on cuda: fp32 step and fp32 ceiling (default bf16 autocast and bf16 ceiling)")
+    p.add_argument("--cpu-bf16", action="store_true",
+                   help="on cpu: our step with --compute-dtype bfloat16 against a bf16 ceiling (AMX/AVX512-BF16)")
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--src", default=None, help="import sparsetrace from this src/ folder")
     a = p.parse_args()
@@ -57,7 +59,7 @@ def main() -> None:
     if a.threads:
         torch.set_num_threads(a.threads)
     dev = a.device
-    bf16 = dev.startswith("cuda") and a.autocast
+    bf16 = (dev.startswith("cuda") and a.autocast) or (dev == "cpu" and a.cpu_bf16)
     mm_dtype = torch.bfloat16 if bf16 else torch.float32
     B, d, n = a.batch, a.d_model, a.d_model * a.expansion
     flops = 5 * 2 * B * d * n
@@ -84,10 +86,10 @@ def main() -> None:
         return time.perf_counter() - t
 
     tc = TrainConfig(layers=[0], kind="sae", activation="relu", n_features=n, batch_size=B, target_l0=32.0,
-                     n_tokens=10**9, epochs=1.0, device=dev)
+                     n_tokens=10**9, epochs=1.0, device=dev, compute_dtype="bfloat16" if bf16 else "float32")
     tr = LayerTrainer(tc, 0, d, "bench", 1.0, 1.0)
     xs = random_activations(2, B, d, seed=1234, device=dev)
-    ac = torch.autocast("cuda", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+    ac = torch.autocast("cuda", dtype=torch.bfloat16) if bf16 and dev.startswith("cuda") else contextlib.nullcontext()
     state = {"i": 0}
 
     def step() -> float:

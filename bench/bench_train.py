@@ -3,6 +3,7 @@
     python bench/bench_train.py                                  # all shapes, relu + topk, sae
     python bench/bench_train.py --kind sae --activation topk --d-model 576 --expansion 32 --batch 4096
     python bench/bench_train.py --device cuda                    # GPU: bf16 autocast, 20 warm + 50 timed
+    python bench/bench_train.py --cpu-bf16                       # CPU, bf16 matmuls on every side
 
 Every configuration runs in a fresh subprocess (peers with ``bench/.venv-peers/bin/python``, ours with
 this python) on the same seeded random activations, same shapes and batch. Reps interleave ours and
@@ -70,6 +71,8 @@ def _autocast(a):
 
     if a.device.startswith("cuda") and a.autocast:
         return torch.autocast("cuda", dtype=torch.bfloat16)
+    if a.device == "cpu" and a.cpu_bf16:
+        return torch.autocast("cpu", dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
 
@@ -83,7 +86,8 @@ def worker_ours(a) -> dict:
     n = a.d_model * a.expansion
     tc = TrainConfig(layers=[0], kind=a.kind, activation=a.activation, n_features=n, batch_size=a.batch,
                      target_l0=float(a.k), k=a.k if a.activation in ("topk", "batchtopk") else None,
-                     n_tokens=10**9, epochs=1.0, device=a.device)
+                     n_tokens=10**9, epochs=1.0, device=a.device,
+                     compute_dtype="bfloat16" if a.cpu_bf16 else "float32")
     tr = LayerTrainer(tc, 0, a.d_model, "bench", 1.0, 1.0)
     xs, ys = _data(a, a.device)
     if a.regime == "trained" and a.activation == "relu":
@@ -115,7 +119,7 @@ def worker_saelens(a) -> dict:
     sae = StandardTrainingSAE(cfg)
     total = a.batch * (a.warmup + a.steps + 2)
     tcfg = SAETrainerConfig(total_training_samples=total, train_batch_size_samples=a.batch, lr=3e-4, lr_end=3e-4,
-                            device=a.device, autocast=a.device.startswith("cuda") and a.autocast)
+                            device=a.device, autocast=(a.device.startswith("cuda") and a.autocast) or a.cpu_bf16)
     xs, _ = _data(a, a.device)
     trainer = SAETrainer(cfg=tcfg, sae=sae, data_provider=itertools.cycle(xs))
     sae.to(a.device)
@@ -165,7 +169,8 @@ def worker_sparsify(a) -> dict:
         if sae.cfg.normalize_decoder and not transcode:
             sae.set_decoder_norm_to_unit_norm()
         total_variance = (y - y.mean(0)).pow(2).sum()
-        o = sae(x=x, y=y, dead_mask=None, total_variance=total_variance)
+        with _autocast(a):
+            o = sae(x=x, y=y, dead_mask=None, total_variance=total_variance)
         did_fire[o.latent_indices.flatten()] = True
         out["fvu"] = float(o.fvu.detach())
         loss = o.fvu + 0.0 * o.auxk_loss + o.multi_topk_fvu / 8
@@ -239,6 +244,8 @@ def worker_args(a, worker: str, activation: str, d: int, e: int) -> list[str]:
         args += ["--threads", str(a.threads)]
     if not a.autocast:
         args += ["--no-autocast"]
+    if a.cpu_bf16:
+        args += ["--cpu-bf16"]
     return args
 
 
@@ -255,6 +262,9 @@ def main() -> None:
     p.add_argument("--reps", type=int, default=2, help="repetitions with fresh processes")
     p.add_argument("--device", default="cpu")
     p.add_argument("--no-autocast", dest="autocast", action="store_false", help="fp32 on cuda too")
+    p.add_argument("--cpu-bf16", action="store_true",
+                   help="CPU: bfloat16 matmuls on every side (ours --compute-dtype bfloat16; sae-lens its own "
+                        "autocast=True; sparsify its forward under torch.autocast), for CPUs with AMX/AVX512-BF16")
     p.add_argument("--sparsify-optimizer", choices=["signum", "adam"], default="signum")
     p.add_argument("--regime", choices=["init", "trained"], default="init",
                    help="ReLU only: 'init' = fresh dictionaries (dense codes, ~half the features active); "

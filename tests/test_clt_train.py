@@ -156,6 +156,20 @@ def test_each_activation_trains_to_its_target_l0(tmp_path, corpus_file, tiny_lla
     assert not (tmp_path / "run" / ".checkpoints" / "clt").exists()
 
 
+def test_bfloat16_matmuls_train_a_clt_like_float32(tmp_path, corpus_file, tiny_llama):
+    """--compute-dtype bfloat16 runs the CLT step under bf16 autocast; it still learns as float32 does."""
+    last = {}
+    for cd in ("float32", "bfloat16"):
+        cfg = _cfg(corpus_file, activation="jumprelu", n_tokens=4000, epochs=3.0, compute_dtype=cd)
+        run_training(cfg, tmp_path / cd, lm=tiny_llama, progress=False, cache_dir=tmp_path / "c")
+        rows = [json.loads(x) for x in (tmp_path / cd / "clt_train_log.jsonl").read_text().splitlines()]
+        for layer in LAYERS:
+            assert rows[-1]["mse"][layer] < 0.7 * rows[0]["mse"][layer], (cd, layer)
+        last[cd] = rows[-1]["mse"]
+    for layer in LAYERS:
+        assert abs(last["bfloat16"][layer] - last["float32"][layer]) < 0.25 * last["float32"][layer] + 0.02, last
+
+
 @pytest.mark.parametrize("activation", ["jumprelu", "topk"])
 def test_resume_equals_uninterrupted(tmp_path, corpus_file, tiny_llama, activation):
     cfg = _cfg(corpus_file, activation=activation)  # 62 steps, checkpoints every 20

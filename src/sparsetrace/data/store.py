@@ -201,7 +201,9 @@ def harvest(
     hookpoints = sorted(set(hookpoints), key=lambda h: (h.layer, h.name))
     for hp in hookpoints:
         lm.check(hp)
-    key = cache_key(lm.model_id, hookpoints, windows, dtype)
+    # a model loaded in another dtype gives (slightly) other activations: its own cache entry
+    model_key = lm.model_id if lm.dtype == torch.float32 else f"{lm.model_id}@{str(lm.dtype).removeprefix('torch.')}"
+    key = cache_key(model_key, hookpoints, windows, dtype)
     root = Path(cache_dir) if cache_dir is not None else default_cache_root() / "activations"
     folder = root / key
     if (folder / "meta.json").exists():

@@ -116,6 +116,7 @@ class Code:
     pre: Tensor | None = None  # pre-activations, when computed (dense)
     rows: Tensor | None = None  # ragged codes only
     n_rows: int = 0
+    counts: Tensor | None = None  # per-feature firing counts over the rows, when the step computed them
 
     def to_dense(self, n_features: int) -> Tensor:
         if self.dense is not None:
@@ -130,6 +131,9 @@ class Code:
 
     def l0(self) -> Tensor:
         """Mean number of non-zero features per row."""
+        if self.counts is not None:
+            rows = self.dense.shape[0] if self.dense is not None else max(1, self.n_rows)
+            return self.counts.sum().to(torch.float32) / rows
         if self.dense is not None:
             return (self.dense != 0).float().sum(-1).mean()
         assert self.values is not None

@@ -235,7 +235,9 @@ class CLTTrainer:
         for g in self.opt.param_groups:
             g["lr"] = self.lr_at(self.step) * g.get("lr_scale", 1.0)
         lams = torch.tensor([c.value for c in self.controllers])
-        loss, mse, l0, counts, err, norms = self.step_module(xs, ys, lams)
+        bf16 = self.tcfg.compute_dtype == "bfloat16"
+        with torch.autocast(xs.device.type, dtype=torch.bfloat16, enabled=bf16):
+            loss, mse, l0, counts, err, norms = self.step_module(xs, ys, lams)
         if not torch.isfinite(loss):
             raise TrainingDiverged(f"CLT loss became {float(loss.detach())} at step {self.step}; "
                                    f"expected a finite loss (try a lower --lr)")

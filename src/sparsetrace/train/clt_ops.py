@@ -114,7 +114,10 @@ def clt_decode(values: list[Tensor], rows: list[Tensor], cols: list[Tensor], dec
     """Every layer's reconstruction ``[L, N, d]`` (no decoder bias) from ragged per-layer codes.
 
     Layer ``l``'s code has entries ``values[l][i]`` at token ``rows[l][i]``, feature ``cols[l][i]``,
-    row-major (sorted by token); ``dec[l]`` is ``[L - l, F, d]`` (target-major, see the module doc)."""
+    row-major (sorted by token); ``dec[l]`` is ``[L - l, F, d]`` (target-major, see the module doc).
+    Values in another dtype (bf16 from an autocast encoder) are cast to the decoder's: the sparse decode
+    runs in its dtype."""
+    values = [v.to(dec[0].dtype) for v in values]
     if torch.is_grad_enabled() and any(t.requires_grad for t in (*values, *dec)):
         return _CLTDecode.apply((list(rows), list(cols), n_rows), *values, *dec)
     with torch.no_grad():

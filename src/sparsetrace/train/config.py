@@ -49,6 +49,8 @@ class TrainConfig:
     seed: int = 0
     device: str = "cpu"
     dtype: str = "float32"  # activation cache dtype
+    compute_dtype: str = "float32"  # the dictionary's matmuls: float32 | bfloat16 (parameters stay float32)
+    model_dtype: str = "float32"  # the language model's weights while harvesting: float32 | bfloat16
     max_memory_gb: float | None = None  # resident-memory budget per process, GB (10^9 bytes); None = unbounded
     parallel: str = "data"  # data | layer   (under torchrun)
     store: str = "auto"  # activations: stream (data/stream.py) | disk (data/store.py) | auto (resolved at start)
@@ -225,6 +227,10 @@ def _check_rates(c: TrainConfig) -> None:
 def _check_choices(c: TrainConfig) -> None:
     if c.dtype not in ("float32", "float16"):
         raise ConfigError(f"dtype '{c.dtype}' is unknown; expected 'float32' or 'float16'")
+    if c.compute_dtype not in ("float32", "bfloat16"):
+        raise ConfigError(f"--compute-dtype '{c.compute_dtype}' is unknown; expected float32 or bfloat16")
+    if c.model_dtype not in ("float32", "bfloat16"):
+        raise ConfigError(f"--model-dtype '{c.model_dtype}' is unknown; expected float32 or bfloat16")
     if c.parallel not in ("data", "layer"):
         raise ConfigError(f"--parallel '{c.parallel}' is unknown; expected 'data' or 'layer'")
     if c.store not in ("auto", "stream", "disk"):

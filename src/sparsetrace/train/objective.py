@@ -8,16 +8,18 @@ import torch
 from torch import Tensor, nn
 
 from ..dictionary.model import Code, SparseDictionary
+from .dense_relu import dense_relu_forward
 from .sparse_relu import active_relu_forward
 
 
 class _Objective(nn.Module):
     """Computes one step's loss inside ``forward`` so DDP sees every parameter use."""
 
-    def __init__(self, dictionary: SparseDictionary, aux_k_coef: float):
+    def __init__(self, dictionary: SparseDictionary, aux_k_coef: float, compute_dtype: torch.dtype = torch.float32):
         super().__init__()
         self.dictionary = dictionary
         self.aux_k_coef = aux_k_coef
+        self.compute_dtype = compute_dtype
 
     def forward(self, x: Tensor, y: Tensor, lam: Tensor, dead: Tensor, active_only: bool = False
                 ) -> tuple[Tensor, Tensor, Code, Tensor]:
@@ -30,6 +32,12 @@ class _Objective(nn.Module):
                 y_hat = y_hat + x @ d.W_skip.t()
             code = Code(values=values, indices=cols, rows=rows, n_rows=x.shape[0])
             l1 = (values * d.W_dec.norm(dim=-1)[cols]).sum() / x.shape[0]
+        elif act == "relu":
+            # dense: the hand-written step (train/dense_relu.py), same math as encode/decode/l1_penalty
+            y_hat, l1, counts, dense = dense_relu_forward(x, d.W_enc, d.b_enc, d.W_dec, d.b_dec, self.compute_dtype)
+            if d.W_skip is not None:
+                y_hat = y_hat + x @ d.W_skip.t()
+            code = Code(dense=dense, counts=counts)
         else:
             code = d.encode(x)
             y_hat = d.decode(code, x)

@@ -113,7 +113,7 @@ def run_training(
 
     corpus = load_corpus(tcfg.corpus)  # before the model, so a bad corpus fails fast
     texts = corpus.texts
-    lm = lm or LanguageModel.load(tcfg.model, device=tcfg.device)
+    lm = lm or LanguageModel.load(tcfg.model, device=tcfg.device, dtype=getattr(torch, tcfg.model_dtype))
     tcfg = tcfg.resolve_layers(lm.n_layers)
     check_layers(lm, tcfg.layers)
     if tcfg.kind == "clt":

@@ -76,6 +76,8 @@ class TrainingStream:
 
 def feature_counts(code: Code, n_features: int) -> Tensor:
     """How many rows each feature fired on, [n_features] long."""
+    if code.counts is not None:
+        return code.counts.to(torch.long)
     if code.dense is not None:
         return (code.dense > 0).sum(0).to(torch.long)
     active = code.values > 0
