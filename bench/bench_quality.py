@@ -47,8 +47,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import BENCH, ROOT, emit, fmt, machine_line, peak_rss_mb, peer_python, run_worker, table  # noqa: E402
 
 MODEL = "smollm2-135m"
-CONTENDERS = ("ours-relu", "ours-topk", "sparsify", "sae-lens")
+CONTENDERS = ("ours-relu", "ours-topk", "sparsify", "sae-lens", "ours-relu-bf16", "ours-topk-bf16")
+DEFAULT_CONTENDERS = CONTENDERS[:4]
 LABELS = {"ours-relu": "ours ReLU transcoder (auto λ, L0 32)", "ours-topk": "ours TopK transcoder (k 32)",
+          "ours-relu-bf16": "ours ReLU transcoder, --model-dtype/--compute-dtype bfloat16",
+          "ours-topk-bf16": "ours TopK transcoder, --model-dtype/--compute-dtype bfloat16",
           "sparsify": "sparsify TopK transcoder (k 32)",
           "sae-lens": "sae-lens TopK SAE on mlp_out (k 32; the nearest thing sae-lens trains)"}
 
@@ -145,15 +148,17 @@ def worker_ours(a) -> dict:
 
     torch.set_num_threads(a.threads)
     t0 = time.time()  # the clock: after imports, before the model is loaded
-    lm = LanguageModel.load(MODEL)
+    bf16 = a.worker.endswith("-bf16")
+    lm = LanguageModel.load(MODEL, dtype=torch.bfloat16 if bf16 else torch.float32)
     ids = load_file(a.ids)["input_ids"]
     budgets = sorted(a.budgets)
-    act = a.worker.split("-", 1)[1]
+    act = a.worker.split("-")[1]
     per_window = ids.shape[1] - 1  # BOS is not trained on
     tcfg = TrainConfig(model=MODEL, layers=[a.layer], kind="transcoder", activation=act, target_l0=float(a.k),
                        k=a.k if act == "topk" else None, n_features=a.n_features, context=ids.shape[1],
                        n_tokens=ids.shape[0] * per_window, epochs=2.0, store="stream",
-                       time_budget=budgets[-1], snapshot_at=budgets[:-1])
+                       time_budget=budgets[-1], snapshot_at=budgets[:-1],
+                       model_dtype="bfloat16" if bf16 else "float32", compute_dtype="bfloat16" if bf16 else "float32")
     if a.ours_buffer_tokens:
         tcfg = replace(tcfg, buffer_tokens=a.ours_buffer_tokens)
     tcfg = resolve_store(tcfg, lm, None, 2, ids.shape[0])
@@ -292,7 +297,8 @@ def worker_saelens(a) -> dict:
             "tokens": trainer.n_training_samples, "acts_max_rel_err": check_acts(hf_model, a)}
 
 
-WORKERS = {"ours-relu": worker_ours, "ours-topk": worker_ours, "sparsify": worker_sparsify,
+WORKERS = {"ours-relu": worker_ours, "ours-topk": worker_ours, "ours-relu-bf16": worker_ours,
+           "ours-topk-bf16": worker_ours, "sparsify": worker_sparsify,
            "sae-lens": worker_saelens}
 
 
@@ -375,7 +381,7 @@ def svg_plot(rows: list[dict], path: Path) -> None:
     def px(x, y):
         return L + (W - L - 20) * x / x1, H - B - (H - B - 20) * y / y1
 
-    colors = {"ours-relu": "#1f77b4", "ours-topk": "#2ca02c", "sparsify": "#d62728", "sae-lens": "#9467bd"}
+    colors = {"ours-relu": "#1f77b4", "ours-topk": "#2ca02c", "ours-relu-bf16": "#17becf", "ours-topk-bf16": "#bcbd22", "sparsify": "#d62728", "sae-lens": "#9467bd"}
     parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" font-family="sans-serif" '
              f'font-size="12"><rect width="100%" height="100%" fill="white"/>',
              f'<line x1="{L}" y1="{H - B}" x2="{W - 10}" y2="{H - B}" stroke="black"/>',
@@ -413,7 +419,9 @@ def _free_path(path: Path) -> Path:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--budgets", default="2,5,10", help="wall minutes, comma list (floats allowed)")
-    p.add_argument("--contenders", default=",".join(CONTENDERS))
+    p.add_argument("--contenders", default=",".join(DEFAULT_CONTENDERS),
+                   help=f"comma list of {', '.join(CONTENDERS)} (the -bf16 ones: ours with a bf16 model and bf16 "
+                        "matmuls, for CPUs with AMX/AVX512-BF16 and GPUs)")
     p.add_argument("--n-features", type=int, default=4608, help="width of every dictionary (8 x 576)")
     p.add_argument("--k", type=int, default=32, help="k of the TopK contenders; target L0 of ours-relu")
     p.add_argument("--layer", type=int, default=6)
@@ -527,8 +535,9 @@ def _report(a, lm, heldout, results: dict, work: Path, stamp: str) -> None:
     best = min(peers, key=peers.get) if peers else None
     ours_best = min((v for k, v in at.items() if k.startswith("ours")), default=None)
     ratio = f"{ours_best / peers[best]:.2f}" if best and ours_best is not None else "n/a"
+    bf = "".join(f" / {fmt(at[c], 4)} ({c[5:]})" for c in ("ours-relu-bf16", "ours-topk-bf16") if c in at)
     print(f"FVU at {last:g} min (held-out, lower is better): ours {fmt(at.get('ours-relu'), 4)} (relu) / "
-          f"{fmt(at.get('ours-topk'), 4)} (topk) vs best peer {fmt(peers.get(best), 4)} ({best or 'n/a'}): "
+          f"{fmt(at.get('ours-topk'), 4)} (topk){bf} vs best peer {fmt(peers.get(best), 4)} ({best or 'n/a'}): "
           f"ratio R = ours best / peer best = {ratio}")
 
 
