@@ -49,6 +49,15 @@ def _corpus_spec(corpus: str | None, encoding: str | None) -> str | None:
 
 
 # ---------------------------------------------------------------------------------------------- train
+def _parse_minutes(text: str | None) -> list[float]:
+    if text is None:
+        return []
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ConfigError(f"--snapshot-at '{text}' is invalid; expected minutes separated by commas, e.g. 2,5") from None
+
+
 @app.command()
 def train(
     model: str = typer.Option("smollm2-135m", help="Short name, local folder/GGUF, or hub name."),
@@ -89,6 +98,11 @@ def train(
                                    help="ReLU/JumpReLU: shift encoder biases at the end so L0 equals the target."),
     overwrite: bool = typer.Option(False, "--overwrite", help="An --out that already holds a run is refused unless "
                                    "--resume or --overwrite (which deletes that run folder first) is given."),
+    time_budget: float = typer.Option(None, "--time-budget", help="Minutes of wall time for the whole run (load, "
+                                      "harvest, train): stops then and saves; LR schedule follows elapsed time; "
+                                      "--n-tokens becomes an upper bound. Cannot be resumed."),
+    snapshot_at: str = typer.Option(None, "--snapshot-at", help="Wall minutes at which to save uncalibrated copies "
+                                    "of the dictionaries to OUT/snapshots/<m>min/, e.g. 2,5."),
 ) -> None:
     """Harvest activations and train one dictionary per layer, with λ tuned automatically to --target-l0."""
     from .train.config import TrainConfig
@@ -119,6 +133,8 @@ def train(
         calibrate=calibrate,
         store=store,
         preact_coef=preact_coef,
+        time_budget=time_budget,
+        snapshot_at=_parse_minutes(snapshot_at),
         compute_dtype=compute_dtype,
         model_dtype=model_dtype,
     ).validate()

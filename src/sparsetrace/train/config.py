@@ -57,6 +57,8 @@ class TrainConfig:
     buffer_tokens: int | None = None  # stream: rows held per hookpoint (None: from --max-memory, resolved at start)
     clt_tanh_c: float = 4.0  # CLT: c in the sparsity penalty tanh(c * |W_dec| * a)
     preact_coef: float = 0.0  # CLT: weight of the pre-activation loss against dead features (0: off)
+    time_budget: float | None = None  # minutes of wall time for the whole run; schedules follow elapsed time
+    snapshot_at: list[float] = field(default_factory=list)  # wall minutes at which to save snapshots
 
     @property
     def hookpoints(self) -> tuple[str, str]:
@@ -91,7 +93,7 @@ class TrainConfig:
     def validate(self) -> TrainConfig:
         """Raise :class:`ConfigError` naming the first bad value and what was expected; return self."""
         for check in (_check_names, _check_sparsity, _check_layers, _check_counts, _check_rates,
-                      _check_choices):
+                      _check_choices, _check_clock):
             check(self)
         return self
 
@@ -235,3 +237,19 @@ def _check_choices(c: TrainConfig) -> None:
         raise ConfigError(f"--store '{c.store}' is unknown; expected stream, disk or auto")
     if c.buffer_tokens is not None and (not _is_int(c.buffer_tokens) or c.buffer_tokens <= 0):
         raise ConfigError(f"buffer_tokens {c.buffer_tokens!r} is invalid; expected a positive integer")
+
+
+def _check_clock(c: TrainConfig) -> None:
+    """``time_budget`` and ``snapshot_at``: minutes of wall time (train/budget.py)."""
+    tb = c.time_budget
+    if tb is not None and (not _is_real(tb) or not 0 < tb < math.inf):
+        raise ConfigError(f"--time-budget {tb!r} is invalid; expected a number of minutes > 0")
+    if (tb is not None or c.snapshot_at) and c.kind == "clt":
+        raise ConfigError("--time-budget and --snapshot-at are not available for --kind clt; expected a per-layer kind "
+                          "(sae, transcoder, skip_transcoder)")
+    snaps = c.snapshot_at
+    if not isinstance(snaps, (list, tuple)) or not all(_is_real(m) and 0 < m < math.inf for m in snaps):
+        raise ConfigError(f"--snapshot-at {snaps!r} is invalid; expected minutes > 0, e.g. 2,5")
+    if tb is not None and any(m >= tb for m in snaps):
+        raise ConfigError(f"--snapshot-at {','.join(f'{m:g}' for m in snaps)} is invalid; expected times "
+                          f"before the --time-budget of {tb:g} minutes (the end of the run is saved anyway)")

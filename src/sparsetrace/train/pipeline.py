@@ -99,6 +99,9 @@ def run_training(
             saved = TrainConfig.from_dict(saved_dict)
         except ConfigError as e:
             raise ConfigError(f"--resume: '{cfg_path}' is not a valid training config ({e})") from None
+        if saved.time_budget is not None or tcfg.time_budget is not None:
+            raise ConfigError(f"--resume: a --time-budget run cannot be resumed (its schedule follows the wall "
+                              f"time it had); expected a new run instead of continuing '{out_dir}'")
         if saved.to_dict() != tcfg.to_dict():
             # resuming always continues the saved configuration; only the memory budget (a property of
             # the machine, not of the results) may be given anew
@@ -146,8 +149,13 @@ def run_training(
     t_train = time.time()
     # --- kind dispatch (issue 12 §2): a cross-layer transcoder trains all layers as one model (train/clt_job.py)
     train_fn = train_dictionaries
+    kw: dict = {}
     if tcfg.kind == "clt":
         from .clt_job import train_clt as train_fn
+    else:  # --time-budget / --snapshot-at: the clock started with the run (train/budget.py)
+        from .budget import WallClock
+
+        kw["clock"] = clock = WallClock(tcfg, start=t0)
     dictionaries = train_fn(
         tcfg,
         cache,
@@ -158,6 +166,7 @@ def run_training(
         progress=progress,
         stop_at_step=stop_at_step,
         sparsity=sparsity,
+        **kw,
     )
     info = {
         "model": lm.model_id,
@@ -174,6 +183,14 @@ def run_training(
         "seconds_total": round(time.time() - t0, 1),
         "peak_rss_mb": round(peak_resident_bytes() / 1e6),
     }
+    if "clock" in kw:
+        info["steps"] = clock.steps
+        info["tokens_trained"] = clock.steps * tcfg.batch_size
+        info["stopped_by"] = clock.stop_reason
+        if clock.active:
+            info["time_budget_min"] = tcfg.time_budget
+        if clock.snapshots:
+            info["snapshots"] = clock.snapshots
     # per layer: the controller's own L0 before the final calibration, the calibration shift, L0/FVU on a
     # training sample before and after it (train/stats.py); warnings are also printed on stderr
     info["sparsity"] = {str(layer): rec for layer, rec in sorted(sparsity.items())}

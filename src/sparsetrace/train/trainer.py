@@ -33,6 +33,7 @@ from ..data.stream import ActivationStream
 from ..dictionary.io import atomic_write_text, save_dictionary
 from ..dictionary.model import DictionaryConfig, SparseDictionary
 from ..errors import ConfigError, TrainingDiverged
+from .budget import WallClock, save_snapshot, schedule_factor
 from .checkpoint import (
     append_log,
     checkpoint_tensors,
@@ -109,12 +110,14 @@ class LayerTrainer:
         self.controller = L0Controller(self.target_l0, math.log(init), tcfg.lambda_gain, horizon=horizon)
         self.since_fired = torch.zeros(n_features, dtype=torch.long)
         self.step = 0
+        self.progress: float | None = None  # under --time-budget: fraction of the training time elapsed
         self.last_l0: float | None = None
         self.b_enc_before_calibration: Tensor | None = None
         self.threshold_before_calibration: Tensor | None = None
         # training-stream statistics over the last pass (at most n_tokens tokens) of the run
         stream_steps = min(tcfg.total_steps, -(-tcfg.n_tokens // tcfg.batch_size))
-        self.stream = TrainingStream(n_features, d_model, tcfg.total_steps - stream_steps, tcfg.device)
+        start = 0 if tcfg.time_budget is not None else tcfg.total_steps - stream_steps  # the end is unknown
+        self.stream = TrainingStream(n_features, d_model, start, tcfg.device)
         total_tokens = tcfg.total_steps * tcfg.batch_size
         self.dead_window = max(10 * tcfg.batch_size, min(tcfg.dead_window_tokens, total_tokens // 8))
 
@@ -123,14 +126,19 @@ class LayerTrainer:
         """JumpReLU thresholds (and λ with them) are held for the first ``threshold_warmup_frac`` of the
         steps while the decoder learns its first directions: what a feature is worth to reconstruction,
         which moves its threshold, means little against a random decoder."""
-        return self.dictionary.log_threshold is not None and self.step < self.tcfg.threshold_warmup_frac * \
-            self.tcfg.total_steps
+        if self.dictionary.log_threshold is None:
+            return False
+        if self.progress is not None:
+            return self.progress < self.tcfg.threshold_warmup_frac
+        return self.step < self.tcfg.threshold_warmup_frac * self.tcfg.total_steps
 
     @property
     def uses_lambda(self) -> bool:
         return self.tcfg.activation in ("relu", "jumprelu")
 
     def lr_at(self, step: int) -> float:
+        if self.progress is not None:  # --time-budget: the schedule follows the training time elapsed
+            return self.tcfg.lr * schedule_factor(self.progress, self.tcfg.warmup_frac, self.tcfg.decay_frac)
         total = self.tcfg.total_steps
         warm = max(1, int(total * self.tcfg.warmup_frac))
         decay_start = int(total * (1 - self.tcfg.decay_frac))
@@ -300,6 +308,7 @@ def train_dictionaries(
     progress: bool = True,
     stop_at_step: int | None = None,
     sparsity: dict | None = None,
+    clock: WallClock | None = None,
 ) -> dict[int, SparseDictionary]:
     """Train one dictionary per layer in ``tcfg.layers`` on ``cache``; save them into ``out_dir``.
 
@@ -307,14 +316,21 @@ def train_dictionaries(
     :class:`ActivationStream` (batches from the model's forward passes, already split by DDP rank);
     both serve every layer the same batches, in an order that is a pure function of (seed, step).
 
-    ``sparsity`` (optional) receives, per layer, the record of :func:`~.stats.finish_layer`."""
+    ``sparsity`` (optional) receives, per layer, the record of :func:`~.stats.finish_layer`. ``clock``
+    (train/budget.py) carries ``time_budget`` and ``snapshot_at``; by default it starts now."""
     tcfg.validate()
+    clock = clock if clock is not None else WallClock(tcfg)
     sparsity = {} if sparsity is None else sparsity
     out_dir = Path(out_dir)
     rank, world = _rank_world()
     my_layers = tcfg.layers
     if world > 1 and tcfg.parallel == "layer":
         my_layers = tcfg.layers[rank::world]
+    if world > 1 and (clock.active or clock.pending):
+        raise ConfigError("--time-budget and --snapshot-at are not available under torchrun; expected one process")
+    if resume and clock.active:
+        raise ConfigError("--resume: a --time-budget run cannot be resumed (its schedule follows the wall time "
+                          "it had); expected a new run")
     trainers: list[LayerTrainer] = []
     for layer in my_layers:
         hp_in, hp_out = tcfg.hookpoints
@@ -343,9 +359,13 @@ def train_dictionaries(
     end = total if stop_at_step is None else min(total, stop_at_step)
     for step, batch in zip(range(start, end), _batches(tcfg, cache, hps, start, end), strict=True):
         postfix = {}
+        if clock.train_start is None:  # the schedule's time starts with the first batch (a stream's first chunk)
+            clock.begin_training()
+        progress_now = clock.progress()
         for tr in trainers:
             if tr.step > step:  # resumed from a later checkpoint than another layer
                 continue
+            tr.progress = progress_now
             try:
                 st = tr.train_step(batch[tr.hp_in], batch[tr.hp_out])
             except TrainingDiverged as e:
@@ -376,16 +396,26 @@ def train_dictionaries(
                 and tcfg.resample_every > 0
                 and step > 0
                 and step % tcfg.resample_every == 0
-                and step < total * (1 - tcfg.decay_frac)
+                and (step < total * (1 - tcfg.decay_frac) if progress_now is None
+                     else progress_now < 1 - tcfg.decay_frac)
             ):
                 tr.resample_dead(cache)
         bar.update(1)
         bar.set_postfix(postfix, refresh=False)
-        if tcfg.checkpoint_every and (step + 1) % tcfg.checkpoint_every == 0 and step + 1 < total:
+        clock.steps = step + 1
+        for minutes in clock.due():
+            if rank == 0 or tcfg.parallel == "layer":
+                save_snapshot(trainers, out_dir, minutes, clock, tcfg.batch_size)
+        if clock.spent():
+            clock.stop_reason = "time budget"
+            break
+        if tcfg.checkpoint_every and not clock.active and (step + 1) % tcfg.checkpoint_every == 0 and \
+                step + 1 < total:
             due = [tr for tr in trainers if tr.step == step + 1]
             save_checkpoints(due, ckpt_root, tcfg.kind, rank, tcfg.parallel)
             last_ckpt.update({tr.layer: tr.step for tr in due})
     bar.close()
+    clock.stopped_s = clock.elapsed()
     if stop_at_step is not None and end < total:
         save_checkpoints([tr for tr in trainers if tr.step <= end], ckpt_root, tcfg.kind, rank, tcfg.parallel)
         return {tr.layer: tr.dictionary for tr in trainers}
