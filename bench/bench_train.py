@@ -71,7 +71,7 @@ def _autocast(a):
 
     if a.device.startswith("cuda") and a.autocast:
         return torch.autocast("cuda", dtype=torch.bfloat16)
-    if a.device == "cpu" and a.cpu_bf16:
+    if a.device == "cpu" and getattr(a, "cpu_bf16", False):
         return torch.autocast("cpu", dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
@@ -87,7 +87,7 @@ def worker_ours(a) -> dict:
     tc = TrainConfig(layers=[0], kind=a.kind, activation=a.activation, n_features=n, batch_size=a.batch,
                      target_l0=float(a.k), k=a.k if a.activation in ("topk", "batchtopk") else None,
                      n_tokens=10**9, epochs=1.0, device=a.device,
-                     compute_dtype="bfloat16" if a.cpu_bf16 else "float32")
+                     compute_dtype="bfloat16" if getattr(a, "cpu_bf16", False) else "float32")
     tr = LayerTrainer(tc, 0, a.d_model, "bench", 1.0, 1.0)
     xs, ys = _data(a, a.device)
     if a.regime == "trained" and a.activation == "relu":
@@ -119,7 +119,7 @@ def worker_saelens(a) -> dict:
     sae = StandardTrainingSAE(cfg)
     total = a.batch * (a.warmup + a.steps + 2)
     tcfg = SAETrainerConfig(total_training_samples=total, train_batch_size_samples=a.batch, lr=3e-4, lr_end=3e-4,
-                            device=a.device, autocast=(a.device.startswith("cuda") and a.autocast) or a.cpu_bf16)
+                            device=a.device, autocast=(a.device.startswith("cuda") and a.autocast) or getattr(a, "cpu_bf16", False))
     xs, _ = _data(a, a.device)
     trainer = SAETrainer(cfg=tcfg, sae=sae, data_provider=itertools.cycle(xs))
     sae.to(a.device)
@@ -244,7 +244,7 @@ def worker_args(a, worker: str, activation: str, d: int, e: int) -> list[str]:
         args += ["--threads", str(a.threads)]
     if not a.autocast:
         args += ["--no-autocast"]
-    if a.cpu_bf16:
+    if getattr(a, "cpu_bf16", False):
         args += ["--cpu-bf16"]
     return args
 
