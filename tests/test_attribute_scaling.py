@@ -9,7 +9,6 @@ import copy
 
 import numpy as np
 import pytest
-import scipy.sparse as sp
 import torch
 from test_attribute_clt import clt_from, plt_set
 
@@ -92,44 +91,49 @@ def test_site_sources_match_loop(llama64, kind):
         torch.testing.assert_close(dec, rdec, rtol=0, atol=0)
 
 
-def test_merged_influence_matches_blocks():
+def test_merged_influence_matches_dense_reference():
+    """The row store's influence estimate (one merged float32 CSC, rows normalised by their absolute sums)
+    equals a dense float64 propagation over the same rows; its edges are the non-zeros, exactly."""
     rng = np.random.default_rng(0)
     n_cols, n_logits = 40, 2
     rows = Rows(n_cols)
-    blocks = []
-    for nb in (3, 2, 4, 1):
-        vals = torch.tensor(rng.normal(size=(n_cols + 5, nb)) * (rng.random((n_cols + 5, nb)) < 0.3))
+    dense_cols = []  # per row: its weights over the n_cols columns
+    for i, nb in enumerate((3, 2, 4, 1)):
+        vals = torch.tensor(rng.normal(size=(n_cols, nb)) * (rng.random((n_cols, nb)) < 0.3), dtype=torch.float32)
         if nb == 2:
             vals.zero_()  # a batch without edges
-        colid = torch.tensor(rng.permutation(n_cols + 5)[: n_cols + 5] % n_cols)
-        row_nodes = [n_cols + i % n_logits for i in range(nb)] if not blocks else \
-            rng.choice(n_cols, nb, replace=False).tolist()
+        colid = torch.tensor(rng.permutation(n_cols))
+        row_nodes = [n_cols + j % n_logits for j in range(nb)] if i == 0 else rng.choice(n_cols, nb, replace=False).tolist()
         rows.add_batch([(vals, colid)], nb, row_nodes)
-        blocks.append(1)
+        for j in range(nb):
+            w = np.zeros(n_cols)
+            w[colid.numpy()] = vals[:, j].double().numpy()
+            dense_cols.append(w)
     lw = np.array([0.7, 0.3])
-    kept = [(r0, b.copy()) for r0, b in rows.blocks]
-
-    # reference: the per-block sum the merged matrix replaced
+    A = np.stack(dense_cols, 1)  # [n_cols, n_rows]
+    norm = np.abs(A) / np.maximum(np.abs(A).sum(0), 1e-30)
     row_node = np.asarray(rows.row_node)
     prod = np.zeros(n_cols + n_logits)
     prod[n_cols:] = lw
     ref = np.zeros(n_cols)
     for _ in range(rows.n_rows + 2):
-        v = prod[row_node]
-        x = np.zeros(n_cols)
-        for r0, b in kept:
-            x += sp.csr_matrix(b) @ v[r0:r0 + b.shape[1]]
+        x = norm @ prod[row_node]
         if not x.any():
             break
         ref += x
         prod[:n_cols] = x
         prod[n_cols:] = 0
     got = rows.influence(lw)
-    np.testing.assert_allclose(got, ref, rtol=1e-12, atol=1e-15)
+    np.testing.assert_allclose(got, ref, rtol=1e-6, atol=1e-12)
     assert ref.any()
+    r, c, v = rows.arrays()
+    rebuilt = np.zeros_like(A)
+    rebuilt[c, r] = v
+    np.testing.assert_array_equal(rebuilt, A.astype(np.float32))
+    assert rows.n_edges == int((A != 0).sum())
     # merging is idempotent and later batches still join the estimate
     np.testing.assert_allclose(rows.influence(lw), got, rtol=1e-12)
-    rows.add_batch([(torch.ones(n_cols, 1, dtype=torch.float64), torch.arange(n_cols))], 1, [0])
+    rows.add_batch([(torch.ones(n_cols, 1), torch.arange(n_cols))], 1, [0])
     assert rows.influence(lw).shape == (n_cols,)
 
 

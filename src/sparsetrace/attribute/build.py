@@ -9,7 +9,8 @@ model for the logit rows, one that stops after the deepest dictionary for the fe
 site, or ``W_U[t] - mean W_U`` at the unembedding input); per-feature edges then come from one
 batched matmul of the gradient at each site with the active decoder rows (times activations).
 Targets get rows in influence order: the logits first, then features by their estimated influence on
-the logits (recomputed every ``update_interval`` batches from the rows so far), up to
+the logits (recomputed every ``update_interval`` batches, and at least every ``MIN_ROWS_PER_UPDATE`` rows, from
+the rows so far: long prompts get small batches, and each refresh costs a pass per layer over every edge), up to
 ``max_feature_nodes`` (when the cap binds, features whose estimated influence is exactly zero are
 skipped: no path links them to the logits); a batch's targets are sorted by layer so its backward
 stops early.
@@ -210,6 +211,9 @@ class _Attributor:
         return (s.key, int(self.col_pos[col]), s.W_enc[int(self.col_feat[col])])
 
 
+MIN_ROWS_PER_UPDATE = 512  # feature rows between influence refreshes, whatever the batch size
+
+
 def auto_batch_size(n_pos: int, token_budget: int = 3072) -> int:
     """Default targets per backward: about ``token_budget`` prompt copies x tokens, within 8..256."""
     return int(max(8, min(256, token_budget // max(n_pos, 1))))
@@ -308,7 +312,7 @@ def _feature_rows(at: _Attributor, budget: int, logit_w: np.ndarray, batch_size:
             if not rank.size:  # what is left cannot reach the logits through the rows so far, nor later
                 log("no remaining feature has influence on the logits; stopping early")
                 break
-            pending = rank[: min(update_interval * batch_size, budget - n_visited)]
+            pending = rank[: min(max(update_interval * batch_size, MIN_ROWS_PER_UPDATE), budget - n_visited)]
         # group by site (layer) so each backward stops as early as possible
         pending = pending[np.lexsort((at.col_pos[pending], at.col_rank[pending]))]
         for i in range(0, len(pending), batch_size):
