@@ -337,20 +337,7 @@ def train_dictionaries(
         s_in, s_out = scales_for(cache, f"{hp_in}.{layer}", f"{hp_out}.{layer}")
         trainers.append(LayerTrainer(tcfg, layer, d_model, model_id, s_in, s_out))
     ckpt_root = out_dir / ".checkpoints"
-    if resume:
-        # each layer resumes from its own checkpoint (a kill between two layers' checkpoint writes leaves
-        # them at different steps); batch order is a pure function of (seed, step), so the layers behind
-        # catch up on exactly the batches they missed
-        for tr in trainers:
-            folder = ckpt_root / dictionary_dirname(tr.layer, tcfg.kind)
-            if folder.exists():
-                tr.load_checkpoint(folder)
-            truncate_log(out_dir / dictionary_dirname(tr.layer, tcfg.kind) / "train_log.jsonl", tr.step)
-    else:
-        for tr in trainers:
-            log = out_dir / dictionary_dirname(tr.layer, tcfg.kind) / "train_log.jsonl"
-            if log.exists() and rank == 0:
-                log.unlink()
+    _resume_or_clear_logs(trainers, tcfg, out_dir, ckpt_root, resume, rank)
     total = tcfg.total_steps
     hps = sorted({h for tr in trainers for h in (tr.hp_in, tr.hp_out)})
     start = min((tr.step for tr in trainers), default=0)
@@ -374,32 +361,8 @@ def train_dictionaries(
                     f"rerun with --resume"
                 ) from None
             postfix[f"L{tr.layer}"] = f"l0={st.l0:.0f} fvu={st.fvu:.2f}"
-            if (step % tcfg.log_every == 0 or step == total - 1) and rank == 0 or (
-                tcfg.parallel == "layer" and step % tcfg.log_every == 0
-            ):
-                append_log(
-                    out_dir / dictionary_dirname(tr.layer, tcfg.kind) / "train_log.jsonl",
-                    {
-                        "step": step,
-                        "tokens": (step + 1) * tcfg.batch_size,
-                        "loss": st.loss,
-                        "mse": st.mse,
-                        "fvu": st.fvu,
-                        "l0": st.l0,
-                        "lambda": st.lam,
-                        "lr": tr.lr_at(step),
-                        "dead_frac": st.dead_frac,
-                    },
-                )
-            if (
-                tr.uses_lambda
-                and tcfg.resample_every > 0
-                and step > 0
-                and step % tcfg.resample_every == 0
-                and (step < total * (1 - tcfg.decay_frac) if progress_now is None
-                     else progress_now < 1 - tcfg.decay_frac)
-            ):
-                tr.resample_dead(cache)
+            _log_step(tr, st, step, tcfg, out_dir, rank)
+            _maybe_resample(tr, step, tcfg, cache, progress_now)
         bar.update(1)
         bar.set_postfix(postfix, refresh=False)
         clock.steps = step + 1
@@ -419,6 +382,62 @@ def train_dictionaries(
     if stop_at_step is not None and end < total:
         save_checkpoints([tr for tr in trainers if tr.step <= end], ckpt_root, tcfg.kind, rank, tcfg.parallel)
         return {tr.layer: tr.dictionary for tr in trainers}
+    return _finish_all(trainers, tcfg, cache, out_dir, ckpt_root, rank, sparsity)
+
+
+def _resume_or_clear_logs(trainers: list[LayerTrainer], tcfg: TrainConfig, out_dir: Path, ckpt_root: Path,
+                          resume: bool, rank: int) -> None:
+    if resume:
+        # each layer resumes from its own checkpoint (a kill between two layers' checkpoint writes leaves
+        # them at different steps); batch order is a pure function of (seed, step), so the layers behind
+        # catch up on exactly the batches they missed
+        for tr in trainers:
+            folder = ckpt_root / dictionary_dirname(tr.layer, tcfg.kind)
+            if folder.exists():
+                tr.load_checkpoint(folder)
+            truncate_log(out_dir / dictionary_dirname(tr.layer, tcfg.kind) / "train_log.jsonl", tr.step)
+        return
+    for tr in trainers:
+        log = out_dir / dictionary_dirname(tr.layer, tcfg.kind) / "train_log.jsonl"
+        if log.exists() and rank == 0:
+            log.unlink()
+
+
+def _log_step(tr: LayerTrainer, st: StepStats, step: int, tcfg: TrainConfig, out_dir: Path, rank: int) -> None:
+    total = tcfg.total_steps
+    if (step % tcfg.log_every == 0 or step == total - 1) and rank == 0 or (
+        tcfg.parallel == "layer" and step % tcfg.log_every == 0
+    ):
+        append_log(
+            out_dir / dictionary_dirname(tr.layer, tcfg.kind) / "train_log.jsonl",
+            {
+                "step": step,
+                "tokens": (step + 1) * tcfg.batch_size,
+                "loss": st.loss,
+                "mse": st.mse,
+                "fvu": st.fvu,
+                "l0": st.l0,
+                "lambda": st.lam,
+                "lr": tr.lr_at(step),
+                "dead_frac": st.dead_frac,
+            },
+        )
+
+
+def _maybe_resample(tr: LayerTrainer, step: int, tcfg: TrainConfig, cache, progress_now: float | None) -> None:
+    """Dead-feature resampling every ``resample_every`` steps, until the LR decay starts (by steps, or by
+    elapsed time under a time budget)."""
+    if not tr.uses_lambda or tcfg.resample_every <= 0 or step <= 0 or step % tcfg.resample_every:
+        return
+    before_decay = (step < tcfg.total_steps * (1 - tcfg.decay_frac) if progress_now is None
+                    else progress_now < 1 - tcfg.decay_frac)
+    if before_decay:
+        tr.resample_dead(cache)
+
+
+def _finish_all(trainers: list[LayerTrainer], tcfg: TrainConfig, cache, out_dir: Path, ckpt_root: Path, rank: int,
+                sparsity: dict) -> dict[int, SparseDictionary]:
+    """Calibrate, fold the scales in, save every dictionary and its statistics; drop the checkpoints."""
     result = {}
     for tr in trainers:
         d = tr.dictionary
