@@ -436,6 +436,9 @@ def main() -> None:
     p.add_argument("--ours-buffer-tokens", type=int, default=0, help="ours: stream buffer rows (0: our default, "
                    "65536; the first chunk is harvested before the first step)")
     p.add_argument("--work", default=None, help="folder for ids and dictionaries (default bench/out/quality-<time>)")
+    p.add_argument("--eval-corpus", default=None, metavar="SOURCE",
+                   help="with --eval-only: evaluate on windows of this corpus source instead of the mix's held-out "
+                        "split, e.g. heldout (World Factbook passages that no training mix contains)")
     p.add_argument("--eval-only", default=None, metavar="RESULT.json",
                    help="evaluate again the dictionaries of an earlier result file (its work folder must still "
                         "exist); nothing is trained")
@@ -472,7 +475,14 @@ def main() -> None:
 
         lm = LanguageModel.load(MODEL)
         heldout = load_file(str(work / "heldout_ids.safetensors"))["input_ids"]
-        heldout = heldout[: -(-a.eval_tokens // (heldout.shape[1] - 1))]
+        n_windows = -(-a.eval_tokens // (heldout.shape[1] - 1))
+        if a.eval_corpus:  # a whole source no training text came from (e.g. ``heldout``)
+            from sparsetrace.data.corpus import load_texts
+            from sparsetrace.data.tokens import tokenize_windows
+
+            heldout = tokenize_windows(lm.tokenizer, load_texts(a.eval_corpus), heldout.shape[1],
+                                       max_windows=n_windows)
+        heldout = heldout[:n_windows]
     elif work.exists() and any(work.iterdir()):
         raise SystemExit(f"error: --work '{work}' is not empty; expected a new folder (earlier results are kept)")
     if not a.eval_only:
