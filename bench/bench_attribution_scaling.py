@@ -264,21 +264,6 @@ def launch(python: str, args: list[str], *, cap_bytes: int, time_limit: float, e
     return res
 
 
-def ours_python(arg: str | None) -> str:
-    if arg:
-        return arg
-    if os.environ.get("SPARSETRACE_PYTHON"):
-        return os.environ["SPARSETRACE_PYTHON"]
-    if ".venv-peers" not in sys.executable:
-        return sys.executable
-    import shutil
-
-    found = shutil.which("python3")
-    if not found:
-        raise SystemExit("error: no python3 on PATH for sparsetrace; pass --ours-python")
-    return found
-
-
 def gb(x: float | None) -> float | None:
     return None if x is None else x / 1e9
 
@@ -371,6 +356,8 @@ def main(argv=None) -> int:
     out = Path(a.out)
     if out.exists() and not a.overwrite:
         return fail(f"--out '{out}' exists; pass --overwrite to replace it or choose another --out")
+    from bench_attribute_peer import ours_python
+
     py_ours = ours_python(a.ours_python)
     py_peer = str(peer_python()) if "circuit-tracer" in tools else None
     cap = int(a.mem_cap_gb * 1e9)

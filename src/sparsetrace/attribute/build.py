@@ -116,7 +116,6 @@ class _Attributor:
         self.deepest = max((s.layer for s in self.feat_sites), default=0)
         self.fwd = None
         self.rows = Rows(self.n_cols)
-        self.need_blocks = True  # per-batch normalised blocks, only needed for influence ordering
         self.backward_s = 0.0
         self.forward_s = 0.0
 
@@ -204,7 +203,7 @@ class _Attributor:
                 parts.append((vals, cols))
         if feat_vals is not None:
             parts.append((feat_vals, torch.arange(self.n_feat)))
-        self.rows.add_batch(parts, nb, row_nodes, blocks=self.need_blocks)
+        self.rows.add_batch(parts, nb, row_nodes)
 
     def feature_item(self, col: int) -> tuple[str, int, Tensor]:
         s = self.feat_sites[self.col_site[col]]
@@ -248,7 +247,6 @@ def _build_graph(rm: ReplacementModel, targets: list[tuple[int, float]], *, max_
     last = rm.n_pos - 1
     n_feat = at.n_feat
     budget = min(max_feature_nodes, n_feat)
-    at.need_blocks = budget < n_feat
 
     # logit rows, on a full-depth forward of (at most) batch_size copies
     at.forward(min(batch_size, n_logits), logits=True)

@@ -24,8 +24,7 @@ class Rows:
         self.row_node: list[int] = []  # row -> column index (features) or n_cols + logit index
         self.n_rows = 0
 
-    def add_batch(self, parts: list[tuple[Tensor, Tensor]], nb: int, row_nodes: list[int], *,
-                  blocks: bool = True) -> None:  # noqa: ARG002 - ``blocks``: kept for callers; the store is the block
+    def add_batch(self, parts: list[tuple[Tensor, Tensor]], nb: int, row_nodes: list[int]) -> None:
         """``parts``: (values [n, nb], column ids [n]) for this batch's rows (one column of values per row)."""
         r0 = self.n_rows
         vals = torch.cat([p[0] for p in parts])
