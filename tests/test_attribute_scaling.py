@@ -1,7 +1,8 @@
 """Attribution on long prompts: the pieces made linear (not quadratic) in prompt length keep their results.
 
 - frozen attention replays batch-shared probabilities without broadcasting them (same values and grads);
-- each site's source vectors are built with whole-site ops (same rows, spans and columns as a loop);
+- each site's sources are indices into the decoders (same rows, spans and columns as a loop), and the
+  chunked gather-and-multiply gives the dense product's edge values;
 - the running influence estimate uses one merged matrix (same result as summing per-batch blocks).
 """
 
@@ -12,11 +13,13 @@ import pytest
 import torch
 from test_attribute_clt import clt_from, plt_set
 
-from sparsetrace.attribute import ReplacementModel, attribute
+from sparsetrace.attribute import ReplacementModel, attribute, sources
 from sparsetrace.attribute.build import _Attributor
 from sparsetrace.attribute.freeze import FreezeMode
+from sparsetrace.attribute import rows as rows_mod
 from sparsetrace.attribute.rows import Rows
 from sparsetrace.model.adapter import LanguageModel
+from sparsetrace.util.memory import release_free_memory
 
 PROMPT = "The cat sat on the mat because it was tired and then"
 
@@ -50,12 +53,12 @@ def test_replayed_shared_probs_match_broadcast(n_q, n_kv):
 
 
 def _site_sources_loop(at, t):
-    """The per-position loop the vectorised builder replaced (reference)."""
+    """Reference: per position, each source site's ``act * decoder row`` and columns, then the error."""
     P = at.P
     srcs = [(s, s.target_keys.index(t.key)) for s in at.feat_sites if t.key in s.target_keys]
-    vecs, cols, spans, r = [], [], [], 0
+    vecs, cols, counts = [], [], []
     for p in range(P):
-        r0 = r
+        n = 0
         for s, ti in srcs:
             m = (s.pos == p).nonzero().flatten()
             if not m.numel():
@@ -63,12 +66,11 @@ def _site_sources_loop(at, t):
             W = s.W_dec[s.feat[m]] if s.W_dec.dim() == 2 else s.W_dec[s.feat[m], ti]
             vecs.append(W * s.act[m, None])
             cols.append(at.feat_offset[s.key] + m)
-            r += m.numel()
-        vecs.append(t.error[p:p + 1])
-        cols.append(torch.tensor([at.err_offset[t.key] + p]))
-        r += 1
-        spans.append((r0, r))
-    return torch.cat(vecs), spans, torch.cat(cols)
+            n += m.numel()
+        counts.append(n)
+    d = t.error.shape[-1]
+    return (torch.cat(vecs) if vecs else torch.zeros(0, d, dtype=t.error.dtype)), counts, \
+        (torch.cat(cols) if cols else torch.zeros(0, dtype=torch.long))
 
 
 @pytest.fixture(scope="module")
@@ -77,23 +79,37 @@ def llama64(tiny_llama):
 
 
 @pytest.mark.parametrize("kind", ["plt", "clt"])
-def test_site_sources_match_loop(llama64, kind):
+def test_site_sources_match_loop(llama64, kind, monkeypatch):
     plts = plt_set(llama64)
     reps = plts[:1] + plts[2:] if kind == "plt" else [clt_from(llama64, plts, off_diagonal=0.3)]  # layer 1: none
     rm = ReplacementModel(llama64, llama64.tokenize(PROMPT), reps)
     at = _Attributor(rm, 4)
     assert at.n_feat > 0
+    g = torch.Generator().manual_seed(0)
     for t in at.sites:
-        dec, spans, cols = at.dec[t.key]
-        rdec, rspans, rcols = _site_sources_loop(at, t)
-        assert spans == rspans
-        assert torch.equal(cols, rcols)
-        torch.testing.assert_close(dec, rdec, rtol=0, atol=0)
+        src = at.src[t.key]
+        rdec, counts, rcols = _site_sources_loop(at, t)
+        assert [r1 - r0 for r0, r1 in src.spans] == counts
+        assert torch.equal(src.cols, rcols)
+        torch.testing.assert_close(src.dense(), rdec, rtol=0, atol=0)
+        # the chunked gather-and-multiply equals the dense product, for any chunking
+        Gp = torch.randn(at.P, rdec.shape[-1], 3, generator=g, dtype=rdec.dtype)
+        ref = torch.cat([torch.cat([rdec[r0:r1] @ Gp[p] for p, (r0, r1) in enumerate(src.spans)]),
+                         torch.einsum("pd,pdb->pb", t.error, Gp)])
+        for chunk in (1, 5, 4096):
+            monkeypatch.setattr(sources, "CHUNK_ROWS", chunk)
+            src = sources.site_sources(t, at.feat_sites, at.feat_offset, t.error, at.err_offset[t.key], at.P,
+                                       sources.decoder_matrix(at.feat_sites) if at.multi else None)
+            assert sum(c1 - c0 for c0, c1, _, _ in src.chunks) == src.n_f
+            torch.testing.assert_close(sources.edge_values(src, Gp), ref, rtol=1e-12, atol=1e-12)
 
 
-def test_merged_influence_matches_dense_reference():
-    """The row store's influence estimate (one merged float32 CSC, rows normalised by their absolute sums)
-    equals a dense float64 propagation over the same rows; its edges are the non-zeros, exactly."""
+@pytest.mark.parametrize("segment_edges", [1, 25, 10**9])
+def test_merged_influence_matches_dense_reference(monkeypatch, segment_edges):
+    """The row store's influence estimate (float32 CSC segments, rows normalised by their absolute sums)
+    equals a dense float64 propagation over the same rows, however the blocks are merged into segments;
+    its edges are the non-zeros, exactly, and filtering by column keeps exactly those columns' edges."""
+    monkeypatch.setattr(rows_mod, "SEGMENT_EDGES", segment_edges)
     rng = np.random.default_rng(0)
     n_cols, n_logits = 40, 2
     rows = Rows(n_cols)
@@ -131,6 +147,13 @@ def test_merged_influence_matches_dense_reference():
     rebuilt[c, r] = v
     np.testing.assert_array_equal(rebuilt, A.astype(np.float32))
     assert rows.n_edges == int((A != 0).sum())
+    keep = rng.random(n_cols) < 0.5
+    r2, c2, v2 = rows.arrays(keep_cols=keep)
+    assert keep[c2].all() and len(c2) == int((A[keep] != 0).sum())
+    assert np.all(np.diff(r2) >= 0)  # still grouped by target row
+    part = np.zeros_like(A)
+    part[c2, r2] = v2
+    np.testing.assert_array_equal(part, np.where(keep[:, None], A, 0).astype(np.float32))
     # merging is idempotent and later batches still join the estimate
     np.testing.assert_allclose(rows.influence(lw), got, rtol=1e-12)
     rows.add_batch([(torch.ones(n_cols, 1), torch.arange(n_cols))], 1, [0])
@@ -147,3 +170,27 @@ def test_graph_unchanged_by_batch_size(llama64):
     b = {(g8.nodes[s].node_id, g8.nodes[t].node_id): w for s, t, w in zip(*g8.edges.numpy(), strict=True)}
     assert a.keys() == b.keys()
     np.testing.assert_allclose([a[k] for k in a], [b[k] for k in a], rtol=1e-9, atol=1e-12)
+
+
+def test_release_free_memory_hands_pages_back():
+    """On glibc, heap blocks freed between live ones stay resident until trimmed; the trim hands them back
+    (elsewhere the call may do nothing)."""
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        assert release_free_memory() in (True, False)
+        return
+
+    def rss() -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * 4096
+
+    blocks, pins = [], []
+    for _ in range(4000):  # 256 MB of heap-sized blocks, each followed by a small live one
+        blocks.append(bytearray(64 * 1024))
+        pins.append(bytearray(4096))
+    del blocks
+    before = rss()
+    assert release_free_memory() is True
+    assert rss() < before - 100 * 2**20
+    del pins

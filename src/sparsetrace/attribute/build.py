@@ -17,12 +17,13 @@ stops early.
 
 Memory bound: edges are kept sparse (exact zeros dropped: sources after the target's position or
 layer never appear): at most ``(n_logits + max_feature_nodes) * (n_active + (n_sites + 1) * seq)``
-edges, 12 bytes each (int32 source, int32 target, float32 weight), plus 12 more per edge while
-building when the feature cap binds (the row-normalised copy used for influence ordering). No
-``n x n`` matrix is ever formed. The retained forward holds about ``4 * batch_size * seq * d_model``
-floats per layer up to the deepest dictionary (measured: 360 MB for batch 64, 24 tokens, d_model 576,
-30 layers) plus ``batch_size * n_heads * seq^2`` per layer for attention patterns, so for long prompts
-lower ``batch_size``; the dense per-batch gradients are ``batch_size * seq * d_model`` per site.
+edges, 8 bytes each while building (float32 weight, int32 source; see :mod:`.rows`), and only edges
+from nodes are copied out. Decoder rows are never copied per active feature (see :mod:`.sources`). The
+retained forward holds the leaves and what each dictionary reads, ``2 * batch_size * seq * d_model``
+floats per layer up to the deepest dictionary; attention patterns are shared by the batch (one
+``n_heads * seq^2`` tape per layer). Freed memory is handed back to the OS between forwards and after
+each influence refresh (:func:`~sparsetrace.util.memory.release_free_memory`). Measured on 30 layers of
+SmolLM2 with 1,000 feature rows: 4.6 GB at 512 tokens, 7.1 GB at 1,024 (``bench/bench_attribution_scaling.py``).
 """
 
 from __future__ import annotations
@@ -38,10 +39,12 @@ from torch import Tensor
 from ..dictionary.model import SparseDictionary
 from ..errors import ConfigError, DataError
 from ..model.adapter import LanguageModel
+from ..util.memory import release_free_memory
 from .graph_types import Edges, Graph, Node
 from .prune import compute_influence, graph_scores, normalised_adjacency, prune_graph
 from .replacement import ReplacementModel, Site
 from .rows import Rows
+from .sources import SiteSources, decoder_matrix, edge_values, site_sources
 from .threads import auto_threads, one_thread, threads
 
 __all__ = ["attribute", "auto_batch_size", "build_graph", "select_targets"]
@@ -93,10 +96,6 @@ class _Attributor:
         self.col_act = np.zeros(self.n_feat, dtype=np.float64)
         self.site_rank = {s.key: i for i, s in enumerate(self.sites)}
         self.col_rank = np.zeros(self.n_feat, dtype=np.int64)
-        # per site (leaf), the "decoder" vectors of its sources in position-major order: at each position the
-        # active features' decoder rows into this site times their activations (a CLT feature writes into
-        # every later MLP site, so it has rows in several), then the error vector; a site's edges for a
-        # batch of targets are then one small matmul per position with the site's gradient there
         for j, s in enumerate(self.feat_sites):
             n = s.n_active
             o = self.feat_offset[s.key]
@@ -105,55 +104,26 @@ class _Attributor:
             self.col_feat[o:o + n] = s.feat.cpu().numpy()
             self.col_act[o:o + n] = s.act.double().cpu().numpy()
             self.col_rank[o:o + n] = self.site_rank[s.key]
+        # per leaf, what writes into it (indices into the decoders, not copies of decoder rows; see .sources)
         self.multi = any(len(s.target_keys) > 1 for s in self.feat_sites)
-        self.dec: dict[str, tuple[Tensor, list[tuple[int, int]], Tensor]] = {}
-        self.dec_feat_rows: dict[str, Tensor] = {}  # multi: which rows of dec are feature rows
-        for t in self.sites:
-            self.dec[t.key] = self._site_sources(t)
-            if self.multi:
-                self.dec_feat_rows[t.key] = self.dec[t.key][2] < self.n_feat
-        self.dec["emb"] = (rm.emb.contiguous(), [(p, p + 1) for p in range(P)], self.emb_offset + torch.arange(P))
+        flat = decoder_matrix(self.feat_sites) if self.multi else None
+        self.src: dict[str, SiteSources] = {
+            t.key: site_sources(t, self.feat_sites, self.feat_offset, t.error, self.err_offset[t.key], P, flat)
+            for t in self.sites}
+        self.src["emb"] = site_sources(None, [], {}, rm.emb, self.emb_offset, P)
+        big = max((s.max_chunk for s in self.src.values()), default=0)
+        W = next((s.W for s in self.src.values() if s.W is not None), None)
+        self._buf = None if W is None else torch.empty(big, W.shape[1], dtype=W.dtype, device=W.device)
         self.deepest = max((s.layer for s in self.feat_sites), default=0)
         self.fwd = None
         self.rows = Rows(self.n_cols)
         self.backward_s = 0.0
         self.forward_s = 0.0
 
-    def _site_sources(self, t: Site) -> tuple[Tensor, list[tuple[int, int]], Tensor]:
-        """Site ``t``'s source vectors in position-major order (at each position: the features of each
-        source site in ``feat_sites`` order, then ``t``'s error vector), per position its (first, end)
-        rows, and each row's column. Built with a few whole-site ops (no loop over positions)."""
-        P = self.P
-        srcs = [(s, s.target_keys.index(t.key)) for s in self.feat_sites if t.key in s.target_keys]
-        vecs, cols, pos, rank = [], [], [], []
-        for j, (s, ti) in enumerate(srcs):
-            W = s.W_dec[s.feat] if s.W_dec.dim() == 2 else s.W_dec[s.feat, ti]
-            vecs.append(W * s.act[:, None])
-            cols.append(self.feat_offset[s.key] + torch.arange(s.n_active))
-            p = s.pos.cpu()
-            pos.append(p)
-            rank.append(p * len(srcs) + j)  # sort key: position, then source site (stable within a site)
-        n_f = sum(int(p.numel()) for p in pos)
-        err = t.error
-        dec = torch.empty(n_f + P, err.shape[-1], dtype=err.dtype, device=err.device)
-        col = torch.empty(n_f + P, dtype=torch.long)
-        counts = torch.zeros(P, dtype=torch.long)
-        if n_f:
-            order = torch.argsort(torch.cat(rank), stable=True)
-            f_pos = torch.cat(pos)[order]
-            counts = torch.bincount(f_pos, minlength=P)
-            f_row = torch.arange(n_f) + f_pos  # features before it, plus one error row per earlier position
-            dec[f_row.to(dec.device)] = torch.cat(vecs)[order.to(dec.device)]
-            col[f_row] = torch.cat(cols)[order]
-        ends = counts.cumsum(0) + torch.arange(1, P + 1)  # one past each position's error row
-        dec[(ends - 1).to(dec.device)] = err
-        col[ends - 1] = self.err_offset[t.key] + torch.arange(P)
-        starts = ends - counts - 1
-        return dec.contiguous(), list(zip(starts.tolist(), ends.tolist(), strict=True)), col
-
     def forward(self, batch: int, *, logits: bool) -> None:
         """Build the retained forward: full depth for logit rows, up to the deepest dictionary otherwise."""
         self.fwd = None
+        release_free_memory()  # the previous forward's activations, before the new one is allocated
         t0 = time.perf_counter()
         self.fwd = self.rm.run(batch, mode="replay", requires_grad=True, logits=False,
                                stop_after=None if logits else self.deepest)
@@ -187,20 +157,18 @@ class _Attributor:
             for key, G in zip(self.leaf_keys, grads, strict=True):
                 if G is None:
                     continue
-                dec, spans, cols = self.dec[key]
-                # under autocast G can come back in bf16 while dec is float32: multiply in dec's dtype
-                Gp = G[:nb].permute(1, 2, 0).to(dec.dtype).contiguous()  # [P, d, nb]
-                vals = torch.empty(dec.shape[0], nb, dtype=dec.dtype, device=G.device)
-                for p, (r0, r1) in enumerate(spans):
-                    torch.mm(dec[r0:r1], Gp[p], out=vals[r0:r1])
-                vals = vals.cpu()
-                if self.multi and key in self.dec_feat_rows:
-                    fr = self.dec_feat_rows[key]
+                src = self.src[key]
+                # under autocast G can come back in bf16 while the decoders are float32: multiply in their dtype
+                Gp = G[:nb].permute(1, 2, 0).to(src.const.dtype).contiguous()  # [P, d, nb]
+                vals = edge_values(src, Gp, self._buf).cpu()
+                n_f = src.n_f
+                if self.multi and n_f:
                     if feat_vals is None:
                         feat_vals = torch.zeros(self.n_feat, nb, dtype=vals.dtype)
-                    feat_vals.index_add_(0, cols[fr], vals[fr])
-                    vals, cols = vals[~fr], cols[~fr]
-                parts.append((vals, cols))
+                    feat_vals.index_add_(0, src.cols, vals[:n_f])
+                    parts.append((vals[n_f:], src.const_cols))
+                else:
+                    parts.append((vals, torch.cat([src.cols, src.const_cols])))
         if feat_vals is not None:
             parts.append((feat_vals, torch.arange(self.n_feat)))
         self.rows.add_batch(parts, nb, row_nodes)
@@ -262,17 +230,15 @@ def _build_graph(rm: ReplacementModel, targets: list[tuple[int, float]], *, max_
     t_rows = time.perf_counter() - t_start
 
     nodes, col_node = _nodes(at, targets, visited)
-    r, c, v = at.rows.arrays()
+    # only edges from columns that are nodes (features without a row are left out before any copy)
+    r, c, v = at.rows.arrays(keep_cols=col_node[: at.n_cols] >= 0)
     row_node = col_node[np.asarray(at.rows.row_node, dtype=np.int64)].astype(np.int32)
     at.rows = None  # free the building copies
+    release_free_memory()
     # int32 throughout (a 30-layer graph with every feature row holds ~10^8 edges)
     dst = row_node[r]
     src = col_node.astype(np.int32)[c]
     del r, c
-    keep = src >= 0
-    if not keep.all():
-        src, dst, v = src[keep], dst[keep], v[keep]
-    del keep
     edges = Edges.from_numpy(src, dst, v)
     del src, dst, v
 
@@ -305,6 +271,7 @@ def _feature_rows(at: _Attributor, budget: int, logit_w: np.ndarray, batch_size:
             pending = np.arange(n_feat)
         else:
             infl = at.rows.influence(logit_w)[:n_feat]
+            release_free_memory()  # the merge's and the estimate's temporaries
             rank = np.argsort(-infl, kind="stable")
             rank = rank[~visited[rank] & (infl[rank] > 0)]
             if not rank.size:  # what is left cannot reach the logits through the rows so far, nor later
