@@ -14,9 +14,9 @@ import torch
 from test_attribute_clt import clt_from, plt_set
 
 from sparsetrace.attribute import ReplacementModel, attribute, sources
+from sparsetrace.attribute import rows as rows_mod
 from sparsetrace.attribute.build import _Attributor
 from sparsetrace.attribute.freeze import FreezeMode
-from sparsetrace.attribute import rows as rows_mod
 from sparsetrace.attribute.rows import Rows
 from sparsetrace.model.adapter import LanguageModel
 from sparsetrace.util.memory import release_free_memory

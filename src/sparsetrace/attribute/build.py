@@ -146,20 +146,22 @@ class _Attributor:
                 g = seeds[key] = torch.zeros_like(self._read(key))
             g[b, pos] = vec
         t0 = time.perf_counter()
-        grads = torch.autograd.grad([self._read(k) for k in seeds], self.leaf_tensors, list(seeds.values()),
-                                    retain_graph=not last, allow_unused=True)
+        grads = list(torch.autograd.grad([self._read(k) for k in seeds], self.leaf_tensors, list(seeds.values()),
+                                         retain_graph=not last, allow_unused=True))
         self.backward_s += time.perf_counter() - t0
         parts = []
         feat_vals = None  # multi (CLT): a feature's rows in several sites are summed here
         # many small matmuls: one thread avoids an OpenMP hand-off per call, which on a busy machine
         # costs a scheduler time slice each
         with torch.no_grad(), one_thread():
-            for key, G in zip(self.leaf_keys, grads, strict=True):
+            for i, key in enumerate(self.leaf_keys):
+                G = grads[i]
                 if G is None:
                     continue
                 src = self.src[key]
                 # under autocast G can come back in bf16 while the decoders are float32: multiply in their dtype
                 Gp = G[:nb].permute(1, 2, 0).to(src.const.dtype).contiguous()  # [P, d, nb]
+                grads[i] = G = None  # each gradient is freed once used ([batch, seq, d_model] per leaf)
                 vals = edge_values(src, Gp, self._buf).cpu()
                 n_f = src.n_f
                 if self.multi and n_f:
@@ -316,7 +318,7 @@ def _nodes(at: _Attributor, targets: list[tuple[int, float]], visited: np.ndarra
         for p in range(P):
             col_node[at.err_offset[s.key] + p] = len(nodes)
             nodes.append(Node(f"{prefix}/ERR@{p}", "error", s.layer, p, hookpoint=s.key, token=toks[p]))
-    final_logits = rm.clean_logits[last].double()
+    final_logits = rm.clean_logits[-1].double()
     mean_logit = float(final_logits.mean())
     for j, (tid, prob) in enumerate(targets):
         col_node[at.n_cols + j] = len(nodes)

@@ -42,6 +42,7 @@ from ..dictionary.model import SparseDictionary
 from ..errors import ConfigError, DataError, DictionaryFileError, ModelError
 from ..model.adapter import LanguageModel
 from ..model.hookpoints import Hookpoint
+from ..util.memory import release_free_memory
 from .clt_sites import check_clt, clt_sites, split_replacements
 from .freeze import FreezeMode
 
@@ -117,7 +118,8 @@ class ReplacementModel:
     (``resid_pre``/``resid_post``), at most one per site; or, instead of transcoders, one cross-layer
     transcoder (a :class:`~sparsetrace.dictionary.clt.CrossLayerTranscoder` or ``CLTReplacement``; see
     :mod:`.clt_sites`); a ``PLTSet`` counts as its transcoders. After construction, ``exactness`` holds
-    ``max |logits_replacement - logits_real|`` over all positions and the vocabulary.
+    ``max |logits_replacement - logits_real|`` over all positions and the vocabulary; ``clean_logits`` and
+    ``replacement_logits`` keep the last position's logits (``[1, vocab]``).
     """
 
     def __init__(self, lm: LanguageModel, input_ids: Tensor, dictionaries: Sequence):
@@ -173,8 +175,12 @@ class ReplacementModel:
         self.tape: list | None = None
         rec = self.run(1, mode="record", logits=True)
         assert rec.logits is not None
-        self.replacement_logits = rec.logits[0].detach()
-        self.exactness = float((self.replacement_logits - self.clean_logits).abs().max())
+        self.exactness = float((rec.logits[0].detach() - self.clean_logits).abs().max())
+        # the last position's logits are all that attribution reads: [seq, vocab] of each is 200 MB at 1,024 tokens
+        self.replacement_logits = rec.logits[0, -1:].detach().clone()
+        self.clean_logits = self.clean_logits[-1:].clone()
+        del rec, clean, acts
+        release_free_memory()  # the clean and recording passes' temporaries
 
     # ------------------------------------------------------------------ setup
     def _check_dictionaries(self, dictionaries: list[SparseDictionary]) -> dict[Hookpoint, SparseDictionary]:
