@@ -3,6 +3,7 @@
     python bench/bench_quality.py                               # budgets 2,5,10 min: ~50 min in all
     python bench/bench_quality.py --budgets 0.5,1 --eval-tokens 2048      # smoke test (~8 min)
     python bench/bench_quality.py --contenders ours-topk,sparsify        # a subset
+    python bench/bench_quality.py --contenders ours-topk-skip --add-to bench/out/quality-X.json   # one more
 
 Contenders (same width, ``--n-features``, default 8 x d_model = 4608; same target L0 32):
 
@@ -47,11 +48,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import BENCH, ROOT, emit, fmt, machine_line, peak_rss_mb, peer_python, run_worker, table  # noqa: E402
 
 MODEL = "smollm2-135m"
-CONTENDERS = ("ours-relu", "ours-topk", "sparsify", "sae-lens", "ours-relu-bf16", "ours-topk-bf16")
+CONTENDERS = ("ours-relu", "ours-topk", "sparsify", "sae-lens", "ours-relu-bf16", "ours-topk-bf16", "ours-topk-skip")
 DEFAULT_CONTENDERS = CONTENDERS[:4]
 LABELS = {"ours-relu": "ours ReLU transcoder (auto λ, L0 32)", "ours-topk": "ours TopK transcoder (k 32)",
           "ours-relu-bf16": "ours ReLU transcoder, --model-dtype/--compute-dtype bfloat16",
           "ours-topk-bf16": "ours TopK transcoder, --model-dtype/--compute-dtype bfloat16",
+          "ours-topk-skip": "ours TopK skip transcoder (k 32, plus a linear skip term mlp_in -> mlp_out)",
           "sparsify": "sparsify TopK transcoder (k 32)",
           "sae-lens": "sae-lens TopK SAE on mlp_out (k 32; the nearest thing sae-lens trains)"}
 
@@ -154,7 +156,8 @@ def worker_ours(a) -> dict:
     budgets = sorted(a.budgets)
     act = a.worker.split("-")[1]
     per_window = ids.shape[1] - 1  # BOS is not trained on
-    tcfg = TrainConfig(model=MODEL, layers=[a.layer], kind="transcoder", activation=act, target_l0=float(a.k),
+    kind = "skip_transcoder" if a.worker.endswith("-skip") else "transcoder"
+    tcfg = TrainConfig(model=MODEL, layers=[a.layer], kind=kind, activation=act, target_l0=float(a.k),
                        k=a.k if act == "topk" else None, n_features=a.n_features, context=ids.shape[1],
                        n_tokens=ids.shape[0] * per_window, epochs=2.0, store="stream",
                        time_budget=budgets[-1], snapshot_at=budgets[:-1],
@@ -167,7 +170,7 @@ def worker_ours(a) -> dict:
     out = Path(a.out)
     train_dictionaries(tcfg, stream, out, d_model=lm.d_model, model_id=lm.model_id, progress=False, clock=clock)
     t_end = time.time() - t0
-    name = dictionary_dirname(a.layer, "transcoder")
+    name = dictionary_dirname(a.layer, kind)
     snaps = [{**s, "path": str(Path(s["path"]) / name)} for s in clock.snapshots]
     snaps.append({"minutes": budgets[-1], "elapsed_s": round(clock.stopped_s, 2), "steps": clock.steps,
                   "tokens": clock.steps * tcfg.batch_size, "path": str(out / name),
@@ -298,7 +301,7 @@ def worker_saelens(a) -> dict:
 
 
 WORKERS = {"ours-relu": worker_ours, "ours-topk": worker_ours, "ours-relu-bf16": worker_ours,
-           "ours-topk-bf16": worker_ours, "sparsify": worker_sparsify,
+           "ours-topk-bf16": worker_ours, "ours-topk-skip": worker_ours, "sparsify": worker_sparsify,
            "sae-lens": worker_saelens}
 
 
@@ -381,7 +384,7 @@ def svg_plot(rows: list[dict], path: Path) -> None:
     def px(x, y):
         return L + (W - L - 20) * x / x1, H - B - (H - B - 20) * y / y1
 
-    colors = {"ours-relu": "#1f77b4", "ours-topk": "#2ca02c", "ours-relu-bf16": "#17becf", "ours-topk-bf16": "#bcbd22", "sparsify": "#d62728", "sae-lens": "#9467bd"}
+    colors = {"ours-relu": "#1f77b4", "ours-topk": "#2ca02c", "ours-relu-bf16": "#17becf", "ours-topk-bf16": "#bcbd22", "ours-topk-skip": "#ff7f0e", "sparsify": "#d62728", "sae-lens": "#9467bd"}
     parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" font-family="sans-serif" '
              f'font-size="12"><rect width="100%" height="100%" fill="white"/>',
              f'<line x1="{L}" y1="{H - B}" x2="{W - 10}" y2="{H - B}" stroke="black"/>',
@@ -442,6 +445,9 @@ def main() -> None:
     p.add_argument("--eval-only", default=None, metavar="RESULT.json",
                    help="evaluate again the dictionaries of an earlier result file (its work folder must still "
                         "exist); nothing is trained")
+    p.add_argument("--add-to", default=None, metavar="RESULT.json",
+                   help="train --contenders into an earlier result's work folder (same training and held-out ids) "
+                        "and evaluate them together with its dictionaries in one evaluation")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     p.add_argument("--ids", default=None, help=argparse.SUPPRESS)
     p.add_argument("--out", default=None, help=argparse.SUPPRESS)
@@ -463,12 +469,18 @@ def main() -> None:
 
     torch.set_num_threads(a.threads)
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    if a.eval_only:
-        earlier = json.loads(Path(a.eval_only).read_text(encoding="utf-8"))
+    if a.eval_only and a.add_to:
+        raise SystemExit("error: pass --eval-only or --add-to, not both")
+    if a.eval_only or a.add_to:
+        earlier = json.loads(Path(a.eval_only or a.add_to).read_text(encoding="utf-8"))
         a.work, results = earlier["work"], earlier["workers"]
         a.budgets = sorted({s["minutes"] for r in results.values() for s in r.get("snapshots", [])})
+        if a.add_to:
+            again = [c for c in contenders if c in results]
+            if again:
+                raise SystemExit(f"error: {a.add_to} already has {','.join(again)}; expected new contenders")
     work = Path(a.work) if a.work else BENCH / "out" / f"quality-{stamp}"
-    if a.eval_only:
+    if a.eval_only or a.add_to:
         from safetensors.torch import load_file
 
         from sparsetrace.model.adapter import LanguageModel
@@ -483,9 +495,11 @@ def main() -> None:
             heldout = tokenize_windows(lm.tokenizer, load_texts(a.eval_corpus), heldout.shape[1],
                                        max_windows=n_windows)
         heldout = heldout[:n_windows]
+        if a.add_to:
+            results = {**results, **run_contenders(a, work, contenders)}
     elif work.exists() and any(work.iterdir()):
         raise SystemExit(f"error: --work '{work}' is not empty; expected a new folder (earlier results are kept)")
-    if not a.eval_only:
+    if not (a.eval_only or a.add_to):
         lm, heldout, results = train_all(a, work, contenders)
     _report(a, lm, heldout, results, work, stamp)
 
@@ -498,8 +512,15 @@ def train_all(a, work: Path, contenders: list[str]):
     lm, heldout = prepare(a, work)
     print(f"  windows ready in {time.perf_counter() - t:.0f} s: held-out {heldout.shape[0]} x {heldout.shape[1]}",
           flush=True)
+    return lm, heldout, run_contenders(a, work, contenders)
+
+
+def run_contenders(a, work: Path, contenders: list[str]) -> dict:
+    """Each contender's run of the largest budget, one at a time, on ``work``'s training ids."""
     here = Path(__file__).resolve()
     results = {}
+    done = work / "workers.json"
+    earlier = json.loads(done.read_text(encoding="utf-8")) if done.exists() else {}
     common_args = ["--budgets", ",".join(f"{b:g}" for b in a.budgets), "--n-features", str(a.n_features),
                    "--k", str(a.k), "--layer", str(a.layer), "--threads", str(a.threads), "--ids",
                    str(work / "train_ids.safetensors"), "--sparsify-batch", str(a.sparsify_batch),
@@ -518,8 +539,8 @@ def train_all(a, work: Path, contenders: list[str]):
                                        f", activations vs ours: max rel err {res['acts_max_rel_err']:.1e}"
                                        if "acts_max_rel_err" in res else ""))
         print(f"  {who:9s}: {msg} ({time.perf_counter() - t:.0f} s)", flush=True)
-        (work / "workers.json").write_text(json.dumps(results, indent=2), encoding="utf-8")
-    return lm, heldout, results
+        done.write_text(json.dumps({**earlier, **results}, indent=2), encoding="utf-8")
+    return results
 
 
 def _report(a, lm, heldout, results: dict, work: Path, stamp: str) -> None:
