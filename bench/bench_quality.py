@@ -566,7 +566,8 @@ def _report(a, lm, heldout, results: dict, work: Path, stamp: str) -> None:
     best = min(peers, key=peers.get) if peers else None
     ours_best = min((v for k, v in at.items() if k.startswith("ours")), default=None)
     ratio = f"{ours_best / peers[best]:.2f}" if best and ours_best is not None else "n/a"
-    bf = "".join(f" / {fmt(at[c], 4)} ({c[5:]})" for c in ("ours-relu-bf16", "ours-topk-bf16") if c in at)
+    bf = "".join(f" / {fmt(at[c], 4)} ({c[5:]})" for c in ("ours-relu-bf16", "ours-topk-bf16", "ours-topk-skip")
+                 if c in at)
     print(f"FVU at {last:g} min (held-out, lower is better): ours {fmt(at.get('ours-relu'), 4)} (relu) / "
           f"{fmt(at.get('ours-topk'), 4)} (topk){bf} vs best peer {fmt(peers.get(best), 4)} ({best or 'n/a'}): "
           f"ratio R = ours best / peer best = {ratio}")
