@@ -673,3 +673,72 @@ def test_tiny_model_ioi_trace_opens_pruned(browser, tmp_path):
         assert p.problems == []
     finally:
         p.close()
+
+
+def test_qk_terms_shown_for_a_selected_edge(browser, tmp_path):
+    """A real graph with QK attribution (tiny-llama, `add_qk` as `trace --qk` runs it): the edges that have QK
+    terms are marked; clicking one opens a panel with its head loadings and, per head, the largest
+    query x key pair terms; the target node's input list links to the same panel."""
+    import shutil
+
+    import torch
+
+    from sparsetrace.attribute import attribute
+    from sparsetrace.attribute.heads import add_qk
+    from sparsetrace.dictionary.model import DictionaryConfig, SparseDictionary
+    from sparsetrace.model.adapter import LanguageModel
+
+    lm = LanguageModel.load("tiny-llama")
+    dicts = []
+    for layer in range(lm.n_layers):
+        d = SparseDictionary(DictionaryConfig(kind="transcoder", d_in=lm.d_model, d_out=lm.d_model, n_features=96,
+                                              layer=layer), seed=layer)
+        with torch.no_grad():
+            d.W_enc.mul_(20.0)
+            d.b_enc.fill_(-0.1)
+        dicts.append(d)
+    g = attribute(lm, "When Mary and John went to the store, John gave a drink to", dicts, target=" Mary")
+    add_qk(g, n_edges=3)
+    assert g.qk, "add_qk found no attention-mediated edge"
+    run = tmp_path / "run"
+    shutil.copytree(FIXTURE, run)
+    g.save(run / "circuits" / "ioi" / "graph.json")
+    index = build_report([run], tmp_path / "out")
+    p = Page(browser, "file://")
+    try:
+        page = p.page
+        page.goto(index.as_uri() + "#/r/0/circuit/ioi")
+        page.wait_for_selector("#graph-svg .node")
+        page.click("#prune-none")
+        marked = page.locator("#graph-svg .edge.has-qk")
+        assert marked.count() == len(g.qk)
+        entry = g.qk[0]
+        edge = page.locator(f'#graph-svg .edge.has-qk[data-source="{entry["source"]}"][data-target="{entry["target"]}"]')
+        assert edge.count() == 1
+        edge.dispatch_event("click")
+        panel = page.locator("#dashboard")
+        panel.wait_for(state="visible")
+        assert panel.get_attribute("data-edge") == f"{entry['source']} -> {entry['target']}"
+        text = panel.inner_text()
+        assert "through attention" in text.lower()
+        for hd in entry["heads"]:
+            assert f"L{hd['layer']}.H{hd['head']}" in text
+        doc = entry["qk"][0]
+        head = panel.locator(f'details.qk-head[data-head="{doc["layer"]}.{doc["head"]}"]')
+        head.locator("summary").click()
+        pairs = head.locator(".qk-pair")
+        assert pairs.count() == min(6, len(doc["top_pairs"])) and pairs.first.is_visible()
+        assert " × " in pairs.first.inner_text()
+        # the node panels' input / output lists (their 8 strongest) link to the same panel
+        for end in (entry["target"], entry["source"]):
+            page.click(f'[data-node-id="{end}"] .shape')
+            page.wait_for_function(f"document.querySelector('#dashboard').getAttribute('data-node') === {end!r}")
+            if page.locator("#dashboard .qk-mark").count():
+                break
+        assert page.locator("#dashboard .qk-mark").count() >= 1
+        page.locator("#dashboard .qk-mark").first.click()
+        page.wait_for_function("document.querySelector('#dashboard').hasAttribute('data-edge')")
+        assert "through attention" in panel.inner_text().lower()
+        assert p.problems == []
+    finally:
+        p.close()

@@ -9,7 +9,7 @@ Layout of the output folder::
 
     index.html
     inputs.json                      sha256 of every input file the report read, per run
-    assets/report.css, assets/favicon.svg, assets/{core,charts,dashboard,graph-prune,graph-layout,graph-groups,graph-viewer,circuit,report}.js
+    assets/report.css, assets/favicon.svg, assets/{core,charts,dashboard,graph-prune,graph-layout,graph-groups,graph-qk,graph-viewer,circuit,report}.js
     data/report-data.js              window.SPARSETRACE_DATA = {...}: runs, metrics, curves, indexes
     data/r{i}/circuit-{j}.js         SPARSETRACE_LOAD("r{i}/circuit/{j}", graph)   (loaded on demand)
     data/r{i}/features-L{ll}-c{k}.js SPARSETRACE_LOAD("r{i}/L{ll}/c{k}", {feature: dashboard, ...})
@@ -43,8 +43,8 @@ _MARKER = ".sparsetrace-report"
 INPUTS_FILE = "inputs.json"
 _DICT_DIR = re.compile(r"^L(\d+)_([A-Za-z0-9_]+)$")
 #: the viewer's classic scripts, in load order (they share window.ST; ES modules do not load from file://)
-SCRIPTS = ("core.js", "charts.js", "dashboard.js", "graph-prune.js", "graph-layout.js", "graph-groups.js", "graph-viewer.js",
-           "circuit.js", "report.js")
+SCRIPTS = ("core.js", "charts.js", "dashboard.js", "graph-prune.js", "graph-layout.js", "graph-groups.js", "graph-qk.js",
+           "graph-viewer.js", "circuit.js", "report.js")
 _FEATURE_DIR = re.compile(r"^L(\d+)$")
 _DASHBOARD_FILE = re.compile(r"^f(\d+)\.json$")
 _LOG_KEYS = ("step", "tokens", "loss", "mse", "fvu", "l0", "lambda", "lr", "dead_frac")

@@ -1,17 +1,24 @@
 /* sparsetrace report: attribution graph viewer (pan/zoom, pruning, paths, supernodes, side panel).
  * A classic script (the report opens from file://, where ES modules are blocked); the files share the
  * window.ST namespace and are loaded in order by index.html: core, charts, dashboard, graph-prune,
- * graph-layout, graph-groups, graph-viewer, circuit, report. */
+ * graph-layout, graph-groups, graph-qk, graph-viewer, circuit, report. */
 (function (ST) {
   "use strict";
 
   const { addCleanup, clear, featureHref, fmt, h, isNum, kvTable, note, showTok, sv, truncate, verdictBadge, featureEntry, hasDashboard, loadDashboard, renderDashboard } = ST;
+  const { qkIndex, qkKey, qkSection } = ST;
   const { EDGE_THRESHOLD, LABEL_LIMIT, MAX_INITIAL_EDGES, NODE_BUDGET, NODE_THRESHOLD, SLOT, SLOT_SMALL, Pruner, UserGroups, buildView, computeGroups, drawAxes, edgePath, groupBar, layoutView, nodeRadius, nodeTitle, placeLabels } = ST;
 
   function GraphViewer(holder, run, circuit, graph, verifyCard) {
     const meta = graph.metadata || {};
     const nodes = Array.isArray(graph.nodes) ? graph.nodes : [];
     const links = Array.isArray(graph.links) ? graph.links : [];
+    const qk = qkIndex(graph); // QK attribution of attention-mediated edges (trace --qk), by "source\0target"
+    const nodeById = new Map(nodes.map((n) => [n.node_id, n]));
+    const nameOf = (id) => {
+      const n = nodeById.get(id);
+      return n ? nodeTitle(n) + (isNum(n.position) && n.kind !== "logit" ? " @" + n.position : "") : String(id);
+    };
     const groups = computeGroups(nodes);
     const groupOf = new Map();
     for (const g of groups) for (const m of g.members) groupOf.set(m.node_id, g.id);
@@ -256,6 +263,10 @@
           "data-weight": String(l.weight),
         });
         el.appendChild(sv("title", { text: l.source + " → " + l.target + ": " + fmt(l.weight, 4) }));
+        if (qk.has(qkKey(l.source, l.target))) {
+          el.classList.add("has-qk"); // click: the heads and QK terms behind this edge
+          el.addEventListener("click", (ev) => (ev.stopPropagation(), openEdgePanel(l)));
+        }
         eg.appendChild(el);
         edgeEls.push({ el: el, link: l });
       }
@@ -510,6 +521,9 @@
                   }
                 },
               }),
+              qk.has(qkKey(l.source, l.target))
+                ? h("a", { href: "#", class: "qk-mark", text: "QK", title: "which heads carry this edge, and why they attend there", onclick: (ev) => (ev.preventDefault(), openEdgePanel(l)) })
+                : null,
               h("span", { class: "num " + (l.weight >= 0 ? "pos" : "neg"), text: fmt(l.weight, 3) })
             );
           })
@@ -532,9 +546,24 @@
     }
 
     let panelToken = 0;
+    /* an edge's panel: its ends and weight, and its QK attribution when graph.json has one */
+    function openEdgePanel(l) {
+      ++panelToken;
+      panel.hidden = false;
+      for (const a of ["data-node", "data-layer", "data-feature"]) panel.removeAttribute(a);
+      panel.setAttribute("data-edge", l.source + " -> " + l.target);
+      clear(panelBody);
+      panelBody.appendChild(h("div", { class: "panel-kind", text: "edge" }));
+      panelBody.appendChild(h("h3", { class: "panel-title", text: nameOf(l.source) + " → " + nameOf(l.target) }));
+      panelBody.appendChild(kvTable([["source", l.source], ["target", l.target], ["weight", fmt(l.weight, 4)]]));
+      const e = qk.get(qkKey(l.source, l.target));
+      panelBody.appendChild(e ? qkSection(e, nameOf) : note("No QK attribution for this edge (trace --qk adds it for the strongest attention-mediated edges).", "no-qk"));
+    }
+
     function openPanel(n) {
       const my = ++panelToken;
       panel.hidden = false;
+      panel.removeAttribute("data-edge");
       panel.setAttribute("data-node", n.node_id);
       if (n.kind === "feature") {
         panel.setAttribute("data-layer", String(n.layer));
