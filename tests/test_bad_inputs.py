@@ -186,6 +186,8 @@ def _cases(f: dict[str, Path], root: Path, port: int) -> dict[str, Case]:
         "unknown_activation": Case(_train(f, o / "13d", "--activation", "gelu"), ["'gelu'", "expected one of"]),
         "unknown_preset": Case(["run", "--preset", "nope", "--model", "tiny-llama", "--out", str(o / "13e")],
                                ["'nope'", "expected one of", "quick"]),
+        "unknown_model_dtype": Case(["run", "--model-dtype", "float16", "--model", "tiny-llama", "--out", str(o / "13f")],
+                                    ["--model-dtype 'float16'", "expected float32 or bfloat16"]),
         "resume_corrupt_train_config": Case(_train(f, f["bad_resume"], "--resume"),
                                             ["train_config.json", "not json"]),
         # 14: cannot write the output
@@ -376,7 +378,7 @@ CASE_NAMES = [
     "evaluate_other_d_model", "corrupt_safetensors", "corrupt_sha256", "truncated_safetensors", "pickle_refused",
     "corrupt_manifest", "foreign_config", "corrupt_heldout_tokens", "missing_run_folder", "nan_loss", "empty_corpus", "non_utf8_corpus",
     "negative_l1", "k_above_n_features", "target_l0_zero", "unknown_activation", "unknown_preset",
-    "resume_corrupt_train_config", "out_parent_is_a_file", "out_under_proc", "port_in_use", "non_numeric_option",
+    "unknown_model_dtype",    "resume_corrupt_train_config", "out_parent_is_a_file", "out_under_proc", "port_in_use", "non_numeric_option",
     "unknown_command",
 ]
 

@@ -385,6 +385,39 @@ def test_main_job_quick_has_every_stage(tmp_path, tiny_llama, monkeypatch):
         assert (tmp_path / "run" / "features" / f"L{node.layer:02d}" / f"f{node.feature}.json").exists(), node_id
 
 
+def test_main_job_model_dtype_bfloat16_trains_from_a_bf16_model(tmp_path, tiny_llama, monkeypatch):
+    """`sparsetrace run --model-dtype bfloat16`: the training stage is not handed the float32 model (the
+    pipeline loads a bf16 copy), the dtype is part of the run's recorded settings, and an unknown dtype is
+    refused before anything is written."""
+    from sparsetrace import job
+    from sparsetrace.errors import ConfigError
+    from sparsetrace.train import pipeline
+
+    class Stop(Exception):
+        pass
+
+    seen = {}
+
+    def fake_training(tcfg, out, *, lm=None, **_):
+        seen.update(model_dtype=tcfg.model_dtype, lm=lm)
+        raise Stop
+
+    monkeypatch.setattr(pipeline, "run_training", fake_training)
+    monkeypatch.setattr(job.LanguageModel, "load", classmethod(lambda cls, *a, **k: tiny_llama))
+    with pytest.raises(Stop):
+        job.run_main_job(tmp_path / "run", preset="quick", model="tiny-llama", progress=False, model_dtype="bfloat16")
+    assert seen == {"model_dtype": "bfloat16", "lm": None}
+    settings = json.loads((tmp_path / "run" / job._MARKERS / "settings.json").read_text())
+    assert settings["model_dtype"] == "bfloat16"
+    with pytest.raises(Stop):  # the default hands training the loaded float32 model
+        job.run_main_job(tmp_path / "run32", preset="quick", model="tiny-llama", progress=False)
+    assert seen == {"model_dtype": "float32", "lm": tiny_llama}
+    assert "model_dtype" not in json.loads((tmp_path / "run32" / job._MARKERS / "settings.json").read_text())
+    with pytest.raises(ConfigError, match="--model-dtype 'float16'"):
+        job.run_main_job(tmp_path / "other", preset="quick", model="tiny-llama", progress=False, model_dtype="float16")
+    assert not (tmp_path / "other").exists()
+
+
 def test_explain_layers_follow_the_circuit():
     """With a transcoder on every layer, dashboards go to the layers holding most circuit features."""
     from sparsetrace.job import _explain_layers

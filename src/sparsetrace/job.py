@@ -166,12 +166,17 @@ def _claim_folder(out: Path, settings: dict, overwrite: bool) -> bool:
 def run_main_job(
     out: Path, *, preset: str = "default", model: str = "smollm2-135m", corpus: str = "default",
     device: str = "cpu", progress: bool = True, max_memory_gb: float | None = None, overwrite: bool = False,
+    model_dtype: str = "float32",
 ) -> str:
     if preset not in PRESETS:
         raise ConfigError(f"--preset '{preset}' is unknown; expected one of {', '.join(PRESETS)}")
+    if model_dtype not in ("float32", "bfloat16"):
+        raise ConfigError(f"--model-dtype '{model_dtype}' is unknown; expected float32 or bfloat16")
     p = PRESETS[preset]
     out = Path(out)
     settings = _settings(preset, p, model, corpus)
+    if model_dtype != "float32":  # (absent for float32, so runs made before the option still resume)
+        settings["model_dtype"] = model_dtype
     if _claim_folder(out, settings, overwrite):
         done = [s for s in STAGES if _marker(out, s).is_file()]
         _say(f"resuming the run in {out} (finished earlier: {', '.join(done) or 'no stage'}); "
@@ -189,7 +194,7 @@ def run_main_job(
     ctx = _Ctx(out, lm, p, progress, timings, ran)
 
     train = ctx.stage("train", _key(settings, layers), lambda: _train_stage(ctx, layers, model, corpus, device,
-                                                                           max_memory_gb))
+                                                                           max_memory_gb, model_dtype))
     ev = ctx.stage("evaluate", _key(train["digest"], p.eval_windows), lambda: _evaluate_stage(ctx))
     circ = ctx.stage("circuit", _key(train["digest"], settings), lambda: _circuit_stage(ctx))
     expl = ctx.stage("explain", _key(train["digest"], circ["digest"], settings), lambda: _explain_stage(ctx))
@@ -240,7 +245,10 @@ class _Ctx:
         return _finish(self.out, name, key, rels, **extra)
 
 
-def _train_stage(ctx: _Ctx, layers: list[int], model: str, corpus: str, device: str, max_memory_gb) -> tuple:
+def _train_stage(ctx: _Ctx, layers: list[int], model: str, corpus: str, device: str, max_memory_gb,
+                 model_dtype: str = "float32") -> tuple:
+    """Train the transcoders. ``model_dtype`` bfloat16: harvest from a bf16 copy of the model (loaded by the
+    training pipeline); every later stage measures against the float32 model."""
     from .train.config import TrainConfig
     from .train.pipeline import run_training
 
@@ -248,17 +256,18 @@ def _train_stage(ctx: _Ctx, layers: list[int], model: str, corpus: str, device: 
     tcfg = TrainConfig(
         model=model, layers=layers, kind="transcoder", activation="relu", target_l0=32.0, corpus=corpus,
         n_tokens=p.n_tokens, epochs=p.epochs, device=device, max_memory_gb=max_memory_gb,
-        checkpoint_every=p.checkpoint_every, batch_size=p.batch_size, expansion=p.expansion,
+        checkpoint_every=p.checkpoint_every, batch_size=p.batch_size, expansion=p.expansion, model_dtype=model_dtype,
     )
+    lm = ctx.lm if model_dtype == "float32" else None
     resume = (out / "train_config.json").is_file()
     how = "resuming from its last checkpoint" if resume else "automatic λ"
     where = f"every layer (0-{layers[-1]})" if p.layers == "all" else f"layers {layers}"
     _say(f"stage 1/5: training transcoders on {where} ({p.n_tokens:,} tokens, target L0 32, {how})")
     if os.environ.get(_KILL_ENV) == "train":  # test hook: stop after half the steps, as a kill would
-        run_training(tcfg, out, lm=ctx.lm, progress=ctx.progress, resume=resume,
+        run_training(tcfg, out, lm=lm, progress=ctx.progress, resume=resume,
                      stop_at_step=max(1, tcfg.total_steps // 2))
         _test_kill("train")
-    run_training(tcfg, out, lm=ctx.lm, progress=ctx.progress, resume=resume)
+    run_training(tcfg, out, lm=lm, progress=ctx.progress, resume=resume)
     from .dictionary.io import find_dictionaries
 
     rels = ["train_config.json", "run.json", "heldout_tokens.safetensors"]
