@@ -629,12 +629,9 @@ def test_supernode_grouping_round_trips(browser, tmp_path):
         p.close()
 
 
-def test_tiny_model_ioi_trace_opens_pruned(browser, tmp_path):
-    """A real attribution graph (tiny-llama, random transcoders on every layer, the IOI prompt, pruned at
-    0.8 / 0.98 as `trace` writes it) opens with at most 80 nodes and its top feature labelled."""
-    import json
-    import shutil
-
+def _tiny_ioi_graph():
+    """A real attribution graph: tiny-llama with random transcoders on every layer, the IOI prompt, pruned as
+    `trace` writes it (the graph keeps its replacement model, so QK terms can be added)."""
     import torch
 
     from sparsetrace.attribute import attribute
@@ -650,7 +647,17 @@ def test_tiny_model_ioi_trace_opens_pruned(browser, tmp_path):
             d.W_enc.mul_(20.0)  # the tiny model's normalised MLP inputs are small; make many features fire
             d.b_enc.fill_(-0.1)
         dicts.append(d)
-    g = attribute(lm, "When Mary and John went to the store, John gave a drink to", dicts, target=" Mary")
+    return attribute(lm, "When Mary and John went to the store, John gave a drink to", dicts, target=" Mary")
+
+
+def test_tiny_model_ioi_trace_opens_pruned(browser, tmp_path):
+    """A real attribution graph (tiny-llama, random transcoders on every layer, the IOI prompt, pruned at
+    0.8 / 0.98 as `trace` writes it) opens with at most 80 nodes and its top feature labelled."""
+    import json
+    import shutil
+
+
+    g = _tiny_ioi_graph()
     run = tmp_path / "run"
     shutil.copytree(FIXTURE, run)
     g.save(run / "circuits" / "ioi" / "graph.json")
@@ -681,23 +688,9 @@ def test_qk_terms_shown_for_a_selected_edge(browser, tmp_path):
     query x key pair terms; the target node's input list links to the same panel."""
     import shutil
 
-    import torch
-
-    from sparsetrace.attribute import attribute
     from sparsetrace.attribute.heads import add_qk
-    from sparsetrace.dictionary.model import DictionaryConfig, SparseDictionary
-    from sparsetrace.model.adapter import LanguageModel
 
-    lm = LanguageModel.load("tiny-llama")
-    dicts = []
-    for layer in range(lm.n_layers):
-        d = SparseDictionary(DictionaryConfig(kind="transcoder", d_in=lm.d_model, d_out=lm.d_model, n_features=96,
-                                              layer=layer), seed=layer)
-        with torch.no_grad():
-            d.W_enc.mul_(20.0)
-            d.b_enc.fill_(-0.1)
-        dicts.append(d)
-    g = attribute(lm, "When Mary and John went to the store, John gave a drink to", dicts, target=" Mary")
+    g = _tiny_ioi_graph()
     add_qk(g, n_edges=3)
     assert g.qk, "add_qk found no attention-mediated edge"
     run = tmp_path / "run"
