@@ -322,3 +322,27 @@ def test_report_section_renders_in_chromium(tmp_path, loud_llama):
         assert "top-1 agreement" in page.locator("#replacement").inner_text()
         b.close()
     assert errors == []
+
+
+@pytest.mark.parametrize("rows", [1, 7, 10_000])
+def test_scores_in_row_chunks_equal_the_whole_block(monkeypatch, rows):
+    """CE, KL(clean || z) and top-1 agreement computed a few positions at a time equal the same figures
+    computed on the whole [batch, seq, vocab] block, from their definitions."""
+    from sparsetrace.evaluate import replacement
+
+    monkeypatch.setattr(replacement._Clean, "ROWS", rows)
+    g = torch.Generator().manual_seed(0)
+    b, t, v = 3, 9, 50
+    clean = torch.randn(b, t, v, generator=g, dtype=torch.float64) * 3
+    ids = torch.randint(0, v, (b, t), generator=g)
+    z = torch.randn(b, t, v, generator=g, dtype=torch.float64) * 3
+    z[0, :4] = clean[0, :4]  # some positions agree on the top token
+    ref = replacement._Clean(clean, ids)
+    ce, kl, agree = ref.scores(z)
+    lp, lq = clean.float().log_softmax(-1), z.float().log_softmax(-1)
+    want_ce = -lq[:, :-1].gather(-1, ids[:, 1:, None]).squeeze(-1).mean(-1)
+    want_kl = (lp.exp() * (lp - lq)).sum(-1).mean(-1)
+    want_agree = (z[:, :-1].argmax(-1) == clean[:, :-1].argmax(-1)).sum(-1).double()
+    torch.testing.assert_close(ce, want_ce, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(kl, want_kl, rtol=1e-4, atol=1e-5)
+    assert torch.equal(agree, want_agree) and agree[0] >= 4

@@ -67,6 +67,8 @@ class _Clean:
     (logsumexp, one batched dot product with the clean probabilities, argmax): with lse = logsumexp(z),
     CE = lse - z[target] and KL(p || softmax z) = sum p log p - sum p z + lse."""
 
+    ROWS = 16  # positions scored at once: 16 x 49k float32 logits = 3 MB, within a core's L2
+
     def __init__(self, logits: Tensor, ids: Tensor):
         lp = logits.float().log_softmax(-1)
         self.ids = ids
@@ -76,14 +78,25 @@ class _Clean:
         self.p_log_p = (self.p * lp).sum(-1)  # [b, t]
 
     def scores(self, logits: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """Per-window CE, KL(clean || logits) and top-1 agreement count [batch]."""
+        """Per-window CE, KL(clean || logits) and top-1 agreement count [batch].
+
+        The three passes run on ``ROWS`` positions at a time, whose logits (a few MB) stay in cache between
+        them; over the whole [tokens, vocab] block each pass reads it from memory again (3.5x slower
+        measured at 8 x 128 positions of SmolLM2's 49k vocabulary)."""
         z = logits.float()
         b, t, v = z.shape
-        lse = z.logsumexp(-1)  # [b, t]
+        zf, pf = z.reshape(b * t, v), self.p.reshape(b * t, v)
+        lse, p_z = zf.new_empty(b * t), zf.new_empty(b * t)
+        top = torch.empty(b * t, dtype=torch.long, device=z.device)
+        for i in range(0, b * t, self.ROWS):
+            c = zf[i:i + self.ROWS]
+            lse[i:i + self.ROWS] = c.logsumexp(-1)
+            p_z[i:i + self.ROWS] = (pf[i:i + self.ROWS] * c).sum(-1)  # (a per-chunk bmm is 14x slower)
+            top[i:i + self.ROWS] = c.max(-1).indices  # (argmax is 2x slower on CPU)
+        lse, p_z, top = lse.reshape(b, t), p_z.reshape(b, t), top.reshape(b, t)
         ce = (lse[:, :-1] - z[:, :-1].gather(-1, self.ids[:, 1:, None]).squeeze(-1)).mean(-1)
-        p_z = torch.bmm(self.p.reshape(b * t, 1, v), z.reshape(b * t, v, 1)).reshape(b, t)
         kl = (self.p_log_p - p_z + lse).mean(-1)
-        agree = (z[:, :-1].argmax(-1) == self.top).sum(-1).double()
+        agree = (top[:, :-1] == self.top).sum(-1).double()
         return ce, kl, agree
 
 
