@@ -70,12 +70,24 @@ class _Clean:
     ROWS = 16  # positions scored at once: 16 x 49k float32 logits = 3 MB, within a core's L2
 
     def __init__(self, logits: Tensor, ids: Tensor):
-        lp = logits.float().log_softmax(-1)
+        z = logits.float()
+        b, t, v = z.shape
+        zf = z.reshape(b * t, v)
+        nxt = torch.cat([ids[:, 1:], ids[:, -1:]], 1).reshape(-1)  # next token (the last position's is unused)
         self.ids = ids
-        self.ce = -lp[:, :-1].gather(-1, ids[:, 1:, None]).squeeze(-1).mean(-1)
-        self.top = lp[:, :-1].argmax(-1)
-        self.p = lp.exp()
-        self.p_log_p = (self.p * lp).sum(-1)  # [b, t]
+        self.p = torch.empty_like(zf)
+        ce, p_log_p = zf.new_empty(b * t), zf.new_empty(b * t)
+        top = torch.empty(b * t, dtype=torch.long, device=z.device)
+        for i in range(0, b * t, self.ROWS):  # in cache-sized chunks, as in scores()
+            lp = zf[i:i + self.ROWS].log_softmax(-1)
+            ce[i:i + self.ROWS] = -lp.gather(-1, nxt[i:i + self.ROWS, None]).squeeze(-1)
+            top[i:i + self.ROWS] = lp.max(-1).indices
+            p = torch.exp(lp, out=self.p[i:i + self.ROWS])
+            p_log_p[i:i + self.ROWS] = (p * lp).sum(-1)
+        self.ce = ce.reshape(b, t)[:, :-1].mean(-1)
+        self.top = top.reshape(b, t)[:, :-1]
+        self.p = self.p.reshape(b, t, v)
+        self.p_log_p = p_log_p.reshape(b, t)
 
     def scores(self, logits: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Per-window CE, KL(clean || logits) and top-1 agreement count [batch].
