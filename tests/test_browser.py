@@ -504,6 +504,19 @@ def _synthetic_run(base: Path, seed: int = 0) -> tuple[Path, dict]:
     return run, doc
 
 
+def _open_ioi_graph(browser, run: Path, out: Path) -> Page:
+    """Build the report of ``run`` into ``out`` and open its IOI graph in a fresh page (closed on failure)."""
+    index = build_report([run], out)
+    p = Page(browser, "file://")
+    try:
+        p.page.goto(index.as_uri() + "#/r/0/circuit/ioi")
+        p.page.wait_for_selector("#graph-svg .node")
+    except Exception:
+        p.close()
+        raise
+    return p
+
+
 def _shown_nodes(page) -> list[str]:
     return page.eval_on_selector_all(
         "#graph-svg .node", "els => els.filter(e => getComputedStyle(e).display !== 'none').map(e => e.dataset.nodeId)")
@@ -512,12 +525,9 @@ def _shown_nodes(page) -> list[str]:
 def test_realistic_graph_opens_pruned_labelled_pinnable(browser, tmp_path):
     run, doc = _synthetic_run(tmp_path)
     assert 650 <= len(doc["nodes"]) <= 750 and 1500 <= len(doc["links"]) <= 1900, (len(doc["nodes"]), len(doc["links"]))
-    index = build_report([run], tmp_path / "out")
-    p = Page(browser, "file://")
+    p = _open_ioi_graph(browser, run, tmp_path / "out")
     try:
         page = p.page
-        page.goto(index.as_uri() + "#/r/0/circuit/ioi")
-        page.wait_for_selector("#graph-svg .node")
         shown = _shown_nodes(page)
         assert 10 <= len(shown) <= 80, len(shown)  # opens pruned, at most 80 nodes
         note_text = page.inner_text("#prune-note")
@@ -579,12 +589,9 @@ def test_supernode_grouping_round_trips(browser, tmp_path):
     from sparsetrace.attribute.graph_types import Graph
 
     run, doc = _synthetic_run(tmp_path, seed=1)
-    index = build_report([run], tmp_path / "out")
-    p = Page(browser, "file://")
+    p = _open_ioi_graph(browser, run, tmp_path / "out")
     try:
         page = p.page
-        page.goto(index.as_uri() + "#/r/0/circuit/ioi")
-        page.wait_for_selector("#graph-svg .node")
         feats = [i for i in _shown_nodes(page) if "/F" in i][:3]
         assert len(feats) == 3
         for i in feats:
@@ -662,12 +669,9 @@ def test_tiny_model_ioi_trace_opens_pruned(browser, tmp_path):
     shutil.copytree(FIXTURE, run)
     g.save(run / "circuits" / "ioi" / "graph.json")
     n_nodes = len(g.nodes)
-    index = build_report([run], tmp_path / "out")
-    p = Page(browser, "file://")
+    p = _open_ioi_graph(browser, run, tmp_path / "out")
     try:
         page = p.page
-        page.goto(index.as_uri() + "#/r/0/circuit/ioi")
-        page.wait_for_selector("#graph-svg .node")
         shown = _shown_nodes(page)
         assert 0 < len(shown) <= 80 and len(shown) < n_nodes, (len(shown), n_nodes)
         infl = {n.node_id: n.influence for n in g.nodes if n.kind == "feature"}
@@ -696,12 +700,9 @@ def test_qk_terms_shown_for_a_selected_edge(browser, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(FIXTURE, run)
     g.save(run / "circuits" / "ioi" / "graph.json")
-    index = build_report([run], tmp_path / "out")
-    p = Page(browser, "file://")
+    p = _open_ioi_graph(browser, run, tmp_path / "out")
     try:
         page = p.page
-        page.goto(index.as_uri() + "#/r/0/circuit/ioi")
-        page.wait_for_selector("#graph-svg .node")
         page.click("#prune-none")
         marked = page.locator("#graph-svg .edge.has-qk")
         assert marked.count() == len(g.qk)
