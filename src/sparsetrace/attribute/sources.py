@@ -108,8 +108,8 @@ def site_sources(t, feat_sites, feat_offset: dict[str, int], const: Tensor, cons
 
 
 def _chunks(spans: list[tuple[int, int]]) -> list[tuple[int, int, int, int]]:
-    """Consecutive positions grouped so each group has about ``CHUNK_ROWS`` rows (a position with more
-    rows than that is a group of its own)."""
+    """Consecutive positions grouped into chunks: a chunk ends at the first position that brings it to
+    ``CHUNK_ROWS`` rows or more (so one can exceed it by a position's rows); chunks without rows are dropped."""
     out, p0 = [], 0
     for p, (_, r1) in enumerate(spans):
         if r1 - spans[p0][0] >= CHUNK_ROWS or p == len(spans) - 1:
